@@ -1,0 +1,305 @@
+//! Bearer tokens: the signing secret kept in the data directory and the JWTs made from it.
+//!
+//! Tokens are HS256 JWTs with `sub` (the user), `aud` = `plover`, `iat`, `exp` and an optional
+//! `dev` that pins the token to one device. Only HS256 is accepted, so `alg: none` and
+//! algorithm-confusion tokens are refused by construction.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The audience every plover token carries.
+pub const AUDIENCE: &str = "plover";
+
+/// The file in the data directory that holds the generated secret.
+pub const SECRET_FILE: &str = "secret.key";
+
+/// Why a token or secret was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// No token was given.
+    #[error("no token given")]
+    Missing,
+    /// The token's `exp` is in the past.
+    #[error("token has expired")]
+    Expired,
+    /// Anything else: malformed, bad signature, wrong algorithm, wrong audience, bad user name.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The token is pinned to another device than the one connecting.
+    #[error("token is for device {token:?}, not {hello:?}")]
+    WrongDevice {
+        /// The device named in the token.
+        token: String,
+        /// The device named in `Hello`.
+        hello: String,
+    },
+    /// The secret could not be read or created.
+    #[error("token secret at {path}: {message}")]
+    Secret {
+        /// Where the secret lives.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The claims of a plover token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Always [`AUDIENCE`].
+    pub aud: String,
+    /// Issued at, Unix seconds.
+    pub iat: u64,
+    /// Expires at, Unix seconds.
+    pub exp: u64,
+    /// The device the token is limited to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<String>,
+}
+
+/// Checks a user or device name: 1 to 64 characters of `[A-Za-z0-9._-]`.
+///
+/// The narrow alphabet keeps names safe in store keys (no NUL), logs and terminals.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Signs and verifies tokens with one secret.
+#[derive(Clone)]
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKeys(..)")
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+impl TokenKeys {
+    /// Keys from a secret.
+    pub fn new(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        // A little slack for clocks that disagree; an expired token is still refused promptly.
+        validation.leeway = 5;
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// Mints a token for `user`, valid for `ttl`, optionally pinned to `device`.
+    pub fn mint(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        ttl: Duration,
+    ) -> Result<String, AuthError> {
+        if !valid_name(user) {
+            return Err(AuthError::Invalid(format!(
+                "user name {user:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            )));
+        }
+        if let Some(d) = device.filter(|d| !valid_name(d)) {
+            return Err(AuthError::Invalid(format!(
+                "device name {d:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            )));
+        }
+        let iat = now_secs();
+        let claims = Claims {
+            sub: user.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            iat,
+            exp: iat.saturating_add(ttl.as_secs()),
+            dev: device.map(str::to_owned),
+        };
+        self.sign(&claims)
+    }
+
+    /// Signs arbitrary claims (tests use this to make expired tokens).
+    pub fn sign(&self, claims: &Claims) -> Result<String, AuthError> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .map_err(|e| AuthError::Invalid(e.to_string()))
+    }
+
+    /// Verifies a token presented by `device` and returns its claims.
+    pub fn verify(&self, token: &str, device: &str) -> Result<Claims, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            })?;
+        let claims = data.claims;
+        if !valid_name(&claims.sub) {
+            return Err(AuthError::Invalid("bad user name in token".into()));
+        }
+        if let Some(pinned) = &claims.dev {
+            if pinned != device {
+                return Err(AuthError::WrongDevice {
+                    token: pinned.clone(),
+                    hello: device.to_owned(),
+                });
+            }
+        }
+        Ok(claims)
+    }
+}
+
+/// Loads the secret from `<data>/secret.key`, creating it (32 random bytes, hex, mode 0600)
+/// if it does not exist. Safe to race with another process doing the same.
+pub fn load_or_create_secret(data: &Path) -> Result<Vec<u8>, AuthError> {
+    let path = data.join(SECRET_FILE);
+    let fail = |message: String| AuthError::Secret {
+        path: path.clone(),
+        message,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => return parse_secret(&text).ok_or_else(|| fail("not a hex secret".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    std::fs::create_dir_all(data).map_err(|e| fail(e.to_string()))?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| fail(e.to_string()))?;
+    let text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+
+    // Write a temporary file, then link it into place: whoever links first wins, and a reader
+    // never sees a half-written secret.
+    let tmp = data.join(format!(".{SECRET_FILE}.{}", std::process::id()));
+    {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp).map_err(|e| fail(e.to_string()))?;
+        file.write_all(format!("{text}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(text.into_bytes()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let text = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
+            parse_secret(&text).ok_or_else(|| fail("not a hex secret".into()))
+        }
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+fn parse_secret(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    (text.len() >= 32 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| text.as_bytes().to_vec())
+}
+
+/// The secret a server with this configuration uses: the configured one, else the data dir's.
+pub fn secret_for(config: &crate::config::Config) -> Result<Vec<u8>, AuthError> {
+    match &config.auth.secret {
+        Some(s) if s.len() >= 16 => Ok(s.as_bytes().to_vec()),
+        Some(_) => Err(AuthError::Secret {
+            path: PathBuf::from("<config auth.secret>"),
+            message: "must be at least 16 characters".into(),
+        }),
+        None => load_or_create_secret(&config.data),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> TokenKeys {
+        TokenKeys::new(b"0123456789abcdef0123456789abcdef")
+    }
+
+    #[test]
+    fn minted_token_verifies() {
+        let k = keys();
+        let t = k.mint("alice", None, Duration::from_secs(60)).expect("mint");
+        let c = k.verify(&t, "phone").expect("verify");
+        assert_eq!(c.sub, "alice");
+    }
+
+    #[test]
+    fn expired_forged_and_none_tokens_are_refused() {
+        let k = keys();
+        let now = now_secs();
+        let old = k
+            .sign(&Claims {
+                sub: "alice".into(),
+                aud: AUDIENCE.into(),
+                iat: now - 7200,
+                exp: now - 3600,
+                dev: None,
+            })
+            .expect("sign");
+        assert_eq!(k.verify(&old, "d"), Err(AuthError::Expired));
+
+        let other = TokenKeys::new(b"another secret, another server!!");
+        let forged = other.mint("alice", None, Duration::from_secs(60)).expect("mint");
+        assert!(matches!(k.verify(&forged, "d"), Err(AuthError::Invalid(_))));
+
+        // {"alg":"none","typ":"JWT"} . {"sub":"alice","aud":"plover","exp":9999999999} . (empty)
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.\
+                    eyJzdWIiOiJhbGljZSIsImF1ZCI6InBsb3ZlciIsImV4cCI6OTk5OTk5OTk5OX0.";
+        assert!(matches!(k.verify(none, "d"), Err(AuthError::Invalid(_))));
+        assert_eq!(k.verify("", "d"), Err(AuthError::Missing));
+        assert!(matches!(k.verify("garbage", "d"), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn device_pinned_token_only_works_for_that_device() {
+        let k = keys();
+        let t = k.mint("bob", Some("phone"), Duration::from_secs(60)).expect("mint");
+        assert!(k.verify(&t, "phone").is_ok());
+        assert!(matches!(
+            k.verify(&t, "laptop"),
+            Err(AuthError::WrongDevice { .. })
+        ));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("alice_1.x-y"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name("a\0b"));
+        assert!(!valid_name(&"x".repeat(65)));
+        assert!(keys().mint("bad name", None, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn secret_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = load_or_create_secret(dir.path()).expect("create");
+        let b = load_or_create_secret(dir.path()).expect("reuse");
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 64);
+    }
+}

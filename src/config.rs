@@ -1,0 +1,292 @@
+//! The server's one typed configuration.
+//!
+//! Read from a TOML file (`plover serve --config FILE`) with unknown keys refused, then
+//! overridden by command-line flags. Every default below says why it is what it is;
+//! `plover.example.toml` at the repository root lists every key.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of its allowed range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// When a message counts as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The ack waits for an fsync of the batch holding the message (group commit). The default:
+    /// "sent" must survive a power cut.
+    #[default]
+    Sync,
+    /// The ack waits only for the OS page cache. Survives a process crash, not a power cut;
+    /// fjall writes its journal out about once a second. For benchmarks and test rigs.
+    Buffered,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// UDP address to listen on. Loopback by default: exposing a server is a deliberate act.
+    pub listen: SocketAddr,
+    /// Directory of the store and the token secret.
+    pub data: PathBuf,
+    /// Directory where the dev certificate is generated when `tls` names none.
+    pub certs: PathBuf,
+    /// This server's id, sent in `Welcome`. Defaults to the host name.
+    pub server_id: Option<String>,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Protocol and resource limits.
+    pub limits: Limits,
+    /// QUIC transport settings.
+    pub transport: TransportSettings,
+    /// The store.
+    pub store: StoreConfig,
+}
+
+/// TLS material.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. With `key`; when both are unset a self-signed dev certificate in
+    /// `certs` is used (generated on first start).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+/// Token verification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The HS256 secret. Unset: a random secret is generated into `<data>/secret.key` on first
+    /// start and kept there, which is what `plover token` reads.
+    pub secret: Option<String>,
+    /// How long a new connection has to complete the handshake and send `Hello`. Five seconds
+    /// is plenty for a phone on a bad network and short enough that idle sockets cost little.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Protocol and resource limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame body either side may send. 64 KiB holds any chat message with room to
+    /// spare while keeping a hostile frame cheap to refuse.
+    pub max_frame: u32,
+    /// Largest message body. Leaves room under `max_frame` for the frame's other fields.
+    pub max_body: u32,
+    /// Concurrent connections. Each idle connection costs tens of KB (see FACTS.md).
+    pub max_connections: usize,
+    /// Conversation streams a client may have open at once (plus its control stream). quinn
+    /// sets up state for the whole limit per connection, so keep it small.
+    pub max_streams: u32,
+    /// Delivery streams the server keeps open towards one device. The least recently used is
+    /// closed past this.
+    pub max_delivery_streams: usize,
+    /// Events queued towards one device before it is switched to catch-up from the store.
+    pub outbound_queue: usize,
+    /// Sends one conversation stream may have in flight before the server stops reading it.
+    pub inflight_sends: usize,
+    /// Most messages one history page may hold.
+    pub history_page: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: crate::framing::DEFAULT_MAX_FRAME,
+            max_body: 60 * 1024,
+            max_connections: 100_000,
+            max_streams: 16,
+            max_delivery_streams: 32,
+            outbound_queue: 1024,
+            inflight_sends: 256,
+            history_page: 500,
+        }
+    }
+}
+
+/// QUIC transport settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportSettings {
+    /// A connection silent for this long is closed. Also how soon a vanished phone is noticed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Heartbeat interval announced to clients (they send `Ping` and QUIC keep-alives this
+    /// often). A third of the idle timeout, so two lost heartbeats do not drop a connection.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Bytes one stream may have unread. Two maximum frames, so a full frame never stalls.
+    pub stream_window: u32,
+    /// Bytes one connection may have unread across its streams: bounds per-connection memory.
+    pub connection_window: u32,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            stream_window: 128 * 1024,
+            connection_window: 1024 * 1024,
+        }
+    }
+}
+
+/// The store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// When a message counts as sent.
+    pub durability: Durability,
+    /// Most writes in one group commit: large enough to amortise an fsync over many messages,
+    /// small enough that one batch is a fraction of a millisecond of work.
+    pub commit_batch: usize,
+    /// Sequencer shards (threads). One per core is the sensible most.
+    pub shards: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Sync,
+            commit_batch: 1024,
+            shards: 2,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data: PathBuf::from("./plover-data"),
+            certs: PathBuf::from("./certs"),
+            server_id: None,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            transport: TransportSettings::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.limits.max_frame < 1024 {
+            return invalid("limits.max_frame must be at least 1024");
+        }
+        if self.limits.max_body == 0 || self.limits.max_body + 512 > self.limits.max_frame {
+            return invalid("limits.max_body must be positive and at least 512 below max_frame");
+        }
+        if self.limits.max_streams == 0 || self.limits.max_streams > 1024 {
+            return invalid("limits.max_streams must be between 1 and 1024");
+        }
+        if self.limits.outbound_queue == 0 || self.limits.inflight_sends == 0 {
+            return invalid("limits.outbound_queue and limits.inflight_sends must be positive");
+        }
+        if self.limits.max_delivery_streams == 0 || self.limits.history_page == 0 {
+            return invalid("limits.max_delivery_streams and limits.history_page must be positive");
+        }
+        if self.store.commit_batch == 0 || self.store.shards == 0 {
+            return invalid("store.commit_batch and store.shards must be positive");
+        }
+        if self.transport.heartbeat.is_zero()
+            || self.transport.heartbeat >= self.transport.idle_timeout
+        {
+            return invalid("transport.heartbeat must be positive and below idle_timeout");
+        }
+        if self.auth.timeout.is_zero() {
+            return invalid("auth.timeout must be positive");
+        }
+        if (self.tls.cert.is_some()) != (self.tls.key.is_some()) {
+            return invalid("tls.cert and tls.key go together");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        let text = include_str!("../plover.example.toml");
+        let parsed: Config = toml::from_str(text).expect("example parses");
+        parsed.validate().expect("example is valid");
+        let default = Config::default();
+        assert_eq!(parsed.listen, default.listen);
+        assert_eq!(parsed.limits.max_frame, default.limits.max_frame);
+        assert_eq!(parsed.transport.idle_timeout, default.transport.idle_timeout);
+        assert_eq!(parsed.store.durability, default.store.durability);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<Config>("listne = \"127.0.0.1:1\"").expect_err("typo");
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let mut c = Config::default();
+        c.limits.max_body = c.limits.max_frame;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! Values shared by several frames: identifiers, error codes, messages and events.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A conversation's id. Direct conversations and (later) groups share one id space.
+pub type ConversationId = u64;
+
+/// The client-chosen id of a message, used to make retries idempotent (a random 128-bit value).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ClientMsgId(pub [u8; 16]);
+
+impl ClientMsgId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 16];
+        // The OS random source failing is not something a client can recover from sensibly;
+        // fall back to the clock so that an id is still unique enough to be useful.
+        if getrandom::fill(&mut bytes).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            bytes = nanos.to_le_bytes();
+        }
+        Self(bytes)
+    }
+}
+
+impl fmt::Debug for ClientMsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A numeric error code, used both in `Error` frames and as the QUIC application close code.
+///
+/// It travels as a plain number so that a client meeting a code newer than itself can still
+/// decode the frame and show the message that comes with it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// Normal close: the client or server is done.
+    pub const NORMAL: Self = Self(0);
+    /// The server is shutting down; reconnect later.
+    pub const SHUTDOWN: Self = Self(1);
+    /// A frame could not be decoded (garbage, truncated at stream end, trailing bytes).
+    pub const BAD_FRAME: Self = Self(2);
+    /// A frame announced a length above the negotiated maximum.
+    pub const FRAME_TOO_LARGE: Self = Self(3);
+    /// A valid frame arrived where it is not allowed (wrong stream or wrong state).
+    pub const UNEXPECTED_FRAME: Self = Self(4);
+    /// The client speaks a protocol version this server does not.
+    pub const UNSUPPORTED_VERSION: Self = Self(5);
+    /// No `Hello` arrived within the authentication timeout.
+    pub const AUTH_TIMEOUT: Self = Self(6);
+    /// The token is empty.
+    pub const TOKEN_MISSING: Self = Self(7);
+    /// The token has expired.
+    pub const TOKEN_EXPIRED: Self = Self(8);
+    /// The token is malformed, forged, or signed with another algorithm.
+    pub const TOKEN_INVALID: Self = Self(9);
+    /// The caller is not a member of the conversation.
+    pub const NOT_MEMBER: Self = Self(10);
+    /// The named user has never connected to this server.
+    pub const UNKNOWN_USER: Self = Self(11);
+    /// No such conversation.
+    pub const UNKNOWN_CONVERSATION: Self = Self(12);
+    /// A request's fields are out of range (empty body, bad name, limit too high, ...).
+    pub const INVALID_REQUEST: Self = Self(13);
+    /// The store cannot accept writes (a failed fsync); nothing was acknowledged.
+    pub const UNAVAILABLE: Self = Self(14);
+    /// The server hit a bug or an I/O error it did not expect.
+    pub const INTERNAL: Self = Self(15);
+    /// A limit of the connection was exceeded (connections, streams, in-flight sends).
+    pub const LIMIT: Self = Self(16);
+
+    /// The constant's name, for logs and CLI messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NORMAL => "normal",
+            Self::SHUTDOWN => "shutdown",
+            Self::BAD_FRAME => "bad_frame",
+            Self::FRAME_TOO_LARGE => "frame_too_large",
+            Self::UNEXPECTED_FRAME => "unexpected_frame",
+            Self::UNSUPPORTED_VERSION => "unsupported_version",
+            Self::AUTH_TIMEOUT => "auth_timeout",
+            Self::TOKEN_MISSING => "token_missing",
+            Self::TOKEN_EXPIRED => "token_expired",
+            Self::TOKEN_INVALID => "token_invalid",
+            Self::NOT_MEMBER => "not_member",
+            Self::UNKNOWN_USER => "unknown_user",
+            Self::UNKNOWN_CONVERSATION => "unknown_conversation",
+            Self::INVALID_REQUEST => "invalid_request",
+            Self::UNAVAILABLE => "unavailable",
+            Self::INTERNAL => "internal",
+            Self::LIMIT => "limit",
+            _ => "unknown",
+        }
+    }
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name(), self.0)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a conversation stream is opened for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// An existing conversation by id.
+    Conversation(ConversationId),
+    /// The direct conversation with this user (the same one whichever side names it).
+    Direct(String),
+}
+
+/// The kind of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConversationKind {
+    /// Between exactly two users.
+    Direct,
+}
+
+/// One stored message, as delivered and as served by history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The conversation it belongs to.
+    pub conversation: ConversationId,
+    /// Its position in the conversation (1, 2, 3, ...).
+    pub seq: u64,
+    /// The sender's user id.
+    pub from: String,
+    /// The sender's device.
+    pub device: String,
+    /// Server time of acceptance, Unix milliseconds. Informative only: order is `seq`.
+    pub ts: u64,
+    /// The client's id for the message.
+    pub id: ClientMsgId,
+    /// The opaque payload.
+    pub body: Bytes,
+}
+
+/// Something that happened and concerns a user: one entry of their sync log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A message in one of the user's conversations (including their own, for their other devices).
+    Message(Message),
+}
+
+impl Event {
+    /// The conversation the event belongs to, which picks the stream it travels on.
+    pub fn conversation(&self) -> ConversationId {
+        match self {
+            Event::Message(m) => m.conversation,
+        }
+    }
+}
+
+/// A conversation as listed for one of its members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationInfo {
+    /// Its id.
+    pub conversation: ConversationId,
+    /// Direct or group.
+    pub kind: ConversationKind,
+    /// Every member, sorted.
+    pub members: Vec<String>,
+    /// The sequence number of its latest message (0 when empty).
+    pub last_seq: u64,
+}

@@ -1,0 +1,539 @@
+//! The store: fjall keyspaces for messages, sync logs, conversations, members, device cursors
+//! and idempotency keys.
+//!
+//! Everything here is blocking. The router calls it from its own threads (shards and the commit
+//! thread) and from `spawn_blocking`, never from an async worker. Writes that must be durable go
+//! through [`StoreBatch::commit`], which writes the batch to the journal and fsyncs it once (group
+//! commit); a failed write or fsync poisons the store and every later write is refused.
+//!
+//! | keyspace | key | value |
+//! |---|---|---|
+//! | `messages` | conversation, seq | postcard `Message` |
+//! | `log` | user, 0, position | postcard [`LogEntry`] |
+//! | `conversations` | conversation | postcard [`ConversationRecord`] |
+//! | `member_of` | user, 0, conversation | empty |
+//! | `direct` | smaller user, 0, larger user | conversation |
+//! | `idempotency` | conversation, sender, 0, client id | seq, ts |
+//! | `devices` | user, 0, device | acknowledged log position |
+//! | `users` | user | first connection, Unix ms |
+//! | `meta` | name | value (`next_conversation`) |
+
+mod keys;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::Durability;
+use crate::framing::{ClientMsgId, ConversationId, ConversationKind, Message};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// fjall reported an error (I/O, corruption, poisoned journal).
+    #[error("store: {0}")]
+    Fjall(#[from] fjall::Error),
+    /// A stored value could not be decoded: the data directory is damaged or from a newer build.
+    #[error("store: corrupt record in {keyspace}: {message}")]
+    Corrupt {
+        /// Where.
+        keyspace: &'static str,
+        /// What.
+        message: String,
+    },
+    /// An earlier write or fsync failed; the store refuses writes until the server restarts.
+    #[error("store is read-only after a failed write; restart the server once the disk is healthy")]
+    Poisoned,
+}
+
+/// One entry of a user's sync log. Entries refer to records rather than copy them, so that a
+/// deletion (later: retention) has one place to act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogEntry {
+    /// A message in one of the user's conversations.
+    Message {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The message's sequence number.
+        seq: u64,
+    },
+}
+
+/// What the store knows about a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationRecord {
+    /// Direct or group.
+    pub kind: ConversationKind,
+    /// Members, sorted.
+    pub members: Vec<String>,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+}
+
+/// The store.
+pub struct Store {
+    db: Database,
+    messages: Keyspace,
+    log: Keyspace,
+    conversations: Keyspace,
+    member_of: Keyspace,
+    direct: Keyspace,
+    idempotency: Keyspace,
+    devices: Keyspace,
+    users: Keyspace,
+    meta: Keyspace,
+    durability: Durability,
+    poisoned: AtomicBool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    keyspace: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        keyspace,
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // postcard only fails to serialise into a Vec for types serde cannot express; ours can.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+impl Store {
+    /// Opens (or creates) the store in `path`. fjall replays its journal here, so a crash loses
+    /// nothing that a commit with fsync returned for.
+    pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let db = Database::builder(path)
+            // We decide when the journal is synced (group commit), not fjall's background timer.
+            .manual_journal_persist(true)
+            .open()?;
+        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        Ok(Self {
+            messages: ks("messages")?,
+            log: ks("log")?,
+            conversations: ks("conversations")?,
+            member_of: ks("member_of")?,
+            direct: ks("direct")?,
+            idempotency: ks("idempotency")?,
+            devices: ks("devices")?,
+            users: ks("users")?,
+            meta: ks("meta")?,
+            db,
+            durability,
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether writes are still accepted.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// A new write batch.
+    pub fn batch(&self) -> StoreBatch<'_> {
+        StoreBatch {
+            store: self,
+            batch: self.db.batch(),
+        }
+    }
+
+    fn mode(&self) -> PersistMode {
+        match self.durability {
+            Durability::Sync => PersistMode::SyncData,
+            Durability::Buffered => PersistMode::Buffer,
+        }
+    }
+
+    /// Flushes everything to disk (used at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn disk_space(&self) -> Result<u64, StoreError> {
+        Ok(self.db.disk_space()?)
+    }
+
+    // ----- users -----
+
+    /// Records a user at their first authenticated connection. Returns whether they are new.
+    pub fn ensure_user(&self, user: &str, now_ms: u64) -> Result<bool, StoreError> {
+        if self.users.contains_key(user)? {
+            return Ok(false);
+        }
+        let mut b = self.batch();
+        b.batch.insert(&self.users, user, now_ms.to_be_bytes());
+        b.commit()?;
+        Ok(true)
+    }
+
+    /// Whether a user has ever connected.
+    pub fn user_exists(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self.users.contains_key(user)?)
+    }
+
+    // ----- conversations -----
+
+    /// The direct conversation between two users, if it exists.
+    pub fn direct_between(&self, a: &str, b: &str) -> Result<Option<ConversationId>, StoreError> {
+        Ok(self
+            .direct
+            .get(keys::direct(a, b))?
+            .and_then(|v| keys::head_u64(&v)))
+    }
+
+    /// Creates the direct conversation between two users and returns its id.
+    ///
+    /// The caller serialises calls (the router holds a lock around check-and-create), so that
+    /// two users opening their conversation at once get the same one.
+    pub fn create_direct(
+        &self,
+        a: &str,
+        b: &str,
+        now_ms: u64,
+    ) -> Result<ConversationId, StoreError> {
+        let next = match self.meta.get("next_conversation")? {
+            Some(v) => keys::head_u64(&v).ok_or(StoreError::Corrupt {
+                keyspace: "meta",
+                message: "next_conversation".into(),
+            })?,
+            None => 1,
+        };
+        let mut members = vec![a.to_owned(), b.to_owned()];
+        members.sort();
+        members.dedup();
+        let record = ConversationRecord {
+            kind: ConversationKind::Direct,
+            members,
+            created_ms: now_ms,
+        };
+        let mut batch = self.batch();
+        batch
+            .batch
+            .insert(&self.meta, "next_conversation", (next + 1).to_be_bytes());
+        batch
+            .batch
+            .insert(&self.conversations, next.to_be_bytes(), encode(&record));
+        for m in &record.members {
+            batch
+                .batch
+                .insert(&self.member_of, keys::member_of(m, next), []);
+        }
+        batch
+            .batch
+            .insert(&self.direct, keys::direct(a, b), next.to_be_bytes());
+        batch.commit()?;
+        Ok(next)
+    }
+
+    /// A conversation's record.
+    pub fn conversation(
+        &self,
+        conv: ConversationId,
+    ) -> Result<Option<ConversationRecord>, StoreError> {
+        match self.conversations.get(conv.to_be_bytes())? {
+            Some(v) => Ok(Some(decode("conversations", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The conversations a user belongs to, by id.
+    pub fn conversations_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.member_of.prefix(keys::name_prefix(user)) {
+            let key = guard.key()?;
+            if let Some(conv) = keys::tail_u64(&key) {
+                out.push(conv);
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- messages -----
+
+    /// The sequence number of a conversation's latest message (0 when it has none).
+    pub fn last_seq(&self, conv: ConversationId) -> Result<u64, StoreError> {
+        match self.messages.prefix(keys::message_prefix(conv)).next_back() {
+            Some(guard) => Ok(keys::tail_u64(&guard.key()?).unwrap_or(0)),
+            None => Ok(0),
+        }
+    }
+
+    /// One message.
+    pub fn message(&self, conv: ConversationId, seq: u64) -> Result<Option<Message>, StoreError> {
+        match self.messages.get(keys::message(conv, seq))? {
+            Some(v) => Ok(Some(decode("messages", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A page of a conversation, oldest first, and whether more lie beyond it.
+    ///
+    /// With `after` (and no `before`) the page starts just after `after` and `more` says whether
+    /// newer messages follow. Otherwise the page is the newest `limit` messages below `before`
+    /// (or the end) and `more` says whether older ones precede it.
+    pub fn history(
+        &self,
+        conv: ConversationId,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Message>, bool), StoreError> {
+        let lo = keys::message(conv, after.map_or(0, |a| a.saturating_add(1)));
+        let hi = match before {
+            Some(b) if b == 0 => return Ok((Vec::new(), false)),
+            Some(b) => keys::message(conv, b - 1),
+            None => keys::message(conv, u64::MAX),
+        };
+        if lo > hi {
+            return Ok((Vec::new(), false));
+        }
+        let range = self.messages.range(lo..=hi);
+        let mut out = Vec::with_capacity(limit.min(256));
+        let mut more = false;
+        let forward = after.is_some() && before.is_none();
+        let iter: Box<dyn Iterator<Item = fjall::Guard>> = if forward {
+            Box::new(range)
+        } else {
+            Box::new(range.rev())
+        };
+        for guard in iter {
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            let value = guard.value()?;
+            out.push(decode::<Message>("messages", &value)?);
+        }
+        if !forward {
+            out.reverse();
+        }
+        Ok((out, more))
+    }
+
+    /// The original (seq, ts) of a message with this client id, if one was stored.
+    pub fn idempotent(
+        &self,
+        conv: ConversationId,
+        sender: &str,
+        id: &ClientMsgId,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(self
+            .idempotency
+            .get(keys::idempotency(conv, sender, id))?
+            .and_then(|v| Some((keys::head_u64(&v)?, keys::tail_u64(&v)?))))
+    }
+
+    // ----- sync logs and cursors -----
+
+    /// The latest position of a user's log (0 when empty).
+    pub fn log_head(&self, user: &str) -> Result<u64, StoreError> {
+        match self.log.prefix(keys::name_prefix(user)).next_back() {
+            Some(guard) => Ok(keys::tail_u64(&guard.key()?).unwrap_or(0)),
+            None => Ok(0),
+        }
+    }
+
+    /// Up to `limit` entries of a user's log after position `after`, in order.
+    pub fn read_log(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
+        let lo = keys::log(user, after.saturating_add(1));
+        let hi = keys::log(user, u64::MAX);
+        let mut out = Vec::new();
+        for guard in self.log.range(lo..=hi).take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let pos = keys::tail_u64(&k).unwrap_or(0);
+            out.push((pos, decode("log", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// The log position a device last acknowledged.
+    pub fn device_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .devices
+            .get(keys::device(user, device))?
+            .and_then(|v| keys::head_u64(&v)))
+    }
+}
+
+/// A group of writes committed atomically with one fsync.
+pub struct StoreBatch<'a> {
+    store: &'a Store,
+    batch: fjall::OwnedWriteBatch,
+}
+
+impl StoreBatch<'_> {
+    /// Stores a message with its idempotency key.
+    pub fn put_message(&mut self, msg: &Message) {
+        let s = self.store;
+        self.batch.insert(
+            &s.messages,
+            keys::message(msg.conversation, msg.seq),
+            encode(msg),
+        );
+        let mut idem = [0u8; 16];
+        idem[..8].copy_from_slice(&msg.seq.to_be_bytes());
+        idem[8..].copy_from_slice(&msg.ts.to_be_bytes());
+        self.batch.insert(
+            &s.idempotency,
+            keys::idempotency(msg.conversation, &msg.from, &msg.id),
+            idem,
+        );
+    }
+
+    /// Appends an entry to a user's log at `pos` (the caller assigns positions in order).
+    pub fn append_log(&mut self, user: &str, pos: u64, entry: &LogEntry) {
+        self.batch
+            .insert(&self.store.log, keys::log(user, pos), encode(entry));
+    }
+
+    /// Records the log position a device acknowledged.
+    pub fn put_cursor(&mut self, user: &str, device: &str, cursor: u64) {
+        self.batch.insert(
+            &self.store.devices,
+            keys::device(user, device),
+            cursor.to_be_bytes(),
+        );
+    }
+
+    /// Number of writes in the batch.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Writes the batch and (in `sync` durability) fsyncs it. Nothing in it is visible to
+    /// readers before this returns. A failure poisons the store.
+    pub fn commit(self) -> Result<(), StoreError> {
+        let store = self.store;
+        if store.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        let result = self.batch.durability(Some(store.mode())).commit();
+        if let Err(e) = result {
+            store.poisoned.store(true, Ordering::Release);
+            tracing::error!(error = %e, "store write failed: refusing all writes from now on");
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn msg(conv: u64, seq: u64) -> Message {
+        Message {
+            conversation: conv,
+            seq,
+            from: "alice".into(),
+            device: "d".into(),
+            ts: seq * 10,
+            id: ClientMsgId([seq as u8; 16]),
+            body: Bytes::from(format!("m{seq}")),
+        }
+    }
+
+    #[test]
+    fn messages_and_history_pages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), Durability::Sync).expect("open");
+        let mut b = store.batch();
+        for seq in 1..=10 {
+            b.put_message(&msg(1, seq));
+        }
+        b.put_message(&msg(2, 1));
+        b.commit().expect("commit");
+
+        assert_eq!(store.last_seq(1).expect("last"), 10);
+        assert_eq!(store.last_seq(3).expect("last"), 0);
+        let seqs = |v: &[Message]| v.iter().map(|m| m.seq).collect::<Vec<_>>();
+
+        let (page, more) = store.history(1, None, None, 3).expect("h");
+        assert_eq!((seqs(&page), more), (vec![8, 9, 10], true));
+        let (page, more) = store.history(1, Some(8), None, 3).expect("h");
+        assert_eq!((seqs(&page), more), (vec![5, 6, 7], true));
+        let (page, more) = store.history(1, Some(3), None, 5).expect("h");
+        assert_eq!((seqs(&page), more), (vec![1, 2], false));
+        let (page, more) = store.history(1, None, Some(7), 2).expect("h");
+        assert_eq!((seqs(&page), more), (vec![8, 9], true));
+        let (page, more) = store.history(1, None, Some(8), 5).expect("h");
+        assert_eq!((seqs(&page), more), (vec![9, 10], false));
+        assert_eq!(
+            store.idempotent(1, "alice", &ClientMsgId([4; 16])).expect("i"),
+            Some((4, 40))
+        );
+    }
+
+    #[test]
+    fn logs_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), Durability::Sync).expect("open");
+            let mut b = store.batch();
+            for pos in 1..=5 {
+                b.append_log(
+                    "bob",
+                    pos,
+                    &LogEntry::Message {
+                        conversation: 1,
+                        seq: pos,
+                    },
+                );
+            }
+            b.append_log(
+                "bo",
+                1,
+                &LogEntry::Message {
+                    conversation: 9,
+                    seq: 1,
+                },
+            );
+            b.put_cursor("bob", "phone", 3);
+            b.commit().expect("commit");
+        }
+        let store = Store::open(dir.path(), Durability::Sync).expect("reopen");
+        assert_eq!(store.log_head("bob").expect("head"), 5);
+        assert_eq!(store.log_head("bo").expect("head"), 1);
+        let tail = store.read_log("bob", 3, 10).expect("read");
+        assert_eq!(tail.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(store.device_cursor("bob", "phone").expect("c"), Some(3));
+    }
+
+    #[test]
+    fn direct_conversation_is_shared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), Durability::Sync).expect("open");
+        assert_eq!(store.direct_between("a", "b").expect("d"), None);
+        let id = store.create_direct("b", "a", 1).expect("create");
+        assert_eq!(store.direct_between("a", "b").expect("d"), Some(id));
+        assert_eq!(store.conversations_of("a").expect("c"), vec![id]);
+        let rec = store.conversation(id).expect("c").expect("exists");
+        assert_eq!(rec.members, vec!["a".to_string(), "b".to_string()]);
+        let id2 = store.create_direct("a", "c", 1).expect("create");
+        assert_ne!(id, id2);
+    }
+}
