@@ -1,0 +1,168 @@
+//! The commit thread: group commit, sync-log positions, acks and fan-out.
+//!
+//! Every durable write of the hot path passes through this one thread. It takes whatever the
+//! shards queued (up to `commit_batch` items), writes it as one fjall batch with one fsync, and
+//! only then answers the senders and hands the events to the online devices. Being the only
+//! writer of the sync logs, it assigns each user's log positions in commit order, so a log never
+//! has a hole and never reuses a position, whichever shard sequenced the message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvError};
+use tokio::sync::oneshot;
+
+use super::RouterError;
+use super::sessions::{Delivery, Sessions};
+use crate::framing::{Event, Message};
+use crate::persist::{LogEntry, Store};
+
+/// The answer to a send: the message's place in its conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Sequence number in the conversation.
+    pub seq: u64,
+    /// Server time of acceptance, Unix ms.
+    pub ts: u64,
+}
+
+/// Where an answer goes.
+pub(super) type Reply = oneshot::Sender<Result<Sent, RouterError>>;
+
+/// Work for the commit thread.
+pub(super) enum CommitItem {
+    /// Store a message and append it to every member's log.
+    Message {
+        msg: Message,
+        members: Arc<[String]>,
+        reply: Reply,
+    },
+    /// Answer `reply` once everything queued before it is durable (a retry of a message that
+    /// is still in flight).
+    Wait { sent: Sent, reply: Reply },
+    /// A device acknowledged its cursor.
+    Cursor {
+        user: String,
+        device: String,
+        cursor: u64,
+    },
+    /// Finish the current batch and stop.
+    Stop,
+}
+
+pub(super) struct CommitThread {
+    pub(super) store: Arc<Store>,
+    pub(super) sessions: Arc<Sessions>,
+    pub(super) rx: Receiver<CommitItem>,
+    pub(super) max_batch: usize,
+}
+
+impl CommitThread {
+    pub(super) fn run(self) {
+        let mut heads: HashMap<String, u64> = HashMap::new();
+        let mut items = Vec::with_capacity(self.max_batch);
+        loop {
+            match self.rx.recv() {
+                Ok(item) => items.push(item),
+                Err(RecvError) => return,
+            }
+            while items.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(item) => items.push(item),
+                    Err(_) => break,
+                }
+            }
+            let stop = self.commit(&mut items, &mut heads);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Commits one batch; returns whether a `Stop` was in it.
+    fn commit(&self, items: &mut Vec<CommitItem>, heads: &mut HashMap<String, u64>) -> bool {
+        let mut batch = self.store.batch();
+        let mut replies: Vec<(Reply, Sent)> = Vec::with_capacity(items.len());
+        let mut deliveries: Vec<(Arc<[String]>, Vec<u64>, Arc<Event>)> = Vec::new();
+        let mut stop = false;
+        let mut failed: Option<RouterError> = None;
+
+        for item in items.drain(..) {
+            match item {
+                CommitItem::Message {
+                    msg,
+                    members,
+                    reply,
+                } => {
+                    if failed.is_some() {
+                        let _ = reply.send(Err(RouterError::Unavailable));
+                        continue;
+                    }
+                    batch.put_message(&msg);
+                    let entry = LogEntry::Message {
+                        conversation: msg.conversation,
+                        seq: msg.seq,
+                    };
+                    let mut positions = Vec::with_capacity(members.len());
+                    for member in members.iter() {
+                        let head = match heads.get_mut(member.as_str()) {
+                            Some(h) => h,
+                            None => match self.store.log_head(member) {
+                                Ok(h) => heads.entry(member.clone()).or_insert(h),
+                                Err(e) => {
+                                    failed = Some(e.into());
+                                    break;
+                                }
+                            },
+                        };
+                        *head += 1;
+                        batch.append_log(member, *head, &entry);
+                        positions.push(*head);
+                    }
+                    let sent = Sent {
+                        seq: msg.seq,
+                        ts: msg.ts,
+                    };
+                    replies.push((reply, sent));
+                    deliveries.push((members, positions, Arc::new(Event::Message(msg))));
+                }
+                CommitItem::Wait { sent, reply } => replies.push((reply, sent)),
+                CommitItem::Cursor {
+                    user,
+                    device,
+                    cursor,
+                } => batch.put_cursor(&user, &device, cursor),
+                CommitItem::Stop => stop = true,
+            }
+        }
+
+        let result = match failed {
+            Some(e) => Err(e),
+            None => batch.commit().map_err(RouterError::from),
+        };
+        match result {
+            Ok(()) => {
+                for (reply, sent) in replies {
+                    let _ = reply.send(Ok(sent));
+                }
+                for (members, positions, event) in deliveries {
+                    for (member, pos) in members.iter().zip(positions) {
+                        let delivery = Delivery {
+                            pos,
+                            event: event.clone(),
+                        };
+                        self.sessions.deliver(member, &delivery);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed: nothing in it was acknowledged");
+                // The cached heads counted positions that were never written.
+                heads.clear();
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(RouterError::Unavailable));
+                }
+            }
+        }
+        stop
+    }
+}

@@ -1,0 +1,144 @@
+//! A device's feed: the events after its cursor, first from the store, then live.
+//!
+//! The feed registers the device before it reads the store, and every event is durable before
+//! it is handed to the registry, so each event is either in the store when the feed reads it or
+//! arrives on the queue afterwards. The feed delivers positions strictly in order: anything at
+//! or below what it already gave is dropped (seen twice), and a jump past the next position
+//! (events dropped while the queue was full) switches it back to reading the store.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::mpsc;
+
+use super::RouterError;
+use super::sessions::{Delivery, Registration};
+use crate::framing::Event;
+use crate::persist::{LogEntry, Store};
+
+/// Events read from the store per round of catch-up.
+const CATCH_UP_PAGE: usize = 256;
+
+/// The feed of one syncing device.
+pub struct DeviceFeed {
+    user: String,
+    next: u64,
+    rx: mpsc::Receiver<Delivery>,
+    lagging: Arc<AtomicBool>,
+    catching_up: bool,
+    store: Arc<Store>,
+    _registration: Registration,
+}
+
+impl std::fmt::Debug for DeviceFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceFeed")
+            .field("user", &self.user)
+            .field("next", &self.next)
+            .field("catching_up", &self.catching_up)
+            .finish()
+    }
+}
+
+impl DeviceFeed {
+    pub(super) fn new(
+        user: String,
+        cursor: u64,
+        registration: Registration,
+        rx: mpsc::Receiver<Delivery>,
+        lagging: Arc<AtomicBool>,
+        store: Arc<Store>,
+    ) -> Self {
+        Self {
+            user,
+            next: cursor + 1,
+            rx,
+            lagging,
+            catching_up: true,
+            store,
+            _registration: registration,
+        }
+    }
+
+    /// The next events for the device, in log order, at least one.
+    ///
+    /// Cancel-safe at the await on the queue; a cancelled store read is simply repeated.
+    pub async fn next_batch(&mut self) -> Result<Vec<Delivery>, RouterError> {
+        loop {
+            if self.lagging.swap(false, Ordering::AcqRel) {
+                self.catching_up = true;
+            }
+            if self.catching_up {
+                let batch = self.read_store().await?;
+                if batch.len() < CATCH_UP_PAGE {
+                    self.catching_up = false;
+                }
+                if let Some(last) = batch.last() {
+                    self.next = last.pos + 1;
+                    return Ok(batch);
+                }
+                continue;
+            }
+            let Some(first) = self.rx.recv().await else {
+                return Err(RouterError::ShuttingDown);
+            };
+            let mut out = Vec::new();
+            let mut pending = Some(first);
+            while let Some(d) = pending.take() {
+                if d.pos < self.next {
+                    // Already delivered (read from the store before it came live).
+                } else if d.pos == self.next {
+                    self.next += 1;
+                    out.push(d);
+                } else {
+                    // A gap: events were dropped while the queue was full. They (and this one)
+                    // are in the store.
+                    self.catching_up = true;
+                    break;
+                }
+                if out.len() < CATCH_UP_PAGE {
+                    pending = self.rx.try_recv().ok();
+                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn read_store(&self) -> Result<Vec<Delivery>, RouterError> {
+        let store = self.store.clone();
+        let user = self.user.clone();
+        let after = self.next - 1;
+        tokio::task::spawn_blocking(move || read_events(&store, &user, after, CATCH_UP_PAGE))
+            .await
+            .map_err(|e| RouterError::Internal(e.to_string()))?
+    }
+}
+
+/// Resolves up to `limit` log entries after `after` into events.
+pub(super) fn read_events(
+    store: &Store,
+    user: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Delivery>, RouterError> {
+    let entries = store.read_log(user, after, limit)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for (pos, entry) in entries {
+        let event = match entry {
+            LogEntry::Message { conversation, seq } => {
+                let msg = store.message(conversation, seq)?.ok_or_else(|| {
+                    RouterError::Internal(format!(
+                        "log of {user} at {pos} names message {conversation}/{seq}, which is missing"
+                    ))
+                })?;
+                Event::Message(msg)
+            }
+        };
+        out.push(Delivery {
+            pos,
+            event: Arc::new(event),
+        });
+    }
+    Ok(out)
+}
