@@ -1,1 +1,427 @@
-fn main(){}
+//! The `plover` binary: the server and its command-line client.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use plover::auth::{TokenKeys, secret_for};
+use plover::client::{Client, ClientConfig, Connection, EventStream};
+use plover::config::{Config, Durability};
+use plover::framing::{ConversationKind, Event, Message, Target};
+
+#[derive(Parser)]
+#[command(name = "plover", version, about = "A QUIC-native messaging server and its client")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Mint a token for a user (prints only the token).
+    Token(TokenArgs),
+    /// Send a message and wait until it is stored.
+    Send(SendArgs),
+    /// Print events as they arrive, starting with what this device missed.
+    Listen(ListenArgs),
+    /// Print a conversation's history, oldest first.
+    History(HistoryArgs),
+    /// List your conversations.
+    Conversations(ConversationsArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (see plover.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// UDP address to listen on [default: 127.0.0.1:4433].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./plover-data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Directory of the dev certificate [default: ./certs].
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// `sync` (ack after fsync) or `buffered` (ack before fsync).
+    #[arg(long, value_parser = parse_durability)]
+    durability: Option<Durability>,
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "sync" => Ok(Durability::Sync),
+        "buffered" => Ok(Durability::Buffered),
+        _ => Err(format!("{s:?} is neither `sync` nor `buffered`")),
+    }
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The user id (1-64 characters of A-Z a-z 0-9 . _ -).
+    user: String,
+    /// Limit the token to this device.
+    #[arg(long)]
+    device: Option<String>,
+    /// How long the token is valid (e.g. 1h, 30d).
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Data directory holding the secret [default: ./plover-data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Configuration file (for `data` and `auth.secret`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "PLOVER_SERVER", default_value = "127.0.0.1:4433")]
+    server: String,
+    /// Bearer token (from `plover token`).
+    #[arg(long, env = "PLOVER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// CA certificate to trust (PEM).
+    #[arg(long, env = "PLOVER_CA", default_value = "./certs/cert.pem")]
+    ca: PathBuf,
+    /// This device's name.
+    #[arg(long, env = "PLOVER_DEVICE", default_value = "cli")]
+    device: String,
+}
+
+impl ClientArgs {
+    fn config(&self) -> Result<ClientConfig> {
+        Ok(ClientConfig::new(
+            self.server.clone(),
+            &self.ca,
+            self.token.clone(),
+            self.device.clone(),
+        )?)
+    }
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The recipient of a direct message.
+    #[arg(long, conflicts_with = "conversation", required_unless_present = "conversation")]
+    to: Option<String>,
+    /// A conversation id.
+    #[arg(long)]
+    conversation: Option<u64>,
+    /// The message.
+    text: String,
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Start after this position of your sync log instead of where this device left off.
+    #[arg(long)]
+    cursor: Option<u64>,
+}
+
+#[derive(Args)]
+struct HistoryArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The other user of a direct conversation.
+    #[arg(long, conflicts_with = "conversation", required_unless_present = "conversation")]
+    with: Option<String>,
+    /// A conversation id.
+    #[arg(long)]
+    conversation: Option<u64>,
+    /// How many messages.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Only messages before this sequence number.
+    #[arg(long, conflicts_with = "after")]
+    before: Option<u64>,
+    /// Only messages after this sequence number.
+    #[arg(long)]
+    after: Option<u64>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ConversationsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PLOVER_LOG").unwrap_or_else(|_| {
+                // The store's own progress lines are noise at info; its warnings are not.
+                tracing_subscriber::EnvFilter::new(format!(
+                    "{default_level},fjall=warn,lsm_tree=warn"
+                ))
+            }),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Token(args) => token(args),
+        Command::Send(args) => send(args).await,
+        Command::Listen(args) => listen(args).await,
+        Command::History(args) => history(args).await,
+        Command::Conversations(args) => conversations(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(data) = args.data {
+        config.data = data;
+    }
+    if let Some(certs) = args.certs {
+        config.certs = certs;
+    }
+    if let Some(durability) = args.durability {
+        config.store.durability = durability;
+    }
+    let server = plover::server::Server::bind(config).await?;
+    server.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}
+
+fn token(args: TokenArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(data) = args.data {
+        config.data = data;
+    }
+    let keys = TokenKeys::new(&secret_for(&config)?);
+    let token = keys.mint(&args.user, args.device.as_deref(), args.ttl)?;
+    println!("{token}");
+    Ok(())
+}
+
+fn target(to: Option<String>, conversation: Option<u64>) -> Result<Target> {
+    match (to, conversation) {
+        (Some(user), None) => Ok(Target::Direct(user)),
+        (None, Some(id)) => Ok(Target::Conversation(id)),
+        _ => bail!("give exactly one of --to/--with or --conversation"),
+    }
+}
+
+async fn send(args: SendArgs) -> Result<()> {
+    if args.text.is_empty() {
+        bail!("the message is empty");
+    }
+    let client = Client::new(args.client.config()?);
+    let target = target(args.to, args.conversation)?;
+    let ack = client.send(target, Bytes::from(args.text.into_bytes())).await;
+    client.close().await;
+    let ack = ack?;
+    println!("sent conversation={} seq={}", ack.conversation, ack.seq);
+    Ok(())
+}
+
+fn message_json(m: &Message) -> serde_json::Value {
+    json!({
+        "type": "message",
+        "conversation": m.conversation,
+        "seq": m.seq,
+        "from": m.from,
+        "text": String::from_utf8_lossy(&m.body),
+        "ts": m.ts,
+    })
+}
+
+fn message_line(m: &Message) -> String {
+    let time = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_millis(m.ts),
+    );
+    format!(
+        "[{time}] conversation {} #{} {}: {}",
+        m.conversation,
+        m.seq,
+        m.from,
+        String::from_utf8_lossy(&m.body)
+    )
+}
+
+fn print_line(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn listen(args: ListenArgs) -> Result<()> {
+    let mut events = EventStream::start(args.client.config()?, args.cursor);
+    let interrupted = shutdown_signal();
+    tokio::pin!(interrupted);
+    loop {
+        let next = tokio::select! {
+            next = events.next() => next,
+            _ = &mut interrupted => break,
+        };
+        let event = match next {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => {
+                events.close().await;
+                return Err(e.into());
+            }
+            None => break,
+        };
+        let line = match &event.event {
+            Event::Message(m) if args.json => message_json(m).to_string(),
+            Event::Message(m) => message_line(m),
+        };
+        if print_line(&line).is_err() {
+            // stdout is gone (a closed pipe): stop like an interrupted listener.
+            break;
+        }
+    }
+    events.close().await;
+    Ok(())
+}
+
+async fn history(args: HistoryArgs) -> Result<()> {
+    if args.limit == 0 {
+        bail!("--limit must be at least 1");
+    }
+    let conn = Connection::connect(&args.client.config()?).await?;
+    let target = target(args.with, args.conversation)?;
+    let result = async {
+        let conv = conn.open(target, false).await?;
+        // Pages of at most 500 (the server's default page limit), walked in the asked
+        // direction until `limit` messages are gathered.
+        let mut messages: Vec<Message> = Vec::new();
+        let mut before = args.before;
+        let mut after = args.after;
+        while (messages.len() as u32) < args.limit {
+            let want = (args.limit - messages.len() as u32).min(500);
+            let (page, more) = conv.history(before, after, want).await?;
+            if args.after.is_some() {
+                after = page.last().map(|m| m.seq).or(after);
+                messages.extend(page);
+            } else {
+                before = page.first().map(|m| m.seq).or(before);
+                let mut page = page;
+                page.extend(messages);
+                messages = page;
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok::<_, anyhow::Error>(messages)
+    }
+    .await;
+    conn.close().await;
+    for m in result? {
+        let line = if args.json {
+            message_json(&m).to_string()
+        } else {
+            message_line(&m)
+        };
+        print_line(&line)?;
+    }
+    Ok(())
+}
+
+async fn conversations(args: ConversationsArgs) -> Result<()> {
+    let conn = Connection::connect(&args.client.config()?).await?;
+    let items = conn.conversations().await;
+    conn.close().await;
+    for c in items.context("listing conversations")? {
+        let kind = match c.kind {
+            ConversationKind::Direct => "direct",
+        };
+        let line = if args.json {
+            json!({
+                "type": "conversation",
+                "conversation": c.conversation,
+                "kind": kind,
+                "members": c.members,
+                "last_seq": c.last_seq,
+            })
+            .to_string()
+        } else {
+            format!(
+                "{:>6}  {kind:<7} {:<30} last_seq={}",
+                c.conversation,
+                c.members.join(", "),
+                c.last_seq
+            )
+        };
+        print_line(&line)?;
+    }
+    Ok(())
+}

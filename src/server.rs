@@ -1,1 +1,89 @@
-//! server
+//! Wires the store, the router and the transport together and runs them until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tracing::info;
+
+use crate::auth::{AuthError, TokenKeys, secret_for};
+use crate::config::{Config, ConfigError};
+use crate::persist::{Store, StoreError};
+use crate::router::{Router, RouterError};
+use crate::transport::{Listener, TransportError};
+
+/// Errors starting or stopping the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The token secret could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The store could not be opened or flushed.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The router failed.
+    #[error(transparent)]
+    Router(#[from] RouterError),
+    /// The transport could not be set up.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// A server that is bound and ready to run.
+#[derive(Debug)]
+pub struct Server {
+    listener: Listener,
+    router: Router,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Opens the store, starts the router and binds the endpoint.
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let keys = TokenKeys::new(&secret_for(&config)?);
+        let path = config.data.clone();
+        let durability = config.store.durability;
+        let store = tokio::task::spawn_blocking(move || Store::open(&path, durability))
+            .await
+            .map_err(|e| RouterError::Internal(e.to_string()))??;
+        let router = Router::start(Arc::new(store), &config)?;
+        let listener = Listener::bind(&config, router.clone(), keys)?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            router,
+            addr,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The router (tests and tools look at the store through it).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Serves until `shutdown` completes, then closes connections, drains the router and
+    /// flushes the store.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        info!("listening on {}", self.addr);
+        self.listener.run(shutdown).await;
+        let router = self.router.clone();
+        tokio::task::spawn_blocking(move || router.shutdown_blocking())
+            .await
+            .map_err(|e| RouterError::Internal(e.to_string()))??;
+        info!("stopped; store flushed");
+        Ok(())
+    }
+}

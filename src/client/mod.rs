@@ -1,1 +1,231 @@
-//! client
+//! The client SDK that the CLI, the tests and the load generator use.
+//!
+//! - [`Connection`]: one authenticated connection; open conversation streams, list
+//!   conversations, ping.
+//! - [`Conversation`]: send (with an id of your choosing for retries) and read history.
+//! - [`EventStream`]: the device's events after its cursor, across reconnects, each once.
+//! - [`Client`]: sends that survive a lost connection by retrying with the same id.
+
+mod connection;
+mod events;
+
+pub use connection::{Ack, Connection, Conversation, Welcome};
+pub use events::{CursorTracker, EventStream, LogEvent};
+
+use bytes::Bytes;
+use rustls_pki_types::CertificateDer;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::framing::{ClientMsgId, ErrorCode, Target};
+
+/// Errors of the client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The server refused: an `Error` frame, a failed send, or a close with an error code.
+    #[error("{message} ({code})")]
+    Refused {
+        /// The server's code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server could not be reached or the handshake failed.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The connection was lost.
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// A stream failed.
+    #[error("stream failed: {0}")]
+    Stream(String),
+    /// The server sent something this client does not expect.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// No answer in time.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    /// Reading the CA certificate failed.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// Whether trying again (after reconnecting) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Refused { code, .. } => {
+                matches!(*code, ErrorCode::SHUTDOWN | ErrorCode::UNAVAILABLE)
+            }
+            Self::Connect(_) | Self::Lost(_) | Self::Stream(_) | Self::Timeout(_) => true,
+            Self::Protocol(_) | Self::Config(_) => false,
+        }
+    }
+
+    /// The server's code, when the server refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(close) => Self::Refused {
+                code: ErrorCode(u16::try_from(close.error_code.into_inner()).unwrap_or(u16::MAX)),
+                message: String::from_utf8_lossy(&close.reason).into_owned(),
+            },
+            quinn::ConnectionError::TimedOut => Self::Lost("timed out".into()),
+            other => Self::Lost(other.to_string()),
+        }
+    }
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the server.
+    pub server: String,
+    /// Name to verify the server's certificate against; defaults to the host of `server`.
+    pub server_name: Option<String>,
+    /// Certificates to trust.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The bearer token.
+    pub token: String,
+    /// This device's name.
+    pub device: String,
+    /// QUIC keep-alive interval (the heartbeat).
+    pub keep_alive: Duration,
+    /// How long connecting and authenticating may take.
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A config trusting the PEM certificate(s) in `ca`.
+    pub fn new(
+        server: impl Into<String>,
+        ca: &Path,
+        token: impl Into<String>,
+        device: impl Into<String>,
+    ) -> Result<Self, ClientError> {
+        let roots = crate::transport::tls::load_certs(ca).map_err(|e| {
+            ClientError::Config(format!(
+                "cannot read the server's CA certificate: {e} (start the server once, or pass --ca)"
+            ))
+        })?;
+        Ok(Self::with_roots(server, roots, token, device))
+    }
+
+    /// A config trusting the given certificates.
+    pub fn with_roots(
+        server: impl Into<String>,
+        roots: Vec<CertificateDer<'static>>,
+        token: impl Into<String>,
+        device: impl Into<String>,
+    ) -> Self {
+        Self {
+            server: server.into(),
+            server_name: None,
+            roots,
+            token: token.into(),
+            device: device.into(),
+            keep_alive: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn server_name(&self) -> String {
+        if let Some(name) = &self.server_name {
+            return name.clone();
+        }
+        let host = match self.server.rsplit_once(':') {
+            Some((host, _port)) => host,
+            None => self.server.as_str(),
+        };
+        host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    }
+}
+
+/// A client that reconnects and retries sends with the same id, so a message is stored once
+/// even when an ack was lost with the connection.
+pub struct Client {
+    config: ClientConfig,
+    conn: tokio::sync::Mutex<Option<std::sync::Arc<Connection>>>,
+    /// How many times a send is tried before giving up.
+    pub attempts: u32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.config.server)
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client that connects on first use.
+    pub fn new(config: ClientConfig) -> Self {
+        Self {
+            config,
+            conn: tokio::sync::Mutex::new(None),
+            attempts: 5,
+        }
+    }
+
+    /// The current connection, connecting if needed.
+    pub async fn connection(&self) -> Result<std::sync::Arc<Connection>, ClientError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if conn.quic().close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let conn = std::sync::Arc::new(Connection::connect(&self.config).await?);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn drop_connection(&self) {
+        self.conn.lock().await.take();
+    }
+
+    /// Sends `body` to `target` and waits until it is durable, reconnecting and retrying with
+    /// the same message id on connection failures.
+    pub async fn send(&self, target: Target, body: Bytes) -> Result<Ack, ClientError> {
+        let id = ClientMsgId::random();
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = async {
+                let conn = self.connection().await?;
+                let conv = conn.open(target.clone(), true).await?;
+                conv.send_with_id(id, body.clone()).await
+            }
+            .await;
+            match result {
+                Ok(ack) => return Ok(ack),
+                Err(e) if e.is_retryable() && attempt < self.attempts => {
+                    tracing::debug!(error = %e, attempt, "send failed; retrying with the same id");
+                    self.drop_connection().await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Closes the connection, if any.
+    pub async fn close(&self) {
+        if let Some(conn) = self.conn.lock().await.take() {
+            if let Ok(conn) = std::sync::Arc::try_unwrap(conn) {
+                conn.close().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The event stream of a device: catch-up after its cursor, then live events, across
+//! reconnects, each event once.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::debug;
+
+use super::connection::Connection;
+use super::{ClientConfig, ClientError};
+use crate::framing::{ClientFrame, Event, ServerFrame};
+use crate::transport::stream::FrameReader;
+
+/// Events buffered between the network and the application.
+const EVENT_QUEUE: usize = 1024;
+
+/// The device's position in its sync log: every position up to `cursor` has been taken by the
+/// application; `ahead` holds positions taken past a gap (events arrive on one stream per
+/// conversation, so across conversations they may arrive out of order).
+#[derive(Debug, Default)]
+pub struct CursorTracker {
+    cursor: u64,
+    ahead: BTreeSet<u64>,
+}
+
+impl CursorTracker {
+    /// A tracker that has everything up to `cursor`.
+    pub fn new(cursor: u64) -> Self {
+        Self {
+            cursor,
+            ahead: BTreeSet::new(),
+        }
+    }
+
+    /// The contiguous position: safe to resume after and to acknowledge.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Records `pos`; returns false when it was seen before.
+    pub fn take(&mut self, pos: u64) -> bool {
+        if pos <= self.cursor || !self.ahead.insert(pos) {
+            return false;
+        }
+        while self.ahead.remove(&(self.cursor + 1)) {
+            self.cursor += 1;
+        }
+        true
+    }
+
+    /// The server resumed at `cursor` (it may have clamped ours).
+    fn reset_to(&mut self, cursor: u64) {
+        if cursor < self.cursor {
+            // The server has less than we thought (restored from backup, or our cursor was
+            // ahead): take its word, and keep nothing from past it.
+            self.cursor = cursor;
+            self.ahead.clear();
+        }
+    }
+}
+
+/// One event and its position in the user's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEvent {
+    /// Position in the user's sync log.
+    pub pos: u64,
+    /// What happened.
+    pub event: Event,
+}
+
+/// Events for this device, in order per conversation, each once, surviving reconnects.
+///
+/// Taking an event from [`EventStream::next`] counts as having it: the cursor advances and is
+/// acknowledged to the server shortly after (and on [`EventStream::close`]).
+pub struct EventStream {
+    rx: mpsc::Receiver<Result<LogEvent, ClientError>>,
+    tracker: Arc<Mutex<CursorTracker>>,
+    ack: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("cursor", &self.cursor())
+            .finish()
+    }
+}
+
+fn lock(t: &Mutex<CursorTracker>) -> std::sync::MutexGuard<'_, CursorTracker> {
+    // Held for a few set operations, never across an await.
+    t.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl EventStream {
+    /// Connects (reconnecting as needed) and delivers events after `cursor`, or after the
+    /// position the server last saw this device acknowledge when `None`.
+    pub fn start(config: ClientConfig, cursor: Option<u64>) -> Self {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let tracker = Arc::new(Mutex::new(CursorTracker::new(cursor.unwrap_or(0))));
+        let (ack, ack_rx) = watch::channel(cursor.unwrap_or(0));
+        let (stop, stop_rx) = watch::channel(false);
+        let driver = tokio::spawn(drive(
+            config,
+            cursor.is_some(),
+            tracker.clone(),
+            tx,
+            ack_rx,
+            stop_rx,
+        ));
+        Self {
+            rx,
+            tracker,
+            ack,
+            stop,
+            driver,
+        }
+    }
+
+    /// The next new event, or an error that ends the stream (the server refused the token,
+    /// say). `None` once closed.
+    pub async fn next(&mut self) -> Option<Result<LogEvent, ClientError>> {
+        loop {
+            let item = self.rx.recv().await?;
+            let event = match item {
+                Ok(e) => e,
+                Err(e) => return Some(Err(e)),
+            };
+            let (fresh, cursor) = {
+                let mut t = lock(&self.tracker);
+                (t.take(event.pos), t.cursor())
+            };
+            if fresh {
+                self.ack.send_replace(cursor);
+                return Some(Ok(event));
+            }
+        }
+    }
+
+    /// The device's contiguous position.
+    pub fn cursor(&self) -> u64 {
+        lock(&self.tracker).cursor()
+    }
+
+    /// Acknowledges the cursor, closes the connection, and waits for both to reach the server.
+    pub async fn close(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.driver).await;
+    }
+}
+
+/// Connects, syncs and forwards events until stopped; reconnects with backoff on failure.
+async fn drive(
+    config: ClientConfig,
+    explicit_cursor: bool,
+    tracker: Arc<Mutex<CursorTracker>>,
+    tx: mpsc::Sender<Result<LogEvent, ClientError>>,
+    mut ack_rx: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let conn = tokio::select! {
+            c = Connection::connect(&config) => c,
+            _ = stop.changed() => return,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) if e.is_retryable() => {
+                debug!(error = %e, "connect failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        // The first sync uses the caller's cursor (or the server's memory of this device);
+        // later ones resume after what the application has taken.
+        let cursor = if first && !explicit_cursor {
+            None
+        } else {
+            Some(lock(&tracker).cursor())
+        };
+        first = false;
+        let started = match conn.start_sync(cursor).await {
+            Ok((cursor, _head)) => cursor,
+            Err(e) if e.is_retryable() => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        {
+            let mut t = lock(&tracker);
+            if cursor.is_none() {
+                *t = CursorTracker::new(started);
+            } else {
+                t.reset_to(started);
+            }
+        }
+        backoff = Duration::from_millis(100);
+        let stopped = run_connection(&conn, &tx, &mut ack_rx, &mut stop).await;
+        if stopped {
+            let cursor = *ack_rx.borrow_and_update();
+            let _ = conn.control_send(ClientFrame::Ack { cursor }).await;
+            conn.close().await;
+            return;
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// Reads the delivery streams of one connection. Returns true when asked to stop, false when
+/// the connection failed.
+async fn run_connection(
+    conn: &Connection,
+    tx: &mpsc::Sender<Result<LogEvent, ClientError>>,
+    ack_rx: &mut watch::Receiver<u64>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let quic = conn.quic().clone();
+    let max = conn.welcome().max_frame;
+    let mut readers = tokio::task::JoinSet::new();
+    let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut acked = *ack_rx.borrow();
+    loop {
+        tokio::select! {
+            stream = quic.accept_uni() => match stream {
+                Ok(recv) => {
+                    readers.spawn(read_deliveries(FrameReader::new(recv, max), tx.clone()));
+                }
+                Err(e) => {
+                    debug!(error = %e, "connection lost; reconnecting");
+                    return false;
+                }
+            },
+            _ = ack_tick.tick() => {
+                let cursor = *ack_rx.borrow();
+                if cursor > acked && conn.control_send(ClientFrame::Ack { cursor }).await.is_ok() {
+                    acked = cursor;
+                }
+            }
+            Some(_) = readers.join_next(), if !readers.is_empty() => {}
+            _ = stop.changed() => return true,
+        }
+    }
+}
+
+async fn read_deliveries(mut reader: FrameReader, tx: mpsc::Sender<Result<LogEvent, ClientError>>) {
+    loop {
+        match reader.next::<ServerFrame>().await {
+            Ok(Some(ServerFrame::Event { log, event })) => {
+                if tx.send(Ok(LogEvent { pos: log, event })).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(other)) => {
+                debug!(frame = ?other, "unexpected frame on a delivery stream");
+                return;
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_advances_over_contiguous_positions_only() {
+        let mut t = CursorTracker::new(3);
+        assert!(!t.take(2));
+        assert!(t.take(5));
+        assert_eq!(t.cursor(), 3);
+        assert!(!t.take(5));
+        assert!(t.take(4));
+        assert_eq!(t.cursor(), 5);
+        assert!(t.take(6));
+        assert_eq!(t.cursor(), 6);
+    }
+}

@@ -1,0 +1,585 @@
+//! One authenticated connection: the handshake and `Hello`, the control stream, the
+//! conversation streams the client opens, and the delivery streams the server opens.
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout, timeout_at};
+use tracing::{Instrument, debug, debug_span, info, warn};
+
+use super::stream::{FrameReader, FrameWriter, StreamError};
+use crate::auth::{AuthError, TokenKeys, valid_name};
+use crate::config::Limits;
+use crate::framing::{
+    ClientFrame, ClientMsgId, ConversationId, ErrorCode, FrameError, PROTOCOL_VERSION, ServerFrame,
+};
+use crate::router::{DeviceFeed, Router, RouterError, Sent};
+
+/// How long a closing stream or connection waits for its last frames to reach the peer.
+const LINGER: Duration = Duration::from_secs(1);
+/// Encoded frames queued towards one delivery stream before the dispatcher waits for it.
+const DELIVERY_STREAM_QUEUE: usize = 64;
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) router: Router,
+    pub(crate) keys: TokenKeys,
+    pub(crate) limits: Limits,
+    pub(crate) heartbeat: Duration,
+    pub(crate) auth_timeout: Duration,
+    pub(crate) server_id: String,
+}
+
+/// Why a connection or stream is being closed with an error.
+#[derive(Debug)]
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn frame(&self) -> ServerFrame {
+        ServerFrame::error(self.code, self.message.clone())
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Self {
+        let code = match e {
+            AuthError::Missing => ErrorCode::TOKEN_MISSING,
+            AuthError::Expired => ErrorCode::TOKEN_EXPIRED,
+            AuthError::Invalid(_) | AuthError::WrongDevice { .. } => ErrorCode::TOKEN_INVALID,
+            AuthError::Secret { .. } => ErrorCode::INTERNAL,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+/// Maps a stream error to a refusal, or `None` when the connection or stream is simply gone.
+fn protocol_violation(e: &StreamError) -> Option<Refusal> {
+    match e {
+        StreamError::Frame(FrameError::TooLarge { .. }) => {
+            Some(Refusal::new(ErrorCode::FRAME_TOO_LARGE, e.to_string()))
+        }
+        StreamError::Frame(_) | StreamError::Truncated(_) => {
+            Some(Refusal::new(ErrorCode::BAD_FRAME, e.to_string()))
+        }
+        StreamError::Read(_) | StreamError::Write(_) | StreamError::Closed(_) => None,
+    }
+}
+
+fn close(conn: &quinn::Connection, refusal: &Refusal) {
+    conn.close(quinn::VarInt::from(refusal.code.0), refusal.message.as_bytes());
+}
+
+/// Sends an `Error` frame on `writer`, lets it reach the peer, then closes the connection.
+async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, refusal: Refusal) {
+    debug!(code = ?refusal.code, message = %refusal.message, "closing connection");
+    let _ = writer.send(&refusal.frame()).await;
+    writer.finish(LINGER).await;
+    close(conn, &refusal);
+}
+
+/// Aborts a task when dropped, so a connection's helpers end with it.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs one connection from the handshake to its end.
+pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let deadline = Instant::now() + shared.auth_timeout;
+    let conn = match timeout_at(deadline, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
+        Err(_) => return debug!("handshake timed out"),
+    };
+    let Some((session, reader, writer)) = authenticate(&conn, &shared, deadline).await else {
+        return;
+    };
+    tracing::Span::current().record("user", session.user.as_str());
+    info!(device = %session.device, "authenticated");
+    let session = Arc::new(session);
+    tokio::select! {
+        () = session.clone().control_loop(reader, writer) => {}
+        () = session.clone().accept_streams() => {}
+        _ = conn.closed() => {}
+    }
+    debug!(reason = ?conn.close_reason(), "connection ended");
+}
+
+struct Session {
+    conn: quinn::Connection,
+    user: String,
+    device: String,
+    shared: Arc<Shared>,
+}
+
+async fn authenticate(
+    conn: &quinn::Connection,
+    shared: &Arc<Shared>,
+    deadline: Instant,
+) -> Option<(Session, FrameReader, FrameWriter)> {
+    let max = shared.limits.max_frame;
+    let timed_out = || Refusal::new(ErrorCode::AUTH_TIMEOUT, "no Hello within the auth timeout");
+    let (send, recv) = match timeout_at(deadline, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            debug!(error = %e, "connection ended before Hello");
+            return None;
+        }
+        Err(_) => {
+            close(conn, &timed_out());
+            return None;
+        }
+    };
+    let mut reader = FrameReader::new(recv, max);
+    let mut writer = FrameWriter::new(send, max);
+    let hello = match timeout_at(deadline, reader.next::<ClientFrame>()).await {
+        Err(_) => Err(timed_out()),
+        Ok(Ok(Some(ClientFrame::Hello {
+            version,
+            token,
+            device,
+        }))) => check_hello(shared, version, &token, &device).map(|user| (user, device)),
+        Ok(Ok(Some(other))) => Err(Refusal::new(
+            ErrorCode::UNEXPECTED_FRAME,
+            format!("the first frame must be Hello, not {}", other.name()),
+        )),
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => match protocol_violation(&e) {
+            Some(refusal) => Err(refusal),
+            None => return None,
+        },
+    };
+    let (user, device) = match hello {
+        Ok(v) => v,
+        Err(refusal) => {
+            refuse(conn, &mut writer, refusal).await;
+            return None;
+        }
+    };
+    if let Err(e) = shared.router.ensure_user(&user).await {
+        refuse(conn, &mut writer, Refusal::new(e.code(), e.to_string())).await;
+        return None;
+    }
+    let welcome = ServerFrame::Welcome {
+        version: PROTOCOL_VERSION,
+        user: user.clone(),
+        device: device.clone(),
+        server_id: shared.server_id.clone(),
+        heartbeat_ms: u32::try_from(shared.heartbeat.as_millis()).unwrap_or(u32::MAX),
+        max_frame: max,
+        max_body: shared.limits.max_body,
+    };
+    if writer.send(&welcome).await.is_err() {
+        return None;
+    }
+    let session = Session {
+        conn: conn.clone(),
+        user,
+        device,
+        shared: shared.clone(),
+    };
+    Some((session, reader, writer))
+}
+
+fn check_hello(
+    shared: &Shared,
+    version: u16,
+    token: &str,
+    device: &str,
+) -> Result<String, Refusal> {
+    if version != PROTOCOL_VERSION {
+        return Err(Refusal::new(
+            ErrorCode::UNSUPPORTED_VERSION,
+            format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
+        ));
+    }
+    if !valid_name(device) {
+        return Err(Refusal::new(
+            ErrorCode::INVALID_REQUEST,
+            "device name must be 1-64 characters of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    Ok(shared.keys.verify(token, device)?.sub)
+}
+
+impl Session {
+    /// The control stream after `Welcome`: pings, sync, acks, listings.
+    async fn control_loop(self: Arc<Self>, mut reader: FrameReader, mut writer: FrameWriter) {
+        let mut delivery: Option<AbortOnDrop> = None;
+        loop {
+            let frame = match reader.next::<ClientFrame>().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    // The client finished its control stream: it is leaving.
+                    self.conn.close(quinn::VarInt::from(ErrorCode::NORMAL.0), b"bye");
+                    return;
+                }
+                Err(e) => {
+                    if let Some(refusal) = protocol_violation(&e) {
+                        refuse(&self.conn, &mut writer, refusal).await;
+                    }
+                    return;
+                }
+            };
+            let reply = match frame {
+                ClientFrame::Ping { nonce } => ServerFrame::Pong { nonce },
+                ClientFrame::Ack { cursor } => {
+                    self.shared.router.ack(&self.user, &self.device, cursor);
+                    continue;
+                }
+                ClientFrame::ListConversations { request } => {
+                    match self.shared.router.conversations(&self.user).await {
+                        Ok(items) => ServerFrame::Conversations { request, items },
+                        Err(e) => ServerFrame::Error {
+                            code: e.code(),
+                            message: e.to_string(),
+                            request: Some(request),
+                        },
+                    }
+                }
+                ClientFrame::Sync { cursor } if delivery.is_none() => {
+                    match self
+                        .shared
+                        .router
+                        .subscribe(&self.user, &self.device, cursor)
+                        .await
+                    {
+                        Ok(sub) => {
+                            let span = debug_span!("delivery", cursor = sub.cursor);
+                            let task = tokio::spawn(
+                                deliver(self.conn.clone(), sub.feed, self.shared.limits.clone())
+                                    .instrument(span),
+                            );
+                            delivery = Some(AbortOnDrop(task));
+                            ServerFrame::SyncStarted {
+                                cursor: sub.cursor,
+                                head: sub.head,
+                            }
+                        }
+                        Err(e) => ServerFrame::error(e.code(), e.to_string()),
+                    }
+                }
+                other => {
+                    let message = match other {
+                        ClientFrame::Sync { .. } => "already syncing".to_owned(),
+                        ClientFrame::Hello { .. } => "already authenticated".to_owned(),
+                        f => format!("{} belongs on a conversation stream", f.name()),
+                    };
+                    refuse(
+                        &self.conn,
+                        &mut writer,
+                        Refusal::new(ErrorCode::UNEXPECTED_FRAME, message),
+                    )
+                    .await;
+                    return;
+                }
+            };
+            if writer.send(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Accepts the conversation streams the client opens, one task each.
+    async fn accept_streams(self: Arc<Self>) {
+        loop {
+            let (send, recv) = match self.conn.accept_bi().await {
+                Ok(streams) => streams,
+                Err(_) => return,
+            };
+            let span = debug_span!("stream", id = %send.id(), conversation = tracing::field::Empty);
+            tokio::spawn(self.clone().conversation_stream(send, recv).instrument(span));
+        }
+    }
+
+    /// One conversation stream: `Open`, then sends and history requests.
+    async fn conversation_stream(self: Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let limits = &self.shared.limits;
+        let router = &self.shared.router;
+        let mut reader = FrameReader::new(recv, limits.max_frame);
+        let mut writer = FrameWriter::new(send, limits.max_frame);
+        let conversation = match reader.next::<ClientFrame>().await {
+            Ok(Some(ClientFrame::Open { target, create })) => {
+                match router.open(&self.user, target, create).await {
+                    Ok(opened) => {
+                        let frame = ServerFrame::Opened {
+                            conversation: opened.conversation,
+                            members: opened.members,
+                        };
+                        if writer.send(&frame).await.is_err() {
+                            return;
+                        }
+                        opened.conversation
+                    }
+                    Err(e) => {
+                        let _ = writer.send(&ServerFrame::error(e.code(), e.to_string())).await;
+                        writer.finish(LINGER).await;
+                        return;
+                    }
+                }
+            }
+            Ok(Some(other)) => {
+                let _ = writer
+                    .send(&ServerFrame::error(
+                        ErrorCode::UNEXPECTED_FRAME,
+                        format!("a conversation stream starts with Open, not {}", other.name()),
+                    ))
+                    .await;
+                writer.finish(LINGER).await;
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                if let Some(refusal) = protocol_violation(&e) {
+                    refuse(&self.conn, &mut writer, refusal).await;
+                }
+                return;
+            }
+        };
+        tracing::Span::current().record("conversation", conversation);
+
+        // Answers go out in request order through a bounded queue: when `inflight_sends`
+        // answers are pending, the reader waits, and so does the client (flow control).
+        let (pending_tx, pending_rx) = mpsc::channel(limits.inflight_sends);
+        let answers = tokio::spawn(write_answers(writer, pending_rx).in_current_span());
+        let mut violation = None;
+        loop {
+            let pending = match reader.next::<ClientFrame>().await {
+                Ok(Some(ClientFrame::Send { id, body })) => {
+                    self.accept_send(conversation, id, body).await
+                }
+                Ok(Some(ClientFrame::History {
+                    request,
+                    before,
+                    after,
+                    limit,
+                })) => Pending::Frame(
+                    match router
+                        .history(&self.user, conversation, before, after, limit)
+                        .await
+                    {
+                        Ok((messages, more)) => ServerFrame::HistoryPage {
+                            request,
+                            messages,
+                            more,
+                        },
+                        Err(e) => ServerFrame::Error {
+                            code: e.code(),
+                            message: e.to_string(),
+                            request: Some(request),
+                        },
+                    },
+                ),
+                Ok(Some(other)) => {
+                    let _ = pending_tx
+                        .send(Pending::Frame(ServerFrame::error(
+                            ErrorCode::UNEXPECTED_FRAME,
+                            format!("{} is not allowed on a conversation stream", other.name()),
+                        )))
+                        .await;
+                    reader.stop(ErrorCode::UNEXPECTED_FRAME.0);
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    violation = protocol_violation(&e);
+                    if let Some(refusal) = &violation {
+                        let _ = pending_tx.send(Pending::Frame(refusal.frame())).await;
+                    }
+                    break;
+                }
+            };
+            if pending_tx.send(pending).await.is_err() {
+                break;
+            }
+        }
+        drop(pending_tx);
+        let _ = answers.await;
+        if let Some(refusal) = violation {
+            debug!(code = ?refusal.code, message = %refusal.message, "closing connection");
+            close(&self.conn, &refusal);
+        }
+    }
+
+    async fn accept_send(&self, conversation: ConversationId, id: ClientMsgId, body: Bytes) -> Pending {
+        let max = self.shared.limits.max_body as usize;
+        let failed = |code, message: String| Pending::Frame(ServerFrame::SendFailed { id, code, message });
+        if body.is_empty() {
+            return failed(ErrorCode::INVALID_REQUEST, "empty message body".into());
+        }
+        if body.len() > max {
+            return failed(
+                ErrorCode::INVALID_REQUEST,
+                format!("message body of {} bytes exceeds the limit of {max}", body.len()),
+            );
+        }
+        match self
+            .shared
+            .router
+            .send(conversation, &self.user, &self.device, id, body)
+            .await
+        {
+            Ok(rx) => Pending::Ack { id, rx },
+            Err(e) => failed(e.code(), e.to_string()),
+        }
+    }
+}
+
+/// An answer owed on a conversation stream.
+enum Pending {
+    /// Ready to send.
+    Frame(ServerFrame),
+    /// Sent once the message is durable (or refused).
+    Ack {
+        id: ClientMsgId,
+        rx: oneshot::Receiver<Result<Sent, RouterError>>,
+    },
+}
+
+async fn write_answers(mut writer: FrameWriter, mut pending: mpsc::Receiver<Pending>) {
+    while let Some(p) = pending.recv().await {
+        let frame = match p {
+            Pending::Frame(frame) => frame,
+            Pending::Ack { id, rx } => match rx.await {
+                Ok(Ok(sent)) => ServerFrame::Sent {
+                    id,
+                    seq: sent.seq,
+                    ts: sent.ts,
+                },
+                Ok(Err(e)) => ServerFrame::SendFailed {
+                    id,
+                    code: e.code(),
+                    message: e.to_string(),
+                },
+                Err(_) => ServerFrame::SendFailed {
+                    id,
+                    code: ErrorCode::SHUTDOWN,
+                    message: "the server is shutting down; retry with the same id".into(),
+                },
+            },
+        };
+        if writer.send(&frame).await.is_err() {
+            return;
+        }
+    }
+    writer.finish(LINGER).await;
+}
+
+/// A delivery stream the server keeps open towards the device for one conversation.
+struct DeliveryStream {
+    tx: mpsc::Sender<Bytes>,
+    task: JoinHandle<()>,
+    last_used: u64,
+}
+
+/// Pushes a device's feed out, one stream per conversation, so that a conversation whose
+/// stream is stalled (loss, flow control) does not hold up the frames of another.
+async fn deliver(conn: quinn::Connection, mut feed: DeviceFeed, limits: Limits) {
+    let mut streams: HashMap<ConversationId, DeliveryStream> = HashMap::new();
+    let mut closing: HashMap<ConversationId, JoinHandle<()>> = HashMap::new();
+    let mut tick: u64 = 0;
+    let mut scratch = bytes::BytesMut::new();
+    loop {
+        let batch = match feed.next_batch().await {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(error = %e, "delivery stopped");
+                let refusal = Refusal::new(e.code(), e.to_string());
+                close(&conn, &refusal);
+                return;
+            }
+        };
+        for delivery in batch {
+            tick += 1;
+            let conversation = delivery.event.conversation();
+            let frame = ServerFrame::Event {
+                log: delivery.pos,
+                event: (*delivery.event).clone(),
+            };
+            if let Err(e) = crate::framing::codec::encode(&frame, limits.max_frame, &mut scratch) {
+                warn!(error = %e, pos = delivery.pos, "cannot encode event");
+                close(&conn, &Refusal::new(ErrorCode::INTERNAL, "cannot encode an event"));
+                return;
+            }
+            let bytes = scratch.split().freeze();
+            if !streams.contains_key(&conversation) {
+                if streams.len() >= limits.max_delivery_streams {
+                    let lru = streams
+                        .iter()
+                        .min_by_key(|(_, s)| s.last_used)
+                        .map(|(c, _)| *c);
+                    if let Some(old) = lru.and_then(|c| streams.remove_entry(&c)) {
+                        // Dropping the sender lets the task write what it holds and finish.
+                        closing.insert(old.0, old.1.task);
+                    }
+                }
+                // Never two streams of one conversation at once: the client must see its
+                // events in order, so a new stream waits until the old one is done.
+                if let Some(old) = closing.remove(&conversation) {
+                    let _ = timeout(Duration::from_secs(5), old).await;
+                }
+                closing.retain(|_, t| !t.is_finished());
+                let (tx, rx) = mpsc::channel(DELIVERY_STREAM_QUEUE);
+                let task = tokio::spawn(
+                    delivery_stream(conn.clone(), rx, limits.max_frame).in_current_span(),
+                );
+                streams.insert(
+                    conversation,
+                    DeliveryStream {
+                        tx,
+                        task,
+                        last_used: tick,
+                    },
+                );
+            }
+            let Some(stream) = streams.get_mut(&conversation) else {
+                continue;
+            };
+            stream.last_used = tick;
+            if stream.tx.send(bytes).await.is_err() {
+                // The stream task ended: the connection is gone.
+                return;
+            }
+        }
+    }
+}
+
+async fn delivery_stream(conn: quinn::Connection, mut rx: mpsc::Receiver<Bytes>, max: u32) {
+    let send = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(e) => return debug!(error = %e, "cannot open delivery stream"),
+    };
+    let mut writer = FrameWriter::new(send, max);
+    let mut chunks = Vec::with_capacity(DELIVERY_STREAM_QUEUE);
+    while let Some(first) = rx.recv().await {
+        chunks.push(first);
+        while chunks.len() < DELIVERY_STREAM_QUEUE {
+            match rx.try_recv() {
+                Ok(b) => chunks.push(b),
+                Err(_) => break,
+            }
+        }
+        if writer.send_encoded(&mut chunks).await.is_err() {
+            return;
+        }
+        chunks.clear();
+    }
+    writer.finish(Duration::from_secs(5)).await;
+}
