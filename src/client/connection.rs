@@ -253,8 +253,12 @@ impl Connection {
         })
     }
 
-    /// Closes the connection cleanly and waits for the close to reach the server.
+    /// Closes the connection cleanly: finishes the control stream, so that the server handles
+    /// every frame sent on it (a last `Ack`, say) before it closes the connection, then waits
+    /// for the close to complete.
     pub async fn close(self) {
+        self.control.lock().await.writer.finish(Duration::from_secs(2)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
         self.conn
             .close(quinn::VarInt::from(ErrorCode::NORMAL.0), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;

@@ -78,6 +78,7 @@ pub struct EventStream {
     tracker: Arc<Mutex<CursorTracker>>,
     ack: watch::Sender<u64>,
     stop: watch::Sender<bool>,
+    synced: watch::Receiver<u64>,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -102,21 +103,32 @@ impl EventStream {
         let tracker = Arc::new(Mutex::new(CursorTracker::new(cursor.unwrap_or(0))));
         let (ack, ack_rx) = watch::channel(cursor.unwrap_or(0));
         let (stop, stop_rx) = watch::channel(false);
+        let (synced_tx, synced) = watch::channel(0);
         let driver = tokio::spawn(drive(
             config,
             cursor.is_some(),
             tracker.clone(),
             tx,
-            ack_rx,
-            stop_rx,
+            Signals {
+                ack: ack_rx,
+                stop: stop_rx,
+                synced: synced_tx,
+            },
         ));
         Self {
             rx,
             tracker,
             ack,
             stop,
+            synced,
             driver,
         }
+    }
+
+    /// Waits until the server has started delivery on the current connection (live events
+    /// sent from now on will reach this stream). Returns false if the stream ended first.
+    pub async fn synced(&mut self) -> bool {
+        self.synced.wait_for(|n| *n > 0).await.is_ok()
     }
 
     /// The next new event, or an error that ends the stream (the server refused the token,
@@ -151,15 +163,29 @@ impl EventStream {
     }
 }
 
+/// How the driver and the application's side of the stream talk.
+struct Signals {
+    /// The cursor the application has reached.
+    ack: watch::Receiver<u64>,
+    /// Set when the application closes the stream.
+    stop: watch::Receiver<bool>,
+    /// Counts successful syncs.
+    synced: watch::Sender<u64>,
+}
+
 /// Connects, syncs and forwards events until stopped; reconnects with backoff on failure.
 async fn drive(
     config: ClientConfig,
     explicit_cursor: bool,
     tracker: Arc<Mutex<CursorTracker>>,
     tx: mpsc::Sender<Result<LogEvent, ClientError>>,
-    mut ack_rx: watch::Receiver<u64>,
-    mut stop: watch::Receiver<bool>,
+    signals: Signals,
 ) {
+    let Signals {
+        ack: mut ack_rx,
+        mut stop,
+        synced,
+    } = signals;
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
@@ -208,6 +234,7 @@ async fn drive(
             }
         }
         backoff = Duration::from_millis(100);
+        synced.send_modify(|n| *n += 1);
         let stopped = run_connection(&conn, &tx, &mut ack_rx, &mut stop).await;
         if stopped {
             let cursor = *ack_rx.borrow_and_update();

@@ -45,6 +45,9 @@ pub(super) enum CommitItem {
         device: String,
         cursor: u64,
     },
+    /// Answer once everything queued before it is committed (reads that must see earlier
+    /// writes, such as a device's cursor acknowledged on its previous connection).
+    Barrier(oneshot::Sender<()>),
     /// Finish the current batch and stop.
     Stop,
 }
@@ -82,6 +85,7 @@ impl CommitThread {
     fn commit(&self, items: &mut Vec<CommitItem>, heads: &mut HashMap<String, u64>) -> bool {
         let mut batch = self.store.batch();
         let mut replies: Vec<(Reply, Sent)> = Vec::with_capacity(items.len());
+        let mut barriers = Vec::new();
         let mut deliveries: Vec<(Arc<[String]>, Vec<u64>, Arc<Event>)> = Vec::new();
         let mut stop = false;
         let mut failed: Option<RouterError> = None;
@@ -131,6 +135,7 @@ impl CommitThread {
                     device,
                     cursor,
                 } => batch.put_cursor(&user, &device, cursor),
+                CommitItem::Barrier(reply) => barriers.push(reply),
                 CommitItem::Stop => stop = true,
             }
         }
@@ -162,6 +167,9 @@ impl CommitThread {
                     let _ = reply.send(Err(RouterError::Unavailable));
                 }
             }
+        }
+        for barrier in barriers {
+            let _ = barrier.send(());
         }
         stop
     }

@@ -349,6 +349,16 @@ impl Router {
         // Register first, read positions second: see `feed.rs` for why this order loses nothing.
         let (registration, rx, lagging) =
             self.inner.sessions.register(user, self.inner.outbound_queue);
+        // Let the cursor acknowledged on the device's previous connection land first.
+        let (barrier, landed) = oneshot::channel();
+        let commit = self.inner.commit.clone();
+        blocking(move || {
+            commit
+                .send(CommitItem::Barrier(barrier))
+                .map_err(|_| RouterError::ShuttingDown)
+        })
+        .await?;
+        landed.await.map_err(|_| RouterError::ShuttingDown)?;
         let store = self.inner.store.clone();
         let (u, d) = (user.to_owned(), device.to_owned());
         let (stored, head) = blocking(move || Ok((store.device_cursor(&u, &d)?, store.log_head(&u)?)))
