@@ -157,13 +157,13 @@ impl TokenKeys {
         if !valid_name(&claims.sub) {
             return Err(AuthError::Invalid("bad user name in token".into()));
         }
-        if let Some(pinned) = &claims.dev {
-            if pinned != device {
-                return Err(AuthError::WrongDevice {
-                    token: pinned.clone(),
-                    hello: device.to_owned(),
-                });
-            }
+        if let Some(pinned) = &claims.dev
+            && pinned != device
+        {
+            return Err(AuthError::WrongDevice {
+                token: pinned.clone(),
+                hello: device.to_owned(),
+            });
         }
         Ok(claims)
     }
@@ -241,7 +241,9 @@ mod tests {
     #[test]
     fn minted_token_verifies() {
         let k = keys();
-        let t = k.mint("alice", None, Duration::from_secs(60)).expect("mint");
+        let t = k
+            .mint("alice", None, Duration::from_secs(60))
+            .expect("mint");
         let c = k.verify(&t, "phone").expect("verify");
         assert_eq!(c.sub, "alice");
     }
@@ -262,7 +264,9 @@ mod tests {
         assert_eq!(k.verify(&old, "d"), Err(AuthError::Expired));
 
         let other = TokenKeys::new(b"another secret, another server!!");
-        let forged = other.mint("alice", None, Duration::from_secs(60)).expect("mint");
+        let forged = other
+            .mint("alice", None, Duration::from_secs(60))
+            .expect("mint");
         assert!(matches!(k.verify(&forged, "d"), Err(AuthError::Invalid(_))));
 
         // {"alg":"none","typ":"JWT"} . {"sub":"alice","aud":"plover","exp":9999999999} . (empty)
@@ -270,13 +274,18 @@ mod tests {
                     eyJzdWIiOiJhbGljZSIsImF1ZCI6InBsb3ZlciIsImV4cCI6OTk5OTk5OTk5OX0.";
         assert!(matches!(k.verify(none, "d"), Err(AuthError::Invalid(_))));
         assert_eq!(k.verify("", "d"), Err(AuthError::Missing));
-        assert!(matches!(k.verify("garbage", "d"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            k.verify("garbage", "d"),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
     fn device_pinned_token_only_works_for_that_device() {
         let k = keys();
-        let t = k.mint("bob", Some("phone"), Duration::from_secs(60)).expect("mint");
+        let t = k
+            .mint("bob", Some("phone"), Duration::from_secs(60))
+            .expect("mint");
         assert!(k.verify(&t, "phone").is_ok());
         assert!(matches!(
             k.verify(&t, "laptop"),
@@ -291,7 +300,11 @@ mod tests {
         assert!(!valid_name("a b"));
         assert!(!valid_name("a\0b"));
         assert!(!valid_name(&"x".repeat(65)));
-        assert!(keys().mint("bad name", None, Duration::from_secs(1)).is_err());
+        assert!(
+            keys()
+                .mint("bad name", None, Duration::from_secs(1))
+                .is_err()
+        );
     }
 
     #[test]

@@ -273,7 +273,10 @@ mod tests {
         let default = Config::default();
         assert_eq!(parsed.listen, default.listen);
         assert_eq!(parsed.limits.max_frame, default.limits.max_frame);
-        assert_eq!(parsed.transport.idle_timeout, default.transport.idle_timeout);
+        assert_eq!(
+            parsed.transport.idle_timeout,
+            default.transport.idle_timeout
+        );
         assert_eq!(parsed.store.durability, default.store.durability);
     }
 

@@ -15,7 +15,11 @@ use plover::config::{Config, Durability};
 use plover::framing::{ConversationKind, Event, Message, Target};
 
 #[derive(Parser)]
-#[command(name = "plover", version, about = "A QUIC-native messaging server and its client")]
+#[command(
+    name = "plover",
+    version,
+    about = "A QUIC-native messaging server and its client"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,7 +118,11 @@ struct SendArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// The recipient of a direct message.
-    #[arg(long, conflicts_with = "conversation", required_unless_present = "conversation")]
+    #[arg(
+        long,
+        conflicts_with = "conversation",
+        required_unless_present = "conversation"
+    )]
     to: Option<String>,
     /// A conversation id.
     #[arg(long)]
@@ -140,7 +148,11 @@ struct HistoryArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// The other user of a direct conversation.
-    #[arg(long, conflicts_with = "conversation", required_unless_present = "conversation")]
+    #[arg(
+        long,
+        conflicts_with = "conversation",
+        required_unless_present = "conversation"
+    )]
     with: Option<String>,
     /// A conversation id.
     #[arg(long)]
@@ -186,7 +198,10 @@ fn main() {
             }),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -284,7 +299,9 @@ async fn send(args: SendArgs) -> Result<()> {
     }
     let client = Client::new(args.client.config()?);
     let target = target(args.to, args.conversation)?;
-    let ack = client.send(target, Bytes::from(args.text.into_bytes())).await;
+    let ack = client
+        .send(target, Bytes::from(args.text.into_bytes()))
+        .await;
     client.close().await;
     let ack = ack?;
     println!("sent conversation={} seq={}", ack.conversation, ack.seq);
@@ -303,9 +320,8 @@ fn message_json(m: &Message) -> serde_json::Value {
 }
 
 fn message_line(m: &Message) -> String {
-    let time = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_millis(m.ts),
-    );
+    let time =
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(m.ts));
     format!(
         "[{time}] conversation {} #{} {}: {}",
         m.conversation,

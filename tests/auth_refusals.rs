@@ -9,12 +9,13 @@ use plover::framing::ErrorCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 async fn refused_with(server: &TestServer, token: String, device: &str) -> ErrorCode {
-    let config = ClientConfig::new(server.addr.to_string(), &server.ca(), token, device)
-        .expect("config");
+    let config =
+        ClientConfig::new(server.addr.to_string(), &server.ca(), token, device).expect("config");
     let err = Connection::connect(&config)
         .await
         .expect_err("must be refused");
-    err.code().unwrap_or_else(|| panic!("expected a refusal, got {err}"))
+    err.code()
+        .unwrap_or_else(|| panic!("expected a refusal, got {err}"))
 }
 
 #[tokio::test]

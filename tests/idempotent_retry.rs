@@ -29,7 +29,10 @@ async fn retries_with_one_id_store_one_message() {
     assert_eq!(b.expect("dup"), first);
     assert_eq!(c.expect("dup"), first);
     for _ in 0..20 {
-        assert_eq!(conv.send_with_id(id, body.clone()).await.expect("dup"), first);
+        assert_eq!(
+            conv.send_with_id(id, body.clone()).await.expect("dup"),
+            first
+        );
     }
     alice.close().await;
     let alice = server.connect("alice", "laptop").await;
@@ -37,11 +40,17 @@ async fn retries_with_one_id_store_one_message() {
         .open(Target::Direct("bob".into()), false)
         .await
         .expect("open");
-    assert_eq!(conv.send_with_id(id, body.clone()).await.expect("dup"), first);
+    assert_eq!(
+        conv.send_with_id(id, body.clone()).await.expect("dup"),
+        first
+    );
     assert_eq!(first.seq, 2);
 
     let after = conv.send("after").await.expect("send");
-    assert_eq!(after.seq, 3, "no sequence number was used up by the retries");
+    assert_eq!(
+        after.seq, 3,
+        "no sequence number was used up by the retries"
+    );
     let (history, more) = conv.history(None, None, 100).await.expect("history");
     assert!(!more);
     let bodies: Vec<_> = history.iter().map(|m| m.body.clone()).collect();

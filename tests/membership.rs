@@ -34,7 +34,13 @@ async fn a_non_member_can_neither_read_nor_send() {
     // Sending through the router directly is refused by the conversation's shard as well.
     let rx = server
         .router
-        .send(id, "mallory", "d", plover::framing::ClientMsgId::random(), Bytes::from("x"))
+        .send(
+            id,
+            "mallory",
+            "d",
+            plover::framing::ClientMsgId::random(),
+            Bytes::from("x"),
+        )
         .await
         .expect("queued");
     let err = rx.await.expect("answer").expect_err("refused");

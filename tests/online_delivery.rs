@@ -24,7 +24,10 @@ async fn online_recipient_gets_the_message_once() {
     let event = next_event(&mut bob).await;
     assert_eq!(text(&event), "hi bob");
     let Event::Message(m) = &event.event;
-    assert_eq!((m.conversation, m.seq, m.from.as_str()), (ack.conversation, 1, "alice"));
+    assert_eq!(
+        (m.conversation, m.seq, m.from.as_str()),
+        (ack.conversation, 1, "alice")
+    );
     assert_eq!(m.device, "phone");
     assert_quiet(&mut bob, Duration::from_millis(300)).await;
 
@@ -74,8 +77,14 @@ async fn the_direct_conversation_is_the_same_whichever_side_starts_it() {
     server.register("bob").await;
     let alice = server.connect("alice", "d").await;
     let bob = server.connect("bob", "d").await;
-    let a = alice.open(Target::Direct("bob".into()), true).await.expect("open");
-    let b = bob.open(Target::Direct("alice".into()), true).await.expect("open");
+    let a = alice
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    let b = bob
+        .open(Target::Direct("alice".into()), true)
+        .await
+        .expect("open");
     assert_eq!(a.id(), b.id());
     assert_eq!(a.members(), ["alice".to_string(), "bob".to_string()]);
     // Interleaved senders share one sequence.

@@ -80,7 +80,9 @@ impl Connection {
             .await
             .map_err(|e| ClientError::Connect(format!("cannot resolve {}: {e}", config.server)))?
             .next()
-            .ok_or_else(|| ClientError::Connect(format!("{} resolves to nothing", config.server)))?;
+            .ok_or_else(|| {
+                ClientError::Connect(format!("{} resolves to nothing", config.server))
+            })?;
         let endpoint = crate::transport::client_endpoint(&config.roots, config.keep_alive)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let host = config.server_name();
@@ -128,7 +130,11 @@ impl Connection {
                 max_body,
             },
             Some(ServerFrame::Error { code, message, .. }) => return Err(refused(code, message)),
-            Some(other) => return Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
+            Some(other) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )));
+            }
             None => return Err(closed_reason(&conn)),
         };
         Ok(Self {
@@ -190,7 +196,9 @@ impl Connection {
         let nonce = u64::from(self.request_id());
         match self.control_request(ClientFrame::Ping { nonce }).await? {
             ServerFrame::Pong { nonce: n } if n == nonce => Ok(start.elapsed()),
-            other => Err(ClientError::Protocol(format!("expected Pong, got {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "expected Pong, got {other:?}"
+            ))),
         }
     }
 
@@ -212,7 +220,9 @@ impl Connection {
     pub(super) async fn start_sync(&self, cursor: Option<u64>) -> Result<(u64, u64), ClientError> {
         match self.control_request(ClientFrame::Sync { cursor }).await? {
             ServerFrame::SyncStarted { cursor, head } => Ok((cursor, head)),
-            other => Err(ClientError::Protocol(format!("expected SyncStarted, got {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "expected SyncStarted, got {other:?}"
+            ))),
         }
     }
 
@@ -236,7 +246,9 @@ impl Connection {
                 return Err(refused(code, message));
             }
             Ok(Some(other)) => {
-                return Err(ClientError::Protocol(format!("expected Opened, got {other:?}")));
+                return Err(ClientError::Protocol(format!(
+                    "expected Opened, got {other:?}"
+                )));
             }
             Ok(None) => return Err(closed_reason(&self.conn)),
             Err(e) => return Err(stream_failure(&self.conn, e)),
@@ -257,7 +269,12 @@ impl Connection {
     /// every frame sent on it (a last `Ack`, say) before it closes the connection, then waits
     /// for the close to complete.
     pub async fn close(self) {
-        self.control.lock().await.writer.finish(Duration::from_secs(2)).await;
+        self.control
+            .lock()
+            .await
+            .writer
+            .finish(Duration::from_secs(2))
+            .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
         self.conn
             .close(quinn::VarInt::from(ErrorCode::NORMAL.0), b"bye");

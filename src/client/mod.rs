@@ -145,7 +145,9 @@ impl ClientConfig {
             Some((host, _port)) => host,
             None => self.server.as_str(),
         };
-        host.trim_start_matches('[').trim_end_matches(']').to_owned()
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned()
     }
 }
 
@@ -179,10 +181,10 @@ impl Client {
     /// The current connection, connecting if needed.
     pub async fn connection(&self) -> Result<std::sync::Arc<Connection>, ClientError> {
         let mut slot = self.conn.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            if conn.quic().close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+        if let Some(conn) = slot.as_ref()
+            && conn.quic().close_reason().is_none()
+        {
+            return Ok(conn.clone());
         }
         let conn = std::sync::Arc::new(Connection::connect(&self.config).await?);
         *slot = Some(conn.clone());
@@ -222,10 +224,10 @@ impl Client {
 
     /// Closes the connection, if any.
     pub async fn close(&self) {
-        if let Some(conn) = self.conn.lock().await.take() {
-            if let Ok(conn) = std::sync::Arc::try_unwrap(conn) {
-                conn.close().await;
-            }
+        if let Some(conn) = self.conn.lock().await.take()
+            && let Ok(conn) = std::sync::Arc::try_unwrap(conn)
+        {
+            conn.close().await;
         }
     }
 }

@@ -197,7 +197,10 @@ mod tests {
             assert_eq!(src.len(), cut);
         }
         let mut src = BytesMut::from(&full[..]);
-        assert_eq!(decode::<(u64, String)>(&mut src, 1024), Ok((7, "hello".into())));
+        assert_eq!(
+            decode::<(u64, String)>(&mut src, 1024),
+            Ok((7, "hello".into()))
+        );
         assert!(src.is_empty());
     }
 

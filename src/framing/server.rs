@@ -143,7 +143,10 @@ mod tests {
                 "11 00 01 02 61 6c 01 64 01 73 90 4e 80 80 04 e0 d4 03",
             ),
             (ServerFrame::Pong { nonce: 1 }, "02 01 01"),
-            (ServerFrame::SyncStarted { cursor: 3, head: 9 }, "03 02 03 09"),
+            (
+                ServerFrame::SyncStarted { cursor: 3, head: 9 },
+                "03 02 03 09",
+            ),
             (
                 ServerFrame::Conversations {
                     request: 1,

@@ -293,7 +293,7 @@ impl Store {
     ) -> Result<(Vec<Message>, bool), StoreError> {
         let lo = keys::message(conv, after.map_or(0, |a| a.saturating_add(1)));
         let hi = match before {
-            Some(b) if b == 0 => return Ok((Vec::new(), false)),
+            Some(0) => return Ok((Vec::new(), false)),
             Some(b) => keys::message(conv, b - 1),
             None => keys::message(conv, u64::MAX),
         };
@@ -483,7 +483,9 @@ mod tests {
         let (page, more) = store.history(1, None, Some(8), 5).expect("h");
         assert_eq!((seqs(&page), more), (vec![9, 10], false));
         assert_eq!(
-            store.idempotent(1, "alice", &ClientMsgId([4; 16])).expect("i"),
+            store
+                .idempotent(1, "alice", &ClientMsgId([4; 16]))
+                .expect("i"),
             Some((4, 40))
         );
     }

@@ -52,6 +52,9 @@ pub(super) enum CommitItem {
     Stop,
 }
 
+/// One committed event and where it goes: each member at their new log position.
+type Fanout = (Arc<[String]>, Vec<u64>, Arc<Event>);
+
 pub(super) struct CommitThread {
     pub(super) store: Arc<Store>,
     pub(super) sessions: Arc<Sessions>,
@@ -86,7 +89,8 @@ impl CommitThread {
         let mut batch = self.store.batch();
         let mut replies: Vec<(Reply, Sent)> = Vec::with_capacity(items.len());
         let mut barriers = Vec::new();
-        let mut deliveries: Vec<(Arc<[String]>, Vec<u64>, Arc<Event>)> = Vec::new();
+        // (members, their new log positions, the event): handed out once the batch is durable.
+        let mut deliveries: Vec<Fanout> = Vec::new();
         let mut stop = false;
         let mut failed: Option<RouterError> = None;
 

@@ -24,9 +24,7 @@ pub use sessions::{Delivery, Sessions};
 
 use crate::auth::valid_name;
 use crate::config::Config;
-use crate::framing::{
-    ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Message, Target,
-};
+use crate::framing::{ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Message, Target};
 use crate::persist::{Store, StoreError};
 use commit::{CommitItem, CommitThread};
 use shard::{SendRequest, Shard, ShardRequest, now_ms};
@@ -164,7 +162,10 @@ impl Router {
                 commit: commit_tx.clone(),
                 recent_capacity: Shard::recent_capacity(COMMIT_QUEUE, config.store.commit_batch),
             };
-            threads.push(spawn(format!("plover-shard-{i}"), Box::new(move || shard.run()))?);
+            threads.push(spawn(
+                format!("plover-shard-{i}"),
+                Box::new(move || shard.run()),
+            )?);
             shards.push(tx);
         }
         Ok(Self {
@@ -215,13 +216,20 @@ impl Router {
         blocking(move || router.open_blocking(&user, target, create)).await
     }
 
-    fn open_blocking(&self, user: &str, target: Target, create: bool) -> Result<Opened, RouterError> {
+    fn open_blocking(
+        &self,
+        user: &str,
+        target: Target,
+        create: bool,
+    ) -> Result<Opened, RouterError> {
         let store = &self.inner.store;
         let conversation = match target {
             Target::Conversation(id) => id,
             Target::Direct(peer) => {
                 if !valid_name(&peer) {
-                    return Err(RouterError::Invalid(format!("{peer:?} is not a valid user name")));
+                    return Err(RouterError::Invalid(format!(
+                        "{peer:?} is not a valid user name"
+                    )));
                 }
                 if peer == user {
                     return Err(RouterError::Invalid(
@@ -347,8 +355,10 @@ impl Router {
         cursor: Option<u64>,
     ) -> Result<Subscription, RouterError> {
         // Register first, read positions second: see `feed.rs` for why this order loses nothing.
-        let (registration, rx, lagging) =
-            self.inner.sessions.register(user, self.inner.outbound_queue);
+        let (registration, rx, lagging) = self
+            .inner
+            .sessions
+            .register(user, self.inner.outbound_queue);
         // Let the cursor acknowledged on the device's previous connection land first.
         let (barrier, landed) = oneshot::channel();
         let commit = self.inner.commit.clone();
@@ -361,8 +371,8 @@ impl Router {
         landed.await.map_err(|_| RouterError::ShuttingDown)?;
         let store = self.inner.store.clone();
         let (u, d) = (user.to_owned(), device.to_owned());
-        let (stored, head) = blocking(move || Ok((store.device_cursor(&u, &d)?, store.log_head(&u)?)))
-            .await?;
+        let (stored, head) =
+            blocking(move || Ok((store.device_cursor(&u, &d)?, store.log_head(&u)?))).await?;
         let cursor = cursor.or(stored).unwrap_or(0).min(head);
         let feed = DeviceFeed::new(
             user.to_owned(),

@@ -109,8 +109,10 @@ impl Shard {
                 }
             },
         };
-        if !state.members.iter().any(|m| *m == req.from) {
-            let _ = req.reply.send(Err(RouterError::NotMember(req.conversation)));
+        if !state.members.contains(&req.from) {
+            let _ = req
+                .reply
+                .send(Err(RouterError::NotMember(req.conversation)));
             return None;
         }
 

@@ -98,11 +98,12 @@ impl Listener {
             .map_err(|e| TransportError::Setting(format!("TLS for QUIC: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(server_transport(config)?));
-        let endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| TransportError::Bind {
+        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
+            TransportError::Bind {
                 addr: config.listen,
                 source,
-            })?;
+            }
+        })?;
         let server_id = config.server_id.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname")
                 .map(|s| s.trim().to_owned())
@@ -197,10 +198,8 @@ pub fn client_endpoint(
     ));
     client.transport_config(Arc::new(transport));
     let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind {
-        addr: bind,
-        source,
-    })?;
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|source| TransportError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }

@@ -80,7 +80,10 @@ fn protocol_violation(e: &StreamError) -> Option<Refusal> {
 }
 
 fn close(conn: &quinn::Connection, refusal: &Refusal) {
-    conn.close(quinn::VarInt::from(refusal.code.0), refusal.message.as_bytes());
+    conn.close(
+        quinn::VarInt::from(refusal.code.0),
+        refusal.message.as_bytes(),
+    );
 }
 
 /// Sends an `Error` frame on `writer`, lets it reach the peer, then closes the connection.
@@ -207,7 +210,9 @@ fn check_hello(
     if version != PROTOCOL_VERSION {
         return Err(Refusal::new(
             ErrorCode::UNSUPPORTED_VERSION,
-            format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
+            format!(
+                "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
+            ),
         ));
     }
     if !valid_name(device) {
@@ -228,7 +233,8 @@ impl Session {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
                     // The client finished its control stream: it is leaving.
-                    self.conn.close(quinn::VarInt::from(ErrorCode::NORMAL.0), b"bye");
+                    self.conn
+                        .close(quinn::VarInt::from(ErrorCode::NORMAL.0), b"bye");
                     return;
                 }
                 Err(e) => {
@@ -305,12 +311,20 @@ impl Session {
                 Err(_) => return,
             };
             let span = debug_span!("stream", id = %send.id(), conversation = tracing::field::Empty);
-            tokio::spawn(self.clone().conversation_stream(send, recv).instrument(span));
+            tokio::spawn(
+                self.clone()
+                    .conversation_stream(send, recv)
+                    .instrument(span),
+            );
         }
     }
 
     /// One conversation stream: `Open`, then sends and history requests.
-    async fn conversation_stream(self: Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
+    async fn conversation_stream(
+        self: Arc<Self>,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
         let limits = &self.shared.limits;
         let router = &self.shared.router;
         let mut reader = FrameReader::new(recv, limits.max_frame);
@@ -329,7 +343,9 @@ impl Session {
                         opened.conversation
                     }
                     Err(e) => {
-                        let _ = writer.send(&ServerFrame::error(e.code(), e.to_string())).await;
+                        let _ = writer
+                            .send(&ServerFrame::error(e.code(), e.to_string()))
+                            .await;
                         writer.finish(LINGER).await;
                         return;
                     }
@@ -339,7 +355,10 @@ impl Session {
                 let _ = writer
                     .send(&ServerFrame::error(
                         ErrorCode::UNEXPECTED_FRAME,
-                        format!("a conversation stream starts with Open, not {}", other.name()),
+                        format!(
+                            "a conversation stream starts with Open, not {}",
+                            other.name()
+                        ),
                     ))
                     .await;
                 writer.finish(LINGER).await;
@@ -418,16 +437,25 @@ impl Session {
         }
     }
 
-    async fn accept_send(&self, conversation: ConversationId, id: ClientMsgId, body: Bytes) -> Pending {
+    async fn accept_send(
+        &self,
+        conversation: ConversationId,
+        id: ClientMsgId,
+        body: Bytes,
+    ) -> Pending {
         let max = self.shared.limits.max_body as usize;
-        let failed = |code, message: String| Pending::Frame(ServerFrame::SendFailed { id, code, message });
+        let failed =
+            |code, message: String| Pending::Frame(ServerFrame::SendFailed { id, code, message });
         if body.is_empty() {
             return failed(ErrorCode::INVALID_REQUEST, "empty message body".into());
         }
         if body.len() > max {
             return failed(
                 ErrorCode::INVALID_REQUEST,
-                format!("message body of {} bytes exceeds the limit of {max}", body.len()),
+                format!(
+                    "message body of {} bytes exceeds the limit of {max}",
+                    body.len()
+                ),
             );
         }
         match self
@@ -515,7 +543,10 @@ async fn deliver(conn: quinn::Connection, mut feed: DeviceFeed, limits: Limits) 
             };
             if let Err(e) = crate::framing::codec::encode(&frame, limits.max_frame, &mut scratch) {
                 warn!(error = %e, pos = delivery.pos, "cannot encode event");
-                close(&conn, &Refusal::new(ErrorCode::INTERNAL, "cannot encode an event"));
+                close(
+                    &conn,
+                    &Refusal::new(ErrorCode::INTERNAL, "cannot encode an event"),
+                );
                 return;
             }
             let bytes = scratch.split().freeze();

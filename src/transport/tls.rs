@@ -75,9 +75,14 @@ pub fn ensure_dev_cert(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut key_file = options.open(&key_path).map_err(|e| file_error(&key_path, e))?;
-    std::io::Write::write_all(&mut key_file, generated.signing_key.serialize_pem().as_bytes())
+    let mut key_file = options
+        .open(&key_path)
         .map_err(|e| file_error(&key_path, e))?;
+    std::io::Write::write_all(
+        &mut key_file,
+        generated.signing_key.serialize_pem().as_bytes(),
+    )
+    .map_err(|e| file_error(&key_path, e))?;
     std::fs::write(&cert_path, generated.cert.pem()).map_err(|e| file_error(&cert_path, e))?;
     tracing::info!(path = %cert_path.display(), "generated a self-signed development certificate");
     Ok((cert_path, key_path))

@@ -10,6 +10,10 @@ use plover::config::Config;
 use plover::framing::Event;
 use plover::router::Router;
 use plover::server::Server;
+use std::path::Path;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 pub struct TestServer {
@@ -21,13 +25,14 @@ pub struct TestServer {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-pub fn test_config(dir: &std::path::Path) -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    config.data = dir.join("data");
-    config.certs = dir.join("certs");
-    config.server_id = Some("test".into());
-    config
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data: dir.join("data"),
+        certs: dir.join("certs"),
+        server_id: Some("test".into()),
+        ..Config::default()
+    }
 }
 
 impl TestServer {
@@ -121,4 +126,40 @@ pub async fn assert_quiet(events: &mut EventStream, wait: Duration) {
     if let Ok(Some(e)) = tokio::time::timeout(wait, events.next()).await {
         panic!("unexpected event {e:?}");
     }
+}
+
+/// Starts `plover serve` as a child process and returns it with its address.
+pub async fn spawn_server(dir: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plover"))
+        .arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .env("PLOVER_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn plover serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.split("listening on ").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(20), rx)
+        .await
+        .expect("server starts in time")
+        .expect("listening line");
+    (child, addr)
 }

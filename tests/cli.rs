@@ -1,0 +1,147 @@
+//! The command-line forms scripts rely on, run as a user would.
+mod common;
+
+use common::spawn_server;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn plover(dir: &Path, addr: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plover"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env("PLOVER_SERVER", addr)
+        .env("PLOVER_CA", dir.join("certs").join("cert.pem"))
+        .env_remove("PLOVER_TOKEN")
+        .env_remove("PLOVER_DEVICE");
+    if let Some(t) = token {
+        cmd.env("PLOVER_TOKEN", t);
+    }
+    cmd.output().expect("run plover")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn token(dir: &Path, user: &str, extra: &[&str]) -> String {
+    let mut args = vec!["token", user, "--data", "data"];
+    args.extend_from_slice(extra);
+    let out = plover(dir, "unused:1", None, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "token prints only the token");
+    text.trim().to_owned()
+}
+
+#[test]
+fn token_prints_one_jwt_and_refuses_bad_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = token(dir.path(), "alice", &[]);
+    assert_eq!(t.split('.').count(), 3);
+    let out = plover(
+        dir.path(),
+        "unused:1",
+        None,
+        &["token", "bad name", "--data", "data"],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("user name"), "{}", stderr(&out));
+    let out = plover(
+        dir.path(),
+        "unused:1",
+        None,
+        &["token", "a", "--ttl", "soon"],
+    );
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn two_people_chat_from_two_terminals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = spawn_server(dir.path()).await;
+    let d = dir.path().to_owned();
+    let (alice, bob) = (token(&d, "alice", &[]), token(&d, "bob", &[]));
+
+    // Bob listens (this also makes him known to the server).
+    let mut listener = Command::new(env!("CARGO_BIN_EXE_plover"))
+        .args(["listen", "--json"])
+        .current_dir(&d)
+        .env("PLOVER_SERVER", &addr)
+        .env("PLOVER_CA", d.join("certs").join("cert.pem"))
+        .env("PLOVER_TOKEN", &bob)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("listen");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        listener.stdout.take().expect("stdout"),
+    ));
+
+    // Alice sends until Bob's listener has registered him (a user exists from their first
+    // connection), then once more.
+    let run = |token: &str, args: &[&str]| plover(&d, &addr, Some(token), args);
+    let mut first = None;
+    for _ in 0..50 {
+        let out = run(&alice, &["send", "--to", "bob", "hello bob"]);
+        if out.status.success() {
+            first = Some(stdout(&out));
+            break;
+        }
+        assert!(stderr(&out).contains("unknown user"), "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(first.expect("sent").trim(), "sent conversation=1 seq=1");
+    let out = run(&alice, &["send", "--to", "bob", "second \"quoted\""]);
+    assert_eq!(stdout(&out).trim(), "sent conversation=1 seq=2");
+
+    for (seq, text) in [(1, "hello bob"), (2, "second \"quoted\"")] {
+        let line = lines.next().expect("a line").expect("utf-8");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["conversation"], 1);
+        assert_eq!(v["seq"], seq);
+        assert_eq!(v["from"], "alice");
+        assert_eq!(v["text"], text);
+        assert!(v["ts"].as_u64().expect("ts") > 1_700_000_000_000);
+    }
+    let _ = listener.kill();
+    let _ = listener.wait();
+
+    let out = run(&bob, &["history", "--with", "alice", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let history: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0]["seq"], 1);
+    assert_eq!(history[1]["text"], "second \"quoted\"");
+    let out = run(&bob, &["history", "--with", "alice", "--limit", "1"]);
+    assert!(stdout(&out).contains("second"), "{}", stdout(&out));
+    assert_eq!(stdout(&out).lines().count(), 1);
+
+    let out = run(&alice, &["conversations", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["members"], serde_json::json!(["alice", "bob"]));
+    assert_eq!(v["last_seq"], 2);
+
+    // Clear errors and non-zero exits.
+    let out = run(&alice, &["send", "--to", "nobody", "hi"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown user"), "{}", stderr(&out));
+    let out = run("forged.token.here", &["send", "--to", "bob", "hi"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("token_invalid"), "{}", stderr(&out));
+    let expired = token(&d, "alice", &["--ttl", "1s"]);
+    std::thread::sleep(Duration::from_secs(7));
+    let out = run(&expired, &["send", "--to", "bob", "hi"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+    let out = run(&bob, &["history", "--with", "carol"]);
+    assert!(!out.status.success());
+}
