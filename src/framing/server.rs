@@ -219,6 +219,10 @@ mod tests {
         for (frame, expected) in all() {
             let bytes = codec::encode_to_vec(&frame, 1 << 16).expect("encode");
             assert_eq!(hex(&bytes), expected, "{frame:?}");
+            assert!(
+                include_str!("../../PROTOCOL.md").contains(expected),
+                "PROTOCOL.md lacks the example for {frame:?}"
+            );
         }
     }
 }
