@@ -42,6 +42,21 @@ impl TestServer {
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, tweak).await
+    }
+
+    /// Stops the server and starts a new one on the same data, address and certificate.
+    pub async fn restart(mut self) -> Self {
+        self.shut_down().await;
+        let TestServer {
+            addr, dir, router, ..
+        } = self;
+        // The store is locked until its last handle is gone.
+        drop(router);
+        Self::start_in(dir, |c| c.listen = addr).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(dir.path());
         tweak(&mut config);
         let keys = TokenKeys::new(&load_or_create_secret(&config.data).expect("secret"));
@@ -94,6 +109,10 @@ impl TestServer {
     }
 
     pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
+
+    async fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
