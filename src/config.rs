@@ -68,6 +68,30 @@ pub struct Config {
     pub transport: TransportSettings,
     /// The store.
     pub store: StoreConfig,
+    /// Presence and typing.
+    pub presence: PresenceConfig,
+}
+
+/// Presence and typing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// How long a user must stay gone before peers are told: a phone switching networks
+    /// reconnects within a second or two and should not flicker offline.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+    /// Typing indicators a connection may send per second; more are dropped. Clients repeat
+    /// the indicator every few seconds, so a handful a second is already generous.
+    pub typing_per_second: u32,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_secs(2),
+            typing_per_second: 5,
+        }
+    }
 }
 
 /// TLS material.
@@ -206,6 +230,7 @@ impl Default for Config {
             limits: Limits::default(),
             transport: TransportSettings::default(),
             store: StoreConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -253,6 +278,9 @@ impl Config {
         }
         if self.auth.timeout.is_zero() {
             return invalid("auth.timeout must be positive");
+        }
+        if self.presence.typing_per_second == 0 {
+            return invalid("presence.typing_per_second must be positive");
         }
         if (self.tls.cert.is_some()) != (self.tls.key.is_some()) {
             return invalid("tls.cert and tls.key go together");

@@ -1,5 +1,8 @@
 //! The `plover` binary: the server and its command-line client.
 
+#[path = "cli/chat.rs"]
+mod chat;
+
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
@@ -10,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use plover::auth::{TokenKeys, secret_for};
-use plover::client::{Client, ClientConfig, Connection, EventStream};
+use plover::client::{Client, ClientConfig, Connection, EventStream, Incoming};
 use plover::config::{Config, Durability};
 use plover::framing::{ConversationKind, Event, Message, Target};
 
@@ -39,6 +42,58 @@ enum Command {
     History(HistoryArgs),
     /// List your conversations.
     Conversations(ConversationsArgs),
+    /// Mark a conversation read (up to its latest message, or `--up-to`).
+    Read(ReadArgs),
+    /// Show whether a user is online, or when they were last seen.
+    Presence(PresenceArgs),
+    /// An interactive terminal chat.
+    Chat(ChatArgs),
+}
+
+#[derive(Args)]
+struct ReadArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The other user of a direct conversation.
+    #[arg(
+        long,
+        conflicts_with = "conversation",
+        required_unless_present = "conversation"
+    )]
+    with: Option<String>,
+    /// A conversation id.
+    #[arg(long)]
+    conversation: Option<u64>,
+    /// Mark read up to this sequence number [default: the latest message].
+    #[arg(long)]
+    up_to: Option<u64>,
+}
+
+#[derive(Args)]
+struct PresenceArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The user to ask about (you must share a conversation).
+    user: String,
+    /// One JSON object on one line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The other user of a direct conversation.
+    #[arg(
+        long,
+        conflicts_with = "conversation",
+        required_unless_present = "conversation"
+    )]
+    with: Option<String>,
+    /// A conversation id.
+    #[arg(long)]
+    conversation: Option<u64>,
 }
 
 #[derive(Args)]
@@ -222,6 +277,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Listen(args) => listen(args).await,
         Command::History(args) => history(args).await,
         Command::Conversations(args) => conversations(args).await,
+        Command::Read(args) => read(args).await,
+        Command::Presence(args) => presence(args).await,
+        Command::Chat(args) => {
+            let target = target(args.with, args.conversation)?;
+            chat::run(args.client.config()?, target).await
+        }
     }
 }
 
@@ -319,6 +380,61 @@ fn message_json(m: &Message) -> serde_json::Value {
     })
 }
 
+fn incoming_json(incoming: &Incoming) -> serde_json::Value {
+    match incoming {
+        Incoming::Log(e) => match &e.event {
+            Event::Message(m) => message_json(m),
+            Event::Receipt(r) => json!({
+                "type": "receipt",
+                "conversation": r.conversation,
+                "user": r.user,
+                "delivered": r.delivered,
+                "read": r.read,
+            }),
+        },
+        Incoming::Presence {
+            user,
+            online,
+            last_seen,
+        } => json!({
+            "type": "presence",
+            "user": user,
+            "online": online,
+            "last_seen": last_seen,
+        }),
+        Incoming::Typing { conversation, user } => json!({
+            "type": "typing",
+            "conversation": conversation,
+            "user": user,
+        }),
+    }
+}
+
+fn incoming_line(incoming: &Incoming) -> String {
+    match incoming {
+        Incoming::Log(e) => match &e.event {
+            Event::Message(m) => message_line(m),
+            Event::Receipt(r) => format!(
+                "conversation {}: {} has received up to #{} and read up to #{}",
+                r.conversation, r.user, r.delivered, r.read
+            ),
+        },
+        Incoming::Presence {
+            user, online: true, ..
+        } => format!("{user} is online"),
+        Incoming::Presence {
+            user, last_seen, ..
+        } => format!("{user} was last seen {}", rfc3339(*last_seen)),
+        Incoming::Typing { conversation, user } => {
+            format!("conversation {conversation}: {user} is typing")
+        }
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
 fn message_line(m: &Message) -> String {
     let time =
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(m.ts));
@@ -355,9 +471,10 @@ async fn listen(args: ListenArgs) -> Result<()> {
             }
             None => break,
         };
-        let line = match &event.event {
-            Event::Message(m) if args.json => message_json(m).to_string(),
-            Event::Message(m) => message_line(m),
+        let line = if args.json {
+            incoming_json(&event).to_string()
+        } else {
+            incoming_line(&event)
         };
         if print_line(&line).is_err() {
             // stdout is gone (a closed pipe): stop like an interrupted listener.
@@ -414,12 +531,15 @@ async fn history(args: HistoryArgs) -> Result<()> {
 
 async fn conversations(args: ConversationsArgs) -> Result<()> {
     let conn = Connection::connect(&args.client.config()?).await?;
+    let conn_user = conn.user().to_owned();
     let items = conn.conversations().await;
     conn.close().await;
     for c in items.context("listing conversations")? {
         let kind = match c.kind {
             ConversationKind::Direct => "direct",
         };
+        let me = conn_user.as_str();
+        let read = c.marks.iter().find(|m| m.user == me).map_or(0, |m| m.read);
         let line = if args.json {
             json!({
                 "type": "conversation",
@@ -427,17 +547,68 @@ async fn conversations(args: ConversationsArgs) -> Result<()> {
                 "kind": kind,
                 "members": c.members,
                 "last_seq": c.last_seq,
+                "read": read,
+                "unread": c.unread,
+                "marks": c.marks.iter().map(|m| json!({
+                    "user": m.user,
+                    "delivered": m.delivered,
+                    "read": m.read,
+                })).collect::<Vec<_>>(),
             })
             .to_string()
         } else {
+            let others: Vec<String> = c
+                .marks
+                .iter()
+                .filter(|m| m.user != me)
+                .map(|m| format!("{} delivered={} read={}", m.user, m.delivered, m.read))
+                .collect();
             format!(
-                "{:>6}  {kind:<7} {:<30} last_seq={}",
+                "{:>6}  {kind:<7} {:<24} last_seq={} unread={}  {}",
                 c.conversation,
                 c.members.join(", "),
-                c.last_seq
+                c.last_seq,
+                c.unread,
+                others.join("; ")
             )
         };
         print_line(&line)?;
+    }
+    Ok(())
+}
+
+async fn read(args: ReadArgs) -> Result<()> {
+    let conn = Connection::connect(&args.client.config()?).await?;
+    let target = target(args.with, args.conversation)?;
+    let result = async {
+        let conv = conn.open(target, false).await?;
+        let up_to = args.up_to.unwrap_or(conv.last_seq());
+        let id = conv.id();
+        conv.mark_read(up_to).await?;
+        conv.close().await;
+        Ok::<_, anyhow::Error>((id, up_to))
+    }
+    .await;
+    conn.close().await;
+    let (id, up_to) = result?;
+    println!("read conversation={id} up_to={up_to}");
+    Ok(())
+}
+
+async fn presence(args: PresenceArgs) -> Result<()> {
+    let conn = Connection::connect(&args.client.config()?).await?;
+    let answer = conn.presence(&args.user).await;
+    conn.close().await;
+    let (online, last_seen) = answer?;
+    if args.json {
+        let v = json!({"type": "presence", "user": args.user, "online": online, "last_seen": last_seen});
+        println!("{v}");
+    } else if online {
+        println!("online");
+    } else if last_seen == 0 {
+        println!("never seen");
+    } else {
+        println!("last seen {}", rfc3339(last_seen));
     }
     Ok(())
 }

@@ -23,7 +23,9 @@ async fn online_recipient_gets_the_message_once() {
 
     let event = next_event(&mut bob).await;
     assert_eq!(text(&event), "hi bob");
-    let Event::Message(m) = &event.event;
+    let Event::Message(m) = &event.event else {
+        panic!("not a message")
+    };
     assert_eq!(
         (m.conversation, m.seq, m.from.as_str()),
         (ack.conversation, 1, "alice")

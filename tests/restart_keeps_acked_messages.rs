@@ -147,7 +147,9 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
     let mut bob = EventStream::start(config(dir.path(), &addr, &keys, "bob", "phone"), None);
     for expected in 1..=fresh.seq {
         let e = next_event(&mut bob).await;
-        let Event::Message(m) = &e.event;
+        let Event::Message(m) = &e.event else {
+            panic!("not a message")
+        };
         assert_eq!(m.seq, expected);
         assert_eq!(e.pos, expected);
     }

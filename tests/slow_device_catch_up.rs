@@ -49,7 +49,9 @@ async fn a_device_that_does_not_read_falls_back_to_the_store_and_loses_nothing()
     while got.len() < 50 {
         for d in sub.feed.next_batch().await.expect("batch") {
             got.push(d.pos);
-            let Event::Message(m) = &*d.event;
+            let Event::Message(m) = &*d.event else {
+                panic!("not a message")
+            };
             assert_eq!(m.body, Bytes::from((d.pos - 1).to_string()));
         }
     }
@@ -100,7 +102,9 @@ async fn over_quic_a_tiny_queue_still_delivers_every_message_once_in_order() {
     let mut seen = Vec::new();
     for _ in 0..200 {
         let e = next_event(&mut bob).await;
-        let Event::Message(m) = &e.event;
+        let Event::Message(m) = &e.event else {
+            panic!("not a message")
+        };
         seen.push(m.seq);
         assert!(!text(&e).is_empty());
     }

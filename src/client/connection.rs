@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{ClientConfig, ClientError};
 use crate::framing::{
-    ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Message,
+    ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Message,
     PROTOCOL_VERSION, ServerFrame, Target,
 };
 use crate::transport::stream::{FrameReader, FrameWriter};
@@ -31,19 +31,69 @@ pub struct Welcome {
     pub max_body: u32,
 }
 
-/// The control stream, used one request at a time.
-struct Control {
-    reader: FrameReader,
-    writer: FrameWriter,
+/// Something the server pushed on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlPush {
+    /// A peer came online or went offline.
+    Presence {
+        /// Who.
+        user: String,
+        /// Online now?
+        online: bool,
+        /// When their last device went, Unix ms.
+        last_seen: u64,
+    },
+}
+
+/// Pushes buffered for the application before further ones are dropped.
+const PUSH_QUEUE: usize = 256;
+
+/// Which answer a control request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Awaiting {
+    Request(u32),
+    Pong(u64),
+}
+
+type ControlWaiter = oneshot::Sender<Result<ServerFrame, ClientError>>;
+
+/// Requests in flight on the control stream, answered by the control reader task.
+#[derive(Default)]
+struct ControlWaiters {
+    by_id: HashMap<Awaiting, ControlWaiter>,
+    /// `SyncStarted` carries no request id: at most one `Sync` is ever in flight.
+    sync: Option<ControlWaiter>,
+    failed: Option<ClientError>,
+}
+
+impl ControlWaiters {
+    fn fail_all(&mut self, e: &ClientError) {
+        for (_, w) in self.by_id.drain() {
+            let _ = w.send(Err(e.clone()));
+        }
+        if let Some(w) = self.sync.take() {
+            let _ = w.send(Err(e.clone()));
+        }
+        self.failed = Some(e.clone());
+    }
 }
 
 /// An authenticated connection.
 pub struct Connection {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
-    control: tokio::sync::Mutex<Control>,
+    control: tokio::sync::Mutex<FrameWriter>,
+    waiters: Arc<Mutex<ControlWaiters>>,
+    pushes: Mutex<Option<mpsc::Receiver<ControlPush>>>,
+    control_reader: tokio::task::JoinHandle<()>,
     welcome: Welcome,
     next_request: AtomicU32,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.control_reader.abort();
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -95,12 +145,9 @@ impl Connection {
             .map_err(ClientError::from)?;
         let (send, recv) = conn.open_bi().await?;
         let max = crate::framing::DEFAULT_MAX_FRAME;
-        let mut control = Control {
-            reader: FrameReader::new(recv, max),
-            writer: FrameWriter::new(send, max),
-        };
-        control
-            .writer
+        let mut reader = FrameReader::new(recv, max);
+        let mut writer = FrameWriter::new(send, max);
+        writer
             .send(&ClientFrame::Hello {
                 version: PROTOCOL_VERSION,
                 token: config.token.clone(),
@@ -108,7 +155,7 @@ impl Connection {
             })
             .await
             .map_err(|e| stream_failure(&conn, e))?;
-        let answer = tokio::time::timeout(config.connect_timeout, control.reader.next())
+        let answer = tokio::time::timeout(config.connect_timeout, reader.next())
             .await
             .map_err(|_| ClientError::Timeout("waiting for Welcome"))?
             .map_err(|e| stream_failure(&conn, e))?;
@@ -137,13 +184,62 @@ impl Connection {
             }
             None => return Err(closed_reason(&conn)),
         };
+        let waiters = Arc::new(Mutex::new(ControlWaiters::default()));
+        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
+        let control_reader =
+            tokio::spawn(read_control(reader, waiters.clone(), push_tx, conn.clone()));
         Ok(Self {
             endpoint,
             conn,
-            control: tokio::sync::Mutex::new(control),
+            control: tokio::sync::Mutex::new(writer),
+            waiters,
+            pushes: Mutex::new(Some(push_rx)),
+            control_reader,
             welcome,
             next_request: AtomicU32::new(1),
         })
+    }
+
+    /// The server's pushes on the control stream (presence changes of peers). Only the first
+    /// caller gets them; unread pushes beyond a small buffer are dropped.
+    pub fn take_pushes(&self) -> Option<mpsc::Receiver<ControlPush>> {
+        self.pushes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
+    /// Tells the members of `conversation` that this user is typing (a datagram: it may be
+    /// lost; repeat it every few seconds while typing goes on).
+    pub fn typing(&self, conversation: ConversationId) -> Result<(), ClientError> {
+        let bytes = postcard::to_stdvec(&ClientDatagram::Typing { conversation })
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.conn
+            .send_datagram(Bytes::from(bytes))
+            .map_err(|e| ClientError::Stream(format!("datagram: {e}")))
+    }
+
+    /// Whether `user` is online, else when they were last seen (Unix ms, 0 if never). Refused
+    /// with `forbidden` unless the two users share a conversation.
+    pub async fn presence(&self, user: &str) -> Result<(bool, u64), ClientError> {
+        let request = self.request_id();
+        match self
+            .control_request(
+                ClientFrame::Presence {
+                    request,
+                    user: user.to_owned(),
+                },
+                Some(Awaiting::Request(request)),
+            )
+            .await?
+        {
+            ServerFrame::PresenceInfo {
+                online, last_seen, ..
+            } => Ok((online, last_seen)),
+            other => Err(ClientError::Protocol(format!(
+                "expected PresenceInfo, got {other:?}"
+            ))),
+        }
     }
 
     /// What the server said in `Welcome`.
@@ -164,27 +260,34 @@ impl Connection {
         self.next_request.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Sends one control frame and reads the answer.
-    async fn control_request(&self, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
-        let mut control = self.control.lock().await;
-        control
-            .writer
-            .send(&frame)
-            .await
-            .map_err(|e| stream_failure(&self.conn, e))?;
-        match control.reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame::Error { code, message, .. })) => Err(refused(code, message)),
-            Ok(Some(frame)) => Ok(frame),
-            Ok(None) => Err(closed_reason(&self.conn)),
-            Err(e) => Err(stream_failure(&self.conn, e)),
+    /// Sends one control frame and waits for its answer (`None`: the `SyncStarted` slot).
+    async fn control_request(
+        &self,
+        frame: ClientFrame,
+        awaiting: Option<Awaiting>,
+    ) -> Result<ServerFrame, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut w = lock(&self.waiters);
+            if let Some(e) = &w.failed {
+                return Err(e.clone());
+            }
+            match awaiting {
+                Some(key) => {
+                    w.by_id.insert(key, tx);
+                }
+                None => w.sync = Some(tx),
+            }
         }
+        self.control_send(frame).await?;
+        rx.await.map_err(|_| closed_reason(&self.conn))?
     }
 
     /// Sends a control frame that has no answer.
     pub(super) async fn control_send(&self, frame: ClientFrame) -> Result<(), ClientError> {
-        let mut control = self.control.lock().await;
-        control
-            .writer
+        self.control
+            .lock()
+            .await
             .send(&frame)
             .await
             .map_err(|e| stream_failure(&self.conn, e))
@@ -194,7 +297,10 @@ impl Connection {
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let start = Instant::now();
         let nonce = u64::from(self.request_id());
-        match self.control_request(ClientFrame::Ping { nonce }).await? {
+        match self
+            .control_request(ClientFrame::Ping { nonce }, Some(Awaiting::Pong(nonce)))
+            .await?
+        {
             ServerFrame::Pong { nonce: n } if n == nonce => Ok(start.elapsed()),
             other => Err(ClientError::Protocol(format!(
                 "expected Pong, got {other:?}"
@@ -206,7 +312,10 @@ impl Connection {
     pub async fn conversations(&self) -> Result<Vec<ConversationInfo>, ClientError> {
         let request = self.request_id();
         match self
-            .control_request(ClientFrame::ListConversations { request })
+            .control_request(
+                ClientFrame::ListConversations { request },
+                Some(Awaiting::Request(request)),
+            )
             .await?
         {
             ServerFrame::Conversations { request: r, items } if r == request => Ok(items),
@@ -218,7 +327,10 @@ impl Connection {
 
     /// Starts event delivery after `cursor`; returns (cursor, head) as the server resolved them.
     pub(super) async fn start_sync(&self, cursor: Option<u64>) -> Result<(u64, u64), ClientError> {
-        match self.control_request(ClientFrame::Sync { cursor }).await? {
+        match self
+            .control_request(ClientFrame::Sync { cursor }, None)
+            .await?
+        {
             ServerFrame::SyncStarted { cursor, head } => Ok((cursor, head)),
             other => Err(ClientError::Protocol(format!(
                 "expected SyncStarted, got {other:?}"
@@ -237,11 +349,12 @@ impl Connection {
             .send(&ClientFrame::Open { target, create })
             .await
             .map_err(|e| stream_failure(&self.conn, e))?;
-        let (id, members) = match reader.next::<ServerFrame>().await {
+        let (id, members, last_seq) = match reader.next::<ServerFrame>().await {
             Ok(Some(ServerFrame::Opened {
                 conversation,
                 members,
-            })) => (conversation, members),
+                last_seq,
+            })) => (conversation, members, last_seq),
             Ok(Some(ServerFrame::Error { code, message, .. })) => {
                 return Err(refused(code, message));
             }
@@ -258,10 +371,11 @@ impl Connection {
         Ok(Conversation {
             id,
             members,
+            last_seq,
             writer: tokio::sync::Mutex::new(writer),
             waiters,
             next_request: AtomicU32::new(1),
-            reader_task: task,
+            reader_task: Some(task),
         })
     }
 
@@ -272,7 +386,6 @@ impl Connection {
         self.control
             .lock()
             .await
-            .writer
             .finish(Duration::from_secs(2))
             .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
@@ -290,6 +403,82 @@ pub(super) fn stream_failure(
     match conn.close_reason() {
         Some(reason) => ClientError::from(reason),
         None => ClientError::Stream(e.to_string()),
+    }
+}
+
+/// Only map operations happen under these locks, never an await.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads the control stream and hands each answer to its waiter, pushes to the application.
+async fn read_control(
+    mut reader: FrameReader,
+    waiters: Arc<Mutex<ControlWaiters>>,
+    pushes: mpsc::Sender<ControlPush>,
+    conn: quinn::Connection,
+) {
+    loop {
+        let frame = match reader.next::<ServerFrame>().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                lock(&waiters).fail_all(&closed_reason(&conn));
+                return;
+            }
+            Err(e) => {
+                lock(&waiters).fail_all(&stream_failure(&conn, e));
+                return;
+            }
+        };
+        let mut w = lock(&waiters);
+        let (key, answer) = match frame {
+            ServerFrame::PresenceChanged {
+                user,
+                online,
+                last_seen,
+            } => {
+                let _ = pushes.try_send(ControlPush::Presence {
+                    user,
+                    online,
+                    last_seen,
+                });
+                continue;
+            }
+            ServerFrame::Pong { nonce } => (Some(Awaiting::Pong(nonce)), Ok(frame)),
+            ServerFrame::Conversations { request, .. }
+            | ServerFrame::PresenceInfo { request, .. } => {
+                (Some(Awaiting::Request(request)), Ok(frame))
+            }
+            ServerFrame::SyncStarted { .. } => (None, Ok(frame)),
+            ServerFrame::Error {
+                code,
+                message,
+                request: Some(request),
+            } => (
+                Some(Awaiting::Request(request)),
+                Err(refused(code, message)),
+            ),
+            ServerFrame::Error { code, message, .. } if w.sync.is_some() => {
+                (None, Err(refused(code, message)))
+            }
+            ServerFrame::Error { code, message, .. } => {
+                w.fail_all(&refused(code, message));
+                return;
+            }
+            other => {
+                w.fail_all(&ClientError::Protocol(format!(
+                    "unexpected frame on the control stream: {other:?}"
+                )));
+                return;
+            }
+        };
+        let waiter = match key {
+            Some(key) => w.by_id.remove(&key),
+            None => w.sync.take(),
+        };
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(answer);
+        }
     }
 }
 
@@ -398,10 +587,11 @@ fn lock_waiters(w: &Mutex<Waiters>) -> std::sync::MutexGuard<'_, Waiters> {
 pub struct Conversation {
     id: ConversationId,
     members: Vec<String>,
+    last_seq: u64,
     writer: tokio::sync::Mutex<FrameWriter>,
     waiters: Arc<Mutex<Waiters>>,
     next_request: AtomicU32,
-    reader_task: tokio::task::JoinHandle<()>,
+    reader_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Conversation {
@@ -415,7 +605,9 @@ impl std::fmt::Debug for Conversation {
 
 impl Drop for Conversation {
     fn drop(&mut self) {
-        self.reader_task.abort();
+        if let Some(task) = &self.reader_task {
+            task.abort();
+        }
     }
 }
 
@@ -428,6 +620,48 @@ impl Conversation {
     /// Its members, sorted.
     pub fn members(&self) -> &[String] {
         &self.members
+    }
+
+    /// The latest message's seq when the stream was opened.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Marks every message up to `up_to` as read by this user (their other devices and the
+    /// other members are told). Marks only move forward; `up_to` is capped at the last message.
+    pub async fn mark_read(&self, up_to: u64) -> Result<(), ClientError> {
+        self.write(&ClientFrame::Read { up_to }).await
+    }
+
+    /// Reports that every message up to `up_to` reached this device. The event stream does
+    /// this by itself; this is for clients that fetch messages by other means.
+    pub async fn mark_delivered(&self, up_to: u64) -> Result<(), ClientError> {
+        self.write(&ClientFrame::Delivered { up_to }).await
+    }
+
+    async fn write(&self, frame: &ClientFrame) -> Result<(), ClientError> {
+        if let Some(e) = &lock_waiters(&self.waiters).failed {
+            return Err(e.clone());
+        }
+        self.writer
+            .lock()
+            .await
+            .send(frame)
+            .await
+            .map_err(|e| ClientError::Stream(e.to_string()))
+    }
+
+    /// Finishes the stream and waits until the server has handled everything sent on it
+    /// (it finishes its side once it has read ours to the end).
+    pub async fn close(mut self) {
+        self.writer
+            .lock()
+            .await
+            .finish(Duration::from_secs(2))
+            .await;
+        if let Some(task) = self.reader_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
     }
 
     /// Whether the stream has failed (the connection is gone or the server refused it).

@@ -7,10 +7,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use super::connection::Connection;
+use super::connection::{Connection, ControlPush};
 use super::{ClientConfig, ClientError};
-use crate::framing::{ClientFrame, Event, ServerFrame};
-use crate::transport::stream::FrameReader;
+use crate::framing::{ClientFrame, ConversationId, Event, ServerDatagram, ServerFrame};
+use crate::transport::stream::{FrameReader, FrameWriter};
 
 /// Events buffered between the network and the application.
 const EVENT_QUEUE: usize = 1024;
@@ -69,12 +69,48 @@ pub struct LogEvent {
     pub event: Event,
 }
 
+/// What an event stream yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// An entry of the user's sync log (a message, a receipt), each exactly once.
+    Log(LogEvent),
+    /// A peer came online or went offline (not stored; may be missed while disconnected).
+    Presence {
+        /// Who.
+        user: String,
+        /// Online now?
+        online: bool,
+        /// When their last device went, Unix ms.
+        last_seen: u64,
+    },
+    /// A member is typing; show it for a few seconds ([`TYPING_TTL`]) unless repeated.
+    Typing {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Who.
+        user: String,
+    },
+}
+
+/// How long a typing indicator lasts unless repeated. Clients repeat theirs every
+/// [`TYPING_REPEAT`] while typing goes on.
+pub const TYPING_TTL: Duration = Duration::from_secs(5);
+/// How often a client repeats its typing indicator while the user types.
+pub const TYPING_REPEAT: Duration = Duration::from_secs(3);
+
+/// What the driver hands the application side.
+enum Item {
+    Log(LogEvent),
+    Other(Incoming),
+    Failed(ClientError),
+}
+
 /// Events for this device, in order per conversation, each once, surviving reconnects.
 ///
 /// Taking an event from [`EventStream::next`] counts as having it: the cursor advances and is
 /// acknowledged to the server shortly after (and on [`EventStream::close`]).
 pub struct EventStream {
-    rx: mpsc::Receiver<Result<LogEvent, ClientError>>,
+    rx: mpsc::Receiver<Item>,
     tracker: Arc<Mutex<CursorTracker>>,
     ack: watch::Sender<u64>,
     stop: watch::Sender<bool>,
@@ -133,12 +169,12 @@ impl EventStream {
 
     /// The next new event, or an error that ends the stream (the server refused the token,
     /// say). `None` once closed.
-    pub async fn next(&mut self) -> Option<Result<LogEvent, ClientError>> {
+    pub async fn next(&mut self) -> Option<Result<Incoming, ClientError>> {
         loop {
-            let item = self.rx.recv().await?;
-            let event = match item {
-                Ok(e) => e,
-                Err(e) => return Some(Err(e)),
+            let event = match self.rx.recv().await? {
+                Item::Log(e) => e,
+                Item::Other(incoming) => return Some(Ok(incoming)),
+                Item::Failed(e) => return Some(Err(e)),
             };
             let (fresh, cursor) = {
                 let mut t = lock(&self.tracker);
@@ -146,7 +182,7 @@ impl EventStream {
             };
             if fresh {
                 self.ack.send_replace(cursor);
-                return Some(Ok(event));
+                return Some(Ok(Incoming::Log(event)));
             }
         }
     }
@@ -178,7 +214,7 @@ async fn drive(
     config: ClientConfig,
     explicit_cursor: bool,
     tracker: Arc<Mutex<CursorTracker>>,
-    tx: mpsc::Sender<Result<LogEvent, ClientError>>,
+    tx: mpsc::Sender<Item>,
     signals: Signals,
 ) {
     let Signals {
@@ -205,7 +241,7 @@ async fn drive(
                 continue;
             }
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Item::Failed(e)).await;
                 return;
             }
         };
@@ -221,7 +257,7 @@ async fn drive(
             Ok((cursor, _head)) => cursor,
             Err(e) if e.is_retryable() => continue,
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Item::Failed(e)).await;
                 return;
             }
         };
@@ -248,11 +284,12 @@ async fn drive(
     }
 }
 
-/// Reads the delivery streams of one connection. Returns true when asked to stop, false when
-/// the connection failed.
+/// Reads the delivery streams, pushes and datagrams of one connection, acknowledges the
+/// cursor and sends heartbeats. Returns true when asked to stop, false when the connection
+/// failed.
 async fn run_connection(
     conn: &Connection,
-    tx: &mpsc::Sender<Result<LogEvent, ClientError>>,
+    tx: &mpsc::Sender<Item>,
     ack_rx: &mut watch::Receiver<u64>,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
@@ -260,22 +297,46 @@ async fn run_connection(
     let max = conn.welcome().max_frame;
     let mut readers = tokio::task::JoinSet::new();
     let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut heartbeat = tokio::time::interval(conn.welcome().heartbeat.max(Duration::from_secs(1)));
+    let mut pushes = conn.take_pushes();
     let mut acked = *ack_rx.borrow();
     loop {
         tokio::select! {
-            stream = quic.accept_uni() => match stream {
-                Ok(recv) => {
-                    readers.spawn(read_deliveries(FrameReader::new(recv, max), tx.clone()));
+            stream = quic.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    readers.spawn(read_deliveries(
+                        FrameReader::new(recv, max),
+                        FrameWriter::new(send, max),
+                        tx.clone(),
+                    ));
                 }
                 Err(e) => {
                     debug!(error = %e, "connection lost; reconnecting");
                     return false;
                 }
             },
+            Some(push) = async { pushes.as_mut()?.recv().await } => {
+                let ControlPush::Presence { user, online, last_seen } = push;
+                let _ = tx.send(Item::Other(Incoming::Presence { user, online, last_seen })).await;
+            }
+            datagram = quic.read_datagram() => {
+                if let Ok(bytes) = datagram
+                    && let Ok(ServerDatagram::Typing { conversation, user }) =
+                        postcard::from_bytes(&bytes)
+                    {
+                        // Dropped rather than waited for: typing is worthless once late.
+                        let _ = tx.try_send(Item::Other(Incoming::Typing { conversation, user }));
+                    }
+            }
             _ = ack_tick.tick() => {
                 let cursor = *ack_rx.borrow();
                 if cursor > acked && conn.control_send(ClientFrame::Ack { cursor }).await.is_ok() {
                     acked = cursor;
+                }
+            }
+            _ = heartbeat.tick() => {
+                if let Err(e) = conn.ping().await {
+                    debug!(error = %e, "heartbeat failed");
                 }
             }
             Some(_) = readers.join_next(), if !readers.is_empty() => {}
@@ -284,19 +345,43 @@ async fn run_connection(
     }
 }
 
-async fn read_deliveries(mut reader: FrameReader, tx: mpsc::Sender<Result<LogEvent, ClientError>>) {
+/// Reads one delivery stream; reports `Delivered` on it as events arrive (once per burst:
+/// when no further frame is already waiting).
+async fn read_deliveries(mut reader: FrameReader, mut writer: FrameWriter, tx: mpsc::Sender<Item>) {
+    let mut received = 0;
+    let mut reported = 0;
     loop {
         match reader.next::<ServerFrame>().await {
             Ok(Some(ServerFrame::Event { log, event })) => {
-                if tx.send(Ok(LogEvent { pos: log, event })).await.is_err() {
+                if let Event::Message(m) = &event {
+                    received = received.max(m.seq);
+                }
+                if tx
+                    .send(Item::Log(LogEvent { pos: log, event }))
+                    .await
+                    .is_err()
+                {
                     return;
+                }
+                if received > reported && !reader.has_frame() {
+                    if writer
+                        .send(&ClientFrame::Delivered { up_to: received })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    reported = received;
                 }
             }
             Ok(Some(other)) => {
                 debug!(frame = ?other, "unexpected frame on a delivery stream");
                 return;
             }
-            Ok(None) | Err(_) => return,
+            Ok(None) | Err(_) => {
+                writer.finish(Duration::from_millis(100)).await;
+                return;
+            }
         }
     }
 }

@@ -9,8 +9,8 @@
 mod connection;
 mod events;
 
-pub use connection::{Ack, Connection, Conversation, Welcome};
-pub use events::{CursorTracker, EventStream, LogEvent};
+pub use connection::{Ack, Connection, ControlPush, Conversation, Welcome};
+pub use events::{CursorTracker, EventStream, Incoming, LogEvent, TYPING_REPEAT, TYPING_TTL};
 
 use bytes::Bytes;
 use rustls_pki_types::CertificateDer;

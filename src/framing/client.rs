@@ -68,6 +68,24 @@ pub enum ClientFrame {
         /// At most this many (capped by the server's limit).
         limit: u32,
     },
+    /// Every message up to `up_to` reached this device (the SDK sends it on receipt). On a
+    /// conversation or delivery stream.
+    Delivered {
+        /// A sequence number of the stream's conversation.
+        up_to: u64,
+    },
+    /// The user has read every message up to `up_to`. On a conversation or delivery stream.
+    Read {
+        /// A sequence number of the stream's conversation.
+        up_to: u64,
+    },
+    /// Asks whether `user` is online, or when they were last seen.
+    Presence {
+        /// Echoed in the answer.
+        request: u32,
+        /// Whom to ask about; refused unless the two share a conversation.
+        user: String,
+    },
 }
 
 impl ClientFrame {
@@ -82,6 +100,9 @@ impl ClientFrame {
             Self::Open { .. } => "Open",
             Self::Send { .. } => "Send",
             Self::History { .. } => "History",
+            Self::Delivered { .. } => "Delivered",
+            Self::Read { .. } => "Read",
+            Self::Presence { .. } => "Presence",
         }
     }
 }
@@ -136,6 +157,15 @@ mod tests {
                 },
                 "06 07 02 01 0a 00 32",
             ),
+            (ClientFrame::Delivered { up_to: 7 }, "02 08 07"),
+            (ClientFrame::Read { up_to: 300 }, "03 09 ac 02"),
+            (
+                ClientFrame::Presence {
+                    request: 3,
+                    user: "bob".into(),
+                },
+                "06 0a 03 03 62 6f 62",
+            ),
         ]
     }
 
@@ -148,6 +178,16 @@ mod tests {
             assert_eq!(back, frame);
             assert!(src.is_empty());
         }
+    }
+
+    #[test]
+    fn datagram_pinned_bytes() {
+        let d = crate::framing::ClientDatagram::Typing { conversation: 7 };
+        let bytes = postcard::to_stdvec(&d).expect("encode");
+        assert_eq!(hex(&bytes), "00 07");
+        assert!(include_str!("../../PROTOCOL.md").contains("`00 07`"));
+        let back: crate::framing::ClientDatagram = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back, d);
     }
 
     #[test]

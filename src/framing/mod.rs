@@ -13,8 +13,8 @@ pub use client::ClientFrame;
 pub use codec::FrameError;
 pub use server::ServerFrame;
 pub use types::{
-    ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, Event, Message,
-    Target,
+    ClientDatagram, ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode,
+    Event, Marks, Message, Receipt, ServerDatagram, Target,
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.

@@ -53,6 +53,8 @@ pub enum ServerFrame {
         conversation: ConversationId,
         /// Its members, sorted.
         members: Vec<String>,
+        /// The sequence number of its latest message when the stream was opened.
+        last_seq: u64,
     },
     /// The message is durable and has this sequence number.
     Sent {
@@ -97,6 +99,27 @@ pub enum ServerFrame {
         /// The request id it answers, if any.
         request: Option<u32>,
     },
+    /// Answer to `Presence`.
+    PresenceInfo {
+        /// The request's id.
+        request: u32,
+        /// The user asked about.
+        user: String,
+        /// Whether at least one of their devices is connected.
+        online: bool,
+        /// When their last device went, Unix ms (0 if never seen; meaningless while online).
+        last_seen: u64,
+    },
+    /// A user who shares a conversation with this one came online or went offline.
+    /// Unsolicited, on the control stream; debounced so a flapping connection does not flood.
+    PresenceChanged {
+        /// Who.
+        user: String,
+        /// Online now?
+        online: bool,
+        /// When their last device went, Unix ms (when offline).
+        last_seen: u64,
+    },
 }
 
 impl ServerFrame {
@@ -113,7 +136,7 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::framing::{ConversationKind, codec, tests::hex};
+    use crate::framing::{ConversationKind, Marks, Receipt, ServerDatagram, codec, tests::hex};
     use bytes::Bytes;
 
     fn message() -> Message {
@@ -155,16 +178,23 @@ mod tests {
                         kind: ConversationKind::Direct,
                         members: vec!["al".into(), "bo".into()],
                         last_seq: 4,
+                        marks: vec![Marks {
+                            user: "bo".into(),
+                            delivered: 4,
+                            read: 2,
+                        }],
+                        unread: 1,
                     }],
                 },
-                "0d 03 01 01 01 00 02 02 61 6c 02 62 6f 04",
+                "14 03 01 01 01 00 02 02 61 6c 02 62 6f 04 01 02 62 6f 04 02 01",
             ),
             (
                 ServerFrame::Opened {
                     conversation: 1,
                     members: vec!["al".into(), "bo".into()],
+                    last_seq: 5,
                 },
-                "09 04 01 02 02 61 6c 02 62 6f",
+                "0a 04 01 02 02 61 6c 02 62 6f 05",
             ),
             (
                 ServerFrame::Sent {
@@ -201,6 +231,35 @@ mod tests {
                 ServerFrame::error(ErrorCode::TOKEN_EXPIRED, "expired"),
                 "0b 09 08 07 65 78 70 69 72 65 64 00",
             ),
+            (
+                ServerFrame::Event {
+                    log: 6,
+                    event: Event::Receipt(Receipt {
+                        conversation: 1,
+                        user: "bo".into(),
+                        delivered: 2,
+                        read: 1,
+                    }),
+                },
+                "09 08 06 01 01 02 62 6f 02 01",
+            ),
+            (
+                ServerFrame::PresenceInfo {
+                    request: 3,
+                    user: "bo".into(),
+                    online: false,
+                    last_seen: 1000,
+                },
+                "08 0a 03 02 62 6f 00 e8 07",
+            ),
+            (
+                ServerFrame::PresenceChanged {
+                    user: "bo".into(),
+                    online: true,
+                    last_seen: 0,
+                },
+                "06 0b 02 62 6f 01 00",
+            ),
         ]
     }
 
@@ -212,6 +271,19 @@ mod tests {
             let back: ServerFrame = codec::decode(&mut src, 1 << 16).expect("decode");
             assert_eq!(back, frame);
         }
+    }
+
+    #[test]
+    fn datagram_pinned_bytes() {
+        let d = ServerDatagram::Typing {
+            conversation: 7,
+            user: "bo".into(),
+        };
+        let bytes = postcard::to_stdvec(&d).expect("encode");
+        assert_eq!(hex(&bytes), "00 07 02 62 6f");
+        assert!(include_str!("../../PROTOCOL.md").contains("`00 07 02 62 6f`"));
+        let back: ServerDatagram = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back, d);
     }
 
     #[test]

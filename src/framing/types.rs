@@ -80,6 +80,8 @@ impl ErrorCode {
     pub const INTERNAL: Self = Self(15);
     /// A limit of the connection was exceeded (connections, streams, in-flight sends).
     pub const LIMIT: Self = Self(16);
+    /// The caller may not see this (presence of a user who shares no conversation with them).
+    pub const FORBIDDEN: Self = Self(17);
 
     /// The constant's name, for logs and CLI messages.
     pub fn name(self) -> &'static str {
@@ -101,6 +103,7 @@ impl ErrorCode {
             Self::UNAVAILABLE => "unavailable",
             Self::INTERNAL => "internal",
             Self::LIMIT => "limit",
+            Self::FORBIDDEN => "forbidden",
             _ => "unknown",
         }
     }
@@ -153,11 +156,27 @@ pub struct Message {
     pub body: Bytes,
 }
 
+/// A member's delivery and read marks in a conversation: high-water sequence numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The member the marks are of.
+    pub user: String,
+    /// Every message up to this seq has reached at least one of the member's devices.
+    pub delivered: u64,
+    /// The member has read every message up to this seq.
+    pub read: u64,
+}
+
 /// Something that happened and concerns a user: one entry of their sync log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// A message in one of the user's conversations (including their own, for their other devices).
     Message(Message),
+    /// A member's marks moved: sent to the other members (delivered and read) and to the
+    /// member's own devices (read), so unread counts agree everywhere.
+    Receipt(Receipt),
 }
 
 impl Event {
@@ -165,8 +184,20 @@ impl Event {
     pub fn conversation(&self) -> ConversationId {
         match self {
             Event::Message(m) => m.conversation,
+            Event::Receipt(r) => r.conversation,
         }
     }
+}
+
+/// One member's marks, as listed with a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marks {
+    /// The member.
+    pub user: String,
+    /// Delivered up to this seq.
+    pub delivered: u64,
+    /// Read up to this seq.
+    pub read: u64,
 }
 
 /// A conversation as listed for one of its members.
@@ -180,4 +211,30 @@ pub struct ConversationInfo {
     pub members: Vec<String>,
     /// The sequence number of its latest message (0 when empty).
     pub last_seq: u64,
+    /// Every member's marks, by user; the caller's own read mark is among them.
+    pub marks: Vec<Marks>,
+    /// Messages after the caller's read mark (sending counts as reading what came before).
+    pub unread: u64,
+}
+
+/// Datagrams a client sends (RFC 9221): may be lost, never stored, never retransmitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientDatagram {
+    /// The user is typing in this conversation; repeat every few seconds while it lasts.
+    Typing {
+        /// The conversation.
+        conversation: ConversationId,
+    },
+}
+
+/// Datagrams the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerDatagram {
+    /// `user` is typing in `conversation`. Show it for a few seconds unless repeated.
+    Typing {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Who is typing.
+        user: String,
+    },
 }

@@ -16,6 +16,8 @@
 //! | `idempotency` | conversation, sender, 0, client id | seq, ts |
 //! | `devices` | user, 0, device | acknowledged log position |
 //! | `users` | user | first connection, Unix ms |
+//! | `receipts` | conversation, user | delivered seq, read seq |
+//! | `presence` | user | last seen, Unix ms |
 //! | `meta` | name | value (`next_conversation`) |
 
 mod keys;
@@ -58,6 +60,17 @@ pub enum LogEntry {
         /// The message's sequence number.
         seq: u64,
     },
+    /// A member's marks as they were at this point (small enough to keep inline).
+    Receipt {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The member.
+        user: String,
+        /// Delivered up to.
+        delivered: u64,
+        /// Read up to.
+        read: u64,
+    },
 }
 
 /// What the store knows about a conversation.
@@ -82,6 +95,8 @@ pub struct Store {
     idempotency: Keyspace,
     devices: Keyspace,
     users: Keyspace,
+    receipts: Keyspace,
+    presence: Keyspace,
     meta: Keyspace,
     durability: Durability,
     poisoned: AtomicBool,
@@ -128,6 +143,8 @@ impl Store {
             idempotency: ks("idempotency")?,
             devices: ks("devices")?,
             users: ks("users")?,
+            receipts: ks("receipts")?,
+            presence: ks("presence")?,
             meta: ks("meta")?,
             db,
             durability,
@@ -336,6 +353,50 @@ impl Store {
             .and_then(|v| Some((keys::head_u64(&v)?, keys::tail_u64(&v)?))))
     }
 
+    // ----- receipts and presence -----
+
+    /// Every member's (delivered, read) marks in a conversation.
+    pub fn marks(&self, conv: ConversationId) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.receipts.prefix(keys::message_prefix(conv)) {
+            let (k, v) = guard.into_inner()?;
+            let user = String::from_utf8_lossy(&k[8..]).into_owned();
+            let (Some(delivered), Some(read)) = (keys::head_u64(&v), keys::tail_u64(&v)) else {
+                return Err(StoreError::Corrupt {
+                    keyspace: "receipts",
+                    message: format!("marks of {user} in {conv}"),
+                });
+            };
+            out.push((user, delivered, read));
+        }
+        Ok(out)
+    }
+
+    /// When a user's last device went (Unix ms), if ever.
+    pub fn last_seen(&self, user: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.presence.get(user)?.and_then(|v| keys::head_u64(&v)))
+    }
+
+    /// Records when a user's last device went. Not fsynced on its own: it rides on the next
+    /// group commit or fjall's background flush.
+    pub fn set_last_seen(&self, user: &str, ms: u64) -> Result<(), StoreError> {
+        if self.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        self.presence.insert(user, ms.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Whether two users share at least one conversation.
+    pub fn share_conversation(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+        let theirs: std::collections::HashSet<ConversationId> =
+            self.conversations_of(b)?.into_iter().collect();
+        Ok(self
+            .conversations_of(a)?
+            .into_iter()
+            .any(|c| theirs.contains(&c)))
+    }
+
     // ----- sync logs and cursors -----
 
     /// The latest position of a user's log (0 when empty).
@@ -402,6 +463,17 @@ impl StoreBatch<'_> {
     pub fn append_log(&mut self, user: &str, pos: u64, entry: &LogEntry) {
         self.batch
             .insert(&self.store.log, keys::log(user, pos), encode(entry));
+    }
+
+    /// Records a member's marks in a conversation.
+    pub fn put_marks(&mut self, conv: ConversationId, user: &str, delivered: u64, read: u64) {
+        let mut key = Vec::with_capacity(8 + user.len());
+        key.extend_from_slice(&conv.to_be_bytes());
+        key.extend_from_slice(user.as_bytes());
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&delivered.to_be_bytes());
+        value[8..].copy_from_slice(&read.to_be_bytes());
+        self.batch.insert(&self.store.receipts, key, value);
     }
 
     /// Records the log position a device acknowledged.

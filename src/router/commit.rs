@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::RouterError;
 use super::sessions::{Delivery, Sessions};
-use crate::framing::{Event, Message};
+use crate::framing::{Event, Message, Receipt};
 use crate::persist::{LogEntry, Store};
 
 /// The answer to a send: the message's place in its conversation.
@@ -35,6 +35,13 @@ pub(super) enum CommitItem {
         msg: Message,
         members: Arc<[String]>,
         reply: Reply,
+    },
+    /// A member's marks moved: store them and tell the other members (and, when the read mark
+    /// moved, the member's own devices).
+    Marks {
+        receipt: Receipt,
+        read_moved: bool,
+        members: Arc<[String]>,
     },
     /// Answer `reply` once everything queued before it is durable (a retry of a message that
     /// is still in flight).
@@ -106,32 +113,57 @@ impl CommitThread {
                         continue;
                     }
                     batch.put_message(&msg);
+                    // The sender has read everything up to their own message.
+                    batch.put_marks(msg.conversation, &msg.from, msg.seq, msg.seq);
                     let entry = LogEntry::Message {
                         conversation: msg.conversation,
                         seq: msg.seq,
                     };
-                    let mut positions = Vec::with_capacity(members.len());
-                    for member in members.iter() {
-                        let head = match heads.get_mut(member.as_str()) {
-                            Some(h) => h,
-                            None => match self.store.log_head(member) {
-                                Ok(h) => heads.entry(member.clone()).or_insert(h),
-                                Err(e) => {
-                                    failed = Some(e.into());
-                                    break;
-                                }
-                            },
-                        };
-                        *head += 1;
-                        batch.append_log(member, *head, &entry);
-                        positions.push(*head);
-                    }
                     let sent = Sent {
                         seq: msg.seq,
                         ts: msg.ts,
                     };
                     replies.push((reply, sent));
-                    deliveries.push((members, positions, Arc::new(Event::Message(msg))));
+                    match append(&self.store, &mut batch, heads, &members, &entry) {
+                        Ok(positions) => {
+                            deliveries.push((members, positions, Arc::new(Event::Message(msg))));
+                        }
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                CommitItem::Marks {
+                    receipt,
+                    read_moved,
+                    members,
+                } => {
+                    if failed.is_some() {
+                        continue;
+                    }
+                    batch.put_marks(
+                        receipt.conversation,
+                        &receipt.user,
+                        receipt.delivered,
+                        receipt.read,
+                    );
+                    let recipients: Arc<[String]> = members
+                        .iter()
+                        .filter(|m| read_moved || **m != receipt.user)
+                        .cloned()
+                        .collect();
+                    let entry = LogEntry::Receipt {
+                        conversation: receipt.conversation,
+                        user: receipt.user.clone(),
+                        delivered: receipt.delivered,
+                        read: receipt.read,
+                    };
+                    match append(&self.store, &mut batch, heads, &recipients, &entry) {
+                        Ok(positions) => deliveries.push((
+                            recipients,
+                            positions,
+                            Arc::new(Event::Receipt(receipt)),
+                        )),
+                        Err(e) => failed = Some(e),
+                    }
                 }
                 CommitItem::Wait { sent, reply } => replies.push((reply, sent)),
                 CommitItem::Cursor {
@@ -177,4 +209,28 @@ impl CommitThread {
         }
         stop
     }
+}
+
+/// Appends `entry` to each user's log at their next position; returns the positions.
+fn append(
+    store: &Store,
+    batch: &mut crate::persist::StoreBatch<'_>,
+    heads: &mut HashMap<String, u64>,
+    users: &[String],
+    entry: &LogEntry,
+) -> Result<Vec<u64>, RouterError> {
+    let mut positions = Vec::with_capacity(users.len());
+    for user in users {
+        let head = match heads.get_mut(user.as_str()) {
+            Some(h) => h,
+            None => {
+                let h = store.log_head(user)?;
+                heads.entry(user.clone()).or_insert(h)
+            }
+        };
+        *head += 1;
+        batch.append_log(user, *head, entry);
+        positions.push(*head);
+    }
+    Ok(positions)
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::RouterError;
 use super::sessions::{Delivery, Registration};
-use crate::framing::Event;
+use crate::framing::{Event, Receipt};
 use crate::persist::{LogEntry, Store};
 
 /// Events read from the store per round of catch-up.
@@ -134,6 +134,17 @@ pub(super) fn read_events(
                 })?;
                 Event::Message(msg)
             }
+            LogEntry::Receipt {
+                conversation,
+                user,
+                delivered,
+                read,
+            } => Event::Receipt(Receipt {
+                conversation,
+                user,
+                delivered,
+                read,
+            }),
         };
         out.push(Delivery {
             pos,

@@ -10,6 +10,7 @@
 
 mod commit;
 mod feed;
+mod presence;
 mod sessions;
 mod shard;
 
@@ -20,14 +21,17 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use commit::Sent;
 pub use feed::DeviceFeed;
+pub use presence::{PUSH_QUEUE, Presence, PresenceGuard, Push};
 pub use sessions::{Delivery, Sessions};
 
 use crate::auth::valid_name;
 use crate::config::Config;
-use crate::framing::{ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Message, Target};
+use crate::framing::{
+    ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Marks, Message, Target,
+};
 use crate::persist::{Store, StoreError};
 use commit::{CommitItem, CommitThread};
-use shard::{SendRequest, Shard, ShardRequest, now_ms};
+use shard::{MarksRequest, SendRequest, Shard, ShardRequest, now_ms};
 
 /// Requests a shard's channel holds before senders wait: enough to keep the shard busy while
 /// the connection tasks refill it, small enough to be a real bound.
@@ -51,6 +55,9 @@ pub enum RouterError {
     /// A request's fields are out of range.
     #[error("{0}")]
     Invalid(String),
+    /// The caller may not see this.
+    #[error("{0}")]
+    Forbidden(String),
     /// The store refuses writes after a failed write or fsync.
     #[error("the server cannot store messages right now (storage failure); nothing was stored")]
     Unavailable,
@@ -73,6 +80,7 @@ impl RouterError {
             Self::NoConversation(_) => ErrorCode::UNKNOWN_CONVERSATION,
             Self::UnknownUser(_) => ErrorCode::UNKNOWN_USER,
             Self::Invalid(_) => ErrorCode::INVALID_REQUEST,
+            Self::Forbidden(_) => ErrorCode::FORBIDDEN,
             Self::Unavailable | Self::Store(StoreError::Poisoned) => ErrorCode::UNAVAILABLE,
             Self::ShuttingDown => ErrorCode::SHUTDOWN,
             Self::Store(_) | Self::Internal(_) => ErrorCode::INTERNAL,
@@ -87,6 +95,8 @@ pub struct Opened {
     pub conversation: ConversationId,
     /// Its members, sorted.
     pub members: Vec<String>,
+    /// Its latest stored message.
+    pub last_seq: u64,
 }
 
 /// A device that started syncing: where it resumes, the log's head, and its feed.
@@ -103,6 +113,7 @@ pub struct Subscription {
 struct Inner {
     store: Arc<Store>,
     sessions: Arc<Sessions>,
+    presence: Arc<Presence>,
     shards: Vec<mpsc::Sender<ShardRequest>>,
     commit: SyncSender<CommitItem>,
     /// Serialises check-and-create of direct conversations; held only around blocking store
@@ -170,6 +181,7 @@ impl Router {
         }
         Ok(Self {
             inner: Arc::new(Inner {
+                presence: Arc::new(Presence::new(store.clone(), config.presence.debounce)),
                 store,
                 sessions,
                 shards,
@@ -191,6 +203,11 @@ impl Router {
     /// The registry of online devices.
     pub fn sessions(&self) -> &Arc<Sessions> {
         &self.inner.sessions
+    }
+
+    /// The presence registry.
+    pub fn presence(&self) -> &Arc<Presence> {
+        &self.inner.presence
     }
 
     /// Records a user at their first authenticated connection.
@@ -265,6 +282,7 @@ impl Router {
         Ok(Opened {
             conversation,
             members: record.members,
+            last_seq: store.last_seq(conversation)?,
         })
     }
 
@@ -293,6 +311,47 @@ impl Router {
             .await
             .map_err(|_| RouterError::ShuttingDown)?;
         Ok(rx)
+    }
+
+    /// Moves `user`'s delivered and read marks in a conversation forward. Fire and forget:
+    /// marks only move forward, so a lost one is superseded by the next.
+    pub async fn marks(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        delivered: u64,
+        read: u64,
+    ) -> Result<(), RouterError> {
+        let shard = &self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize];
+        shard
+            .send(ShardRequest::Marks(MarksRequest {
+                conversation,
+                user: user.to_owned(),
+                delivered,
+                read,
+            }))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)
+    }
+
+    /// The members of a conversation, if `user` is one of them.
+    pub async fn members(
+        &self,
+        user: &str,
+        conversation: ConversationId,
+    ) -> Result<Arc<[String]>, RouterError> {
+        let store = self.inner.store.clone();
+        let user = user.to_owned();
+        blocking(move || {
+            let record = store
+                .conversation(conversation)?
+                .ok_or(RouterError::NotMember(conversation))?;
+            if !record.members.contains(&user) {
+                return Err(RouterError::NotMember(conversation));
+            }
+            Ok(record.members.into())
+        })
+        .await
     }
 
     /// A page of a conversation the caller belongs to, oldest first.
@@ -334,11 +393,24 @@ impl Router {
                 let Some(record) = store.conversation(conversation)? else {
                     continue;
                 };
+                let last_seq = store.last_seq(conversation)?;
+                let marks: Vec<Marks> = store
+                    .marks(conversation)?
+                    .into_iter()
+                    .map(|(user, delivered, read)| Marks {
+                        user,
+                        delivered,
+                        read,
+                    })
+                    .collect();
+                let read = marks.iter().find(|m| m.user == user).map_or(0, |m| m.read);
                 out.push(ConversationInfo {
                     conversation,
                     kind: record.kind,
                     members: record.members,
-                    last_seq: store.last_seq(conversation)?,
+                    last_seq,
+                    marks,
+                    unread: last_seq.saturating_sub(read),
                 });
             }
             Ok(out)
@@ -427,6 +499,7 @@ impl Router {
             let _ = t.join();
         }
         if !self.inner.store.is_poisoned() {
+            self.inner.presence.record_all_last_seen();
             self.inner.store.flush()?;
         }
         Ok(())

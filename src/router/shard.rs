@@ -18,7 +18,16 @@ use crate::persist::Store;
 /// A request to a shard.
 pub(super) enum ShardRequest {
     Send(SendRequest),
+    Marks(MarksRequest),
     Stop,
+}
+
+/// A member reports that messages reached a device (`delivered`) or were read (`read`).
+pub(super) struct MarksRequest {
+    pub(super) conversation: ConversationId,
+    pub(super) user: String,
+    pub(super) delivered: u64,
+    pub(super) read: u64,
 }
 
 /// One message to sequence.
@@ -34,6 +43,8 @@ pub(super) struct SendRequest {
 struct ConvState {
     last_seq: u64,
     members: Arc<[String]>,
+    /// Each member's (delivered, read) marks.
+    marks: HashMap<String, (u64, u64)>,
 }
 
 type IdemKey = (ConversationId, String, ClientMsgId);
@@ -72,13 +83,13 @@ impl Shard {
         let mut recent: HashMap<IdemKey, Sent> = HashMap::new();
         let mut order: VecDeque<IdemKey> = VecDeque::new();
         while let Some(request) = self.rx.blocking_recv() {
-            let req = match request {
-                ShardRequest::Send(req) => req,
+            let item = match request {
+                ShardRequest::Send(req) => self.sequence(req, &mut convs, &mut recent, &mut order),
+                ShardRequest::Marks(req) => self.marks(req, &mut convs),
                 ShardRequest::Stop => break,
             };
-            let item = match self.sequence(req, &mut convs, &mut recent, &mut order) {
-                Some(item) => item,
-                None => continue,
+            let Some(item) = item else {
+                continue;
             };
             if self.commit.send(item).is_err() {
                 // The commit thread is gone: the router is shutting down. The reply inside the
@@ -86,6 +97,53 @@ impl Shard {
                 break;
             }
         }
+    }
+
+    /// Moves a member's marks forward (never back, never past the last message) and queues
+    /// the change; returns nothing when the marks did not move.
+    fn marks(
+        &mut self,
+        req: MarksRequest,
+        convs: &mut HashMap<ConversationId, ConvState>,
+    ) -> Option<CommitItem> {
+        if self.store.is_poisoned() {
+            return None;
+        }
+        let state = match convs.get_mut(&req.conversation) {
+            Some(s) => s,
+            None => match self.load(req.conversation) {
+                Ok(s) => convs.entry(req.conversation).or_insert(s),
+                Err(e) => {
+                    tracing::debug!(error = %e, "marks for an unknown conversation");
+                    return None;
+                }
+            },
+        };
+        if !state.members.contains(&req.user) {
+            return None;
+        }
+        let (delivered, read) = state.marks.get(&req.user).copied().unwrap_or((0, 0));
+        // Reading implies having received.
+        let new_read = read.max(req.read.min(state.last_seq));
+        let new_delivered = delivered
+            .max(req.delivered.min(state.last_seq))
+            .max(new_read);
+        if (new_delivered, new_read) == (delivered, read) {
+            return None;
+        }
+        state
+            .marks
+            .insert(req.user.clone(), (new_delivered, new_read));
+        Some(CommitItem::Marks {
+            receipt: crate::framing::Receipt {
+                conversation: req.conversation,
+                user: req.user,
+                delivered: new_delivered,
+                read: new_read,
+            },
+            read_moved: new_read != read,
+            members: state.members.clone(),
+        })
     }
 
     fn sequence(
@@ -149,6 +207,8 @@ impl Shard {
             id: key.2,
             body: req.body,
         };
+        // Sending counts as having read (and received) everything up to one's own message.
+        state.marks.insert(msg.from.clone(), (sent.seq, sent.seq));
         recent.insert(key.clone(), sent);
         order.push_back(key);
         while order.len() > self.recent_capacity {
@@ -168,9 +228,16 @@ impl Shard {
             .store
             .conversation(conv)?
             .ok_or(RouterError::NotMember(conv))?;
+        let marks = self
+            .store
+            .marks(conv)?
+            .into_iter()
+            .map(|(user, d, r)| (user, (d, r)))
+            .collect();
         Ok(ConvState {
             last_seq: self.store.last_seq(conv)?,
             members: record.members.into(),
+            marks,
         })
     }
 }

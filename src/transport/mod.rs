@@ -64,8 +64,10 @@ fn server_transport(config: &Config) -> Result<quinn::TransportConfig, Transport
     // Clients keep their connections alive (they know whether they want to stay online);
     // the server only notices when they stop.
     transport.keep_alive_interval(None);
-    // Typing and presence datagrams come with a later protocol feature; refuse them for now.
-    transport.datagram_receive_buffer_size(None);
+    // Typing indicators travel as datagrams (RFC 9221). Small buffers: a few dozen of them
+    // pending is plenty, and whatever does not fit is dropped, as datagrams may be.
+    transport.datagram_receive_buffer_size(Some(16 * 1024));
+    transport.datagram_send_buffer_size(16 * 1024);
     Ok(transport)
 }
 
@@ -121,6 +123,7 @@ impl Listener {
                 heartbeat: config.transport.heartbeat,
                 auth_timeout: config.auth.timeout,
                 server_id,
+                typing_per_second: config.presence.typing_per_second,
             }),
         })
     }
@@ -188,9 +191,11 @@ pub fn client_endpoint(
         .map_err(|e| TransportError::Setting(format!("TLS for QUIC: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    // The server opens one delivery stream per active conversation (32 by default).
-    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    // The server opens one delivery stream per active conversation (32 by default), each
+    // bidirectional so that the device's receipts go back on it.
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    transport.datagram_receive_buffer_size(Some(16 * 1024));
     transport.keep_alive_interval(Some(keep_alive));
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(30))

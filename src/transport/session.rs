@@ -14,9 +14,10 @@ use super::stream::{FrameReader, FrameWriter, StreamError};
 use crate::auth::{AuthError, TokenKeys, valid_name};
 use crate::config::Limits;
 use crate::framing::{
-    ClientFrame, ClientMsgId, ConversationId, ErrorCode, FrameError, PROTOCOL_VERSION, ServerFrame,
+    ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ErrorCode, FrameError,
+    PROTOCOL_VERSION, ServerDatagram, ServerFrame,
 };
-use crate::router::{DeviceFeed, Router, RouterError, Sent};
+use crate::router::{DeviceFeed, Push, Router, RouterError, Sent};
 
 /// How long a closing stream or connection waits for its last frames to reach the peer.
 const LINGER: Duration = Duration::from_secs(1);
@@ -32,6 +33,7 @@ pub(crate) struct Shared {
     pub(crate) heartbeat: Duration,
     pub(crate) auth_timeout: Duration,
     pub(crate) server_id: String,
+    pub(crate) typing_per_second: u32,
 }
 
 /// Why a connection or stream is being closed with an error.
@@ -117,9 +119,11 @@ pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shar
     tracing::Span::current().record("user", session.user.as_str());
     info!(device = %session.device, "authenticated");
     let session = Arc::new(session);
+    let (_presence, pushes) = shared.router.presence().connect(&session.user);
     tokio::select! {
-        () = session.clone().control_loop(reader, writer) => {}
+        () = session.clone().control_loop(reader, writer, pushes) => {}
         () = session.clone().accept_streams() => {}
+        () = session.clone().datagrams() => {}
         _ = conn.closed() => {}
     }
     debug!(reason = ?conn.close_reason(), "connection ended");
@@ -226,10 +230,26 @@ fn check_hello(
 
 impl Session {
     /// The control stream after `Welcome`: pings, sync, acks, listings.
-    async fn control_loop(self: Arc<Self>, mut reader: FrameReader, mut writer: FrameWriter) {
+    async fn control_loop(
+        self: Arc<Self>,
+        mut reader: FrameReader,
+        mut writer: FrameWriter,
+        mut pushes: mpsc::Receiver<Push>,
+    ) {
         let mut delivery: Option<AbortOnDrop> = None;
         loop {
-            let frame = match reader.next::<ClientFrame>().await {
+            // `FrameReader::next` keeps partial frames in the reader, so losing the race to a
+            // push loses no bytes.
+            let next = tokio::select! {
+                next = reader.next::<ClientFrame>() => next,
+                Some(push) = pushes.recv() => {
+                    if self.push(push, &mut writer).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let frame = match next {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
                     // The client finished its control stream: it is leaving.
@@ -250,6 +270,21 @@ impl Session {
                     self.shared.router.ack(&self.user, &self.device, cursor);
                     continue;
                 }
+                ClientFrame::Presence { request, user } => {
+                    match self.shared.router.presence().query(&self.user, &user).await {
+                        Ok((online, last_seen)) => ServerFrame::PresenceInfo {
+                            request,
+                            user,
+                            online,
+                            last_seen,
+                        },
+                        Err(e) => ServerFrame::Error {
+                            code: e.code(),
+                            message: e.to_string(),
+                            request: Some(request),
+                        },
+                    }
+                }
                 ClientFrame::ListConversations { request } => {
                     match self.shared.router.conversations(&self.user).await {
                         Ok(items) => ServerFrame::Conversations { request, items },
@@ -269,10 +304,8 @@ impl Session {
                     {
                         Ok(sub) => {
                             let span = debug_span!("delivery", cursor = sub.cursor);
-                            let task = tokio::spawn(
-                                deliver(self.conn.clone(), sub.feed, self.shared.limits.clone())
-                                    .instrument(span),
-                            );
+                            let task =
+                                tokio::spawn(self.clone().deliver(sub.feed).instrument(span));
                             delivery = Some(AbortOnDrop(task));
                             ServerFrame::SyncStarted {
                                 cursor: sub.cursor,
@@ -300,6 +333,84 @@ impl Session {
             if writer.send(&reply).await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// Sends a push: presence changes on the control stream, typing as a datagram.
+    async fn push(&self, push: Push, writer: &mut FrameWriter) -> Result<(), StreamError> {
+        match push {
+            Push::Presence {
+                user,
+                online,
+                last_seen,
+            } => {
+                writer
+                    .send(&ServerFrame::PresenceChanged {
+                        user,
+                        online,
+                        last_seen,
+                    })
+                    .await
+            }
+            Push::Typing { conversation, user } => {
+                let datagram = ServerDatagram::Typing { conversation, user };
+                if let Ok(bytes) = postcard::to_stdvec(&datagram) {
+                    // Lost if the peer does not take datagrams or its buffer is full: typing
+                    // indicators are allowed to be lost.
+                    let _ = self.conn.send_datagram(Bytes::from(bytes));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the client's datagrams: typing indicators, rate-limited, for members only.
+    async fn datagrams(self: Arc<Self>) {
+        let rate = f64::from(self.shared.typing_per_second);
+        let mut tokens = rate;
+        let mut last = Instant::now();
+        let mut members: HashMap<ConversationId, Arc<[String]>> = HashMap::new();
+        loop {
+            let Ok(bytes) = self.conn.read_datagram().await else {
+                return;
+            };
+            let Ok(ClientDatagram::Typing { conversation }) = postcard::from_bytes(&bytes) else {
+                close(
+                    &self.conn,
+                    &Refusal::new(ErrorCode::BAD_FRAME, "undecodable datagram"),
+                );
+                return;
+            };
+            let now = Instant::now();
+            tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+            last = now;
+            if tokens < 1.0 {
+                continue;
+            }
+            tokens -= 1.0;
+            let list = match members.get(&conversation) {
+                Some(list) => list.clone(),
+                None => match self.shared.router.members(&self.user, conversation).await {
+                    Ok(list) => {
+                        // A small cache: membership of a conversation one types in rarely
+                        // changes; bounded so a client cannot grow it without limit.
+                        if members.len() >= 64 {
+                            members.clear();
+                        }
+                        members.insert(conversation, list.clone());
+                        list
+                    }
+                    Err(_) => continue,
+                },
+            };
+            let push = Push::Typing {
+                conversation,
+                user: self.user.clone(),
+            };
+            self.shared
+                .router
+                .presence()
+                .push_to(&list, &self.user, &push);
         }
     }
 
@@ -336,6 +447,7 @@ impl Session {
                         let frame = ServerFrame::Opened {
                             conversation: opened.conversation,
                             members: opened.members,
+                            last_seq: opened.last_seq,
                         };
                         if writer.send(&frame).await.is_err() {
                             return;
@@ -406,6 +518,14 @@ impl Session {
                         },
                     },
                 ),
+                Ok(Some(ClientFrame::Delivered { up_to })) => {
+                    self.marks(conversation, up_to, 0).await;
+                    continue;
+                }
+                Ok(Some(ClientFrame::Read { up_to })) => {
+                    self.marks(conversation, 0, up_to).await;
+                    continue;
+                }
                 Ok(Some(other)) => {
                     let _ = pending_tx
                         .send(Pending::Frame(ServerFrame::error(
@@ -434,6 +554,17 @@ impl Session {
         if let Some(refusal) = violation {
             debug!(code = ?refusal.code, message = %refusal.message, "closing connection");
             close(&self.conn, &refusal);
+        }
+    }
+
+    async fn marks(&self, conversation: ConversationId, delivered: u64, read: u64) {
+        if let Err(e) = self
+            .shared
+            .router
+            .marks(conversation, &self.user, delivered, read)
+            .await
+        {
+            debug!(error = %e, "marks not recorded");
         }
     }
 
@@ -517,100 +648,146 @@ struct DeliveryStream {
     last_used: u64,
 }
 
-/// Pushes a device's feed out, one stream per conversation, so that a conversation whose
-/// stream is stalled (loss, flow control) does not hold up the frames of another.
-async fn deliver(conn: quinn::Connection, mut feed: DeviceFeed, limits: Limits) {
-    let mut streams: HashMap<ConversationId, DeliveryStream> = HashMap::new();
-    let mut closing: HashMap<ConversationId, JoinHandle<()>> = HashMap::new();
-    let mut tick: u64 = 0;
-    let mut scratch = bytes::BytesMut::new();
-    loop {
-        let batch = match feed.next_batch().await {
-            Ok(batch) => batch,
-            Err(e) => {
-                warn!(error = %e, "delivery stopped");
-                let refusal = Refusal::new(e.code(), e.to_string());
-                close(&conn, &refusal);
-                return;
-            }
-        };
-        for delivery in batch {
-            tick += 1;
-            let conversation = delivery.event.conversation();
-            let frame = ServerFrame::Event {
-                log: delivery.pos,
-                event: (*delivery.event).clone(),
+impl Session {
+    /// Pushes a device's feed out, one stream per conversation, so that a conversation whose
+    /// stream is stalled (loss, flow control) does not hold up the frames of another.
+    async fn deliver(self: Arc<Self>, mut feed: DeviceFeed) {
+        let conn = &self.conn;
+        let limits = &self.shared.limits;
+        let mut streams: HashMap<ConversationId, DeliveryStream> = HashMap::new();
+        let mut closing: HashMap<ConversationId, JoinHandle<()>> = HashMap::new();
+        let mut tick: u64 = 0;
+        let mut scratch = bytes::BytesMut::new();
+        loop {
+            let batch = match feed.next_batch().await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    warn!(error = %e, "delivery stopped");
+                    let refusal = Refusal::new(e.code(), e.to_string());
+                    close(conn, &refusal);
+                    return;
+                }
             };
-            if let Err(e) = crate::framing::codec::encode(&frame, limits.max_frame, &mut scratch) {
-                warn!(error = %e, pos = delivery.pos, "cannot encode event");
-                close(
-                    &conn,
-                    &Refusal::new(ErrorCode::INTERNAL, "cannot encode an event"),
-                );
-                return;
-            }
-            let bytes = scratch.split().freeze();
-            if !streams.contains_key(&conversation) {
-                if streams.len() >= limits.max_delivery_streams {
-                    let lru = streams
-                        .iter()
-                        .min_by_key(|(_, s)| s.last_used)
-                        .map(|(c, _)| *c);
-                    if let Some(old) = lru.and_then(|c| streams.remove_entry(&c)) {
-                        // Dropping the sender lets the task write what it holds and finish.
-                        closing.insert(old.0, old.1.task);
+            for delivery in batch {
+                tick += 1;
+                let conversation = delivery.event.conversation();
+                let frame = ServerFrame::Event {
+                    log: delivery.pos,
+                    event: (*delivery.event).clone(),
+                };
+                if let Err(e) =
+                    crate::framing::codec::encode(&frame, limits.max_frame, &mut scratch)
+                {
+                    warn!(error = %e, pos = delivery.pos, "cannot encode event");
+                    close(
+                        conn,
+                        &Refusal::new(ErrorCode::INTERNAL, "cannot encode an event"),
+                    );
+                    return;
+                }
+                let bytes = scratch.split().freeze();
+                if !streams.contains_key(&conversation) {
+                    if streams.len() >= limits.max_delivery_streams {
+                        let lru = streams
+                            .iter()
+                            .min_by_key(|(_, s)| s.last_used)
+                            .map(|(c, _)| *c);
+                        if let Some(old) = lru.and_then(|c| streams.remove_entry(&c)) {
+                            // Dropping the sender lets the task write what it holds and finish.
+                            closing.insert(old.0, old.1.task);
+                        }
                     }
+                    // Never two streams of one conversation at once: the client must see its
+                    // events in order, so a new stream waits until the old one is done.
+                    if let Some(old) = closing.remove(&conversation) {
+                        let _ = timeout(Duration::from_secs(5), old).await;
+                    }
+                    closing.retain(|_, t| !t.is_finished());
+                    let (tx, rx) = mpsc::channel(DELIVERY_STREAM_QUEUE);
+                    let task = tokio::spawn(
+                        self.clone()
+                            .delivery_stream(conversation, rx)
+                            .in_current_span(),
+                    );
+                    streams.insert(
+                        conversation,
+                        DeliveryStream {
+                            tx,
+                            task,
+                            last_used: tick,
+                        },
+                    );
                 }
-                // Never two streams of one conversation at once: the client must see its
-                // events in order, so a new stream waits until the old one is done.
-                if let Some(old) = closing.remove(&conversation) {
-                    let _ = timeout(Duration::from_secs(5), old).await;
+                let Some(stream) = streams.get_mut(&conversation) else {
+                    continue;
+                };
+                stream.last_used = tick;
+                if stream.tx.send(bytes).await.is_err() {
+                    // The stream task ended: the connection is gone.
+                    return;
                 }
-                closing.retain(|_, t| !t.is_finished());
-                let (tx, rx) = mpsc::channel(DELIVERY_STREAM_QUEUE);
-                let task = tokio::spawn(
-                    delivery_stream(conn.clone(), rx, limits.max_frame).in_current_span(),
-                );
-                streams.insert(
-                    conversation,
-                    DeliveryStream {
-                        tx,
-                        task,
-                        last_used: tick,
-                    },
-                );
             }
-            let Some(stream) = streams.get_mut(&conversation) else {
-                continue;
-            };
-            stream.last_used = tick;
-            if stream.tx.send(bytes).await.is_err() {
-                // The stream task ended: the connection is gone.
+        }
+    }
+
+    /// One delivery stream: events out; the device's `Delivered` and `Read` marks in.
+    async fn delivery_stream(
+        self: Arc<Self>,
+        conversation: ConversationId,
+        mut rx: mpsc::Receiver<Bytes>,
+    ) {
+        let max = self.shared.limits.max_frame;
+        let (send, recv) = match self.conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return debug!(error = %e, "cannot open delivery stream"),
+        };
+        let marks = tokio::spawn(
+            self.clone()
+                .read_marks(conversation, FrameReader::new(recv, max)),
+        );
+        let _marks = AbortOnDrop(marks);
+        let mut writer = FrameWriter::new(send, max);
+        let mut chunks = Vec::with_capacity(DELIVERY_STREAM_QUEUE);
+        while let Some(first) = rx.recv().await {
+            chunks.push(first);
+            while chunks.len() < DELIVERY_STREAM_QUEUE {
+                match rx.try_recv() {
+                    Ok(b) => chunks.push(b),
+                    Err(_) => break,
+                }
+            }
+            if writer.send_encoded(&mut chunks).await.is_err() {
                 return;
             }
+            chunks.clear();
         }
+        writer.finish(Duration::from_secs(5)).await;
     }
-}
 
-async fn delivery_stream(conn: quinn::Connection, mut rx: mpsc::Receiver<Bytes>, max: u32) {
-    let send = match conn.open_uni().await {
-        Ok(s) => s,
-        Err(e) => return debug!(error = %e, "cannot open delivery stream"),
-    };
-    let mut writer = FrameWriter::new(send, max);
-    let mut chunks = Vec::with_capacity(DELIVERY_STREAM_QUEUE);
-    while let Some(first) = rx.recv().await {
-        chunks.push(first);
-        while chunks.len() < DELIVERY_STREAM_QUEUE {
-            match rx.try_recv() {
-                Ok(b) => chunks.push(b),
-                Err(_) => break,
+    /// Reads the marks a device sends on a delivery stream.
+    async fn read_marks(self: Arc<Self>, conversation: ConversationId, mut reader: FrameReader) {
+        loop {
+            match reader.next::<ClientFrame>().await {
+                Ok(Some(ClientFrame::Delivered { up_to })) => {
+                    self.marks(conversation, up_to, 0).await
+                }
+                Ok(Some(ClientFrame::Read { up_to })) => self.marks(conversation, 0, up_to).await,
+                Ok(Some(other)) => {
+                    debug!(
+                        frame = other.name(),
+                        "unexpected frame on a delivery stream"
+                    );
+                    reader.stop(ErrorCode::UNEXPECTED_FRAME.0);
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    if let Some(refusal) = protocol_violation(&e) {
+                        close(&self.conn, &refusal);
+                    }
+                    return;
+                }
             }
         }
-        if writer.send_encoded(&mut chunks).await.is_err() {
-            return;
-        }
-        chunks.clear();
     }
-    writer.finish(Duration::from_secs(5)).await;
 }

@@ -68,6 +68,11 @@ impl FrameReader {
         }
     }
 
+    /// Whether a whole frame is already buffered (the next `next` will not wait).
+    pub fn has_frame(&self) -> bool {
+        codec::frame_bounds(&self.buf, self.max).is_ok()
+    }
+
     /// Tells the peer to stop sending on this stream.
     pub fn stop(&mut self, code: u16) {
         let _ = self.stream.stop(quinn::VarInt::from(code));

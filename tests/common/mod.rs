@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use plover::auth::{TokenKeys, load_or_create_secret};
-use plover::client::{ClientConfig, Connection, EventStream, LogEvent};
+use plover::client::{ClientConfig, Connection, EventStream, Incoming, LogEvent};
 use plover::config::Config;
 use plover::framing::Event;
 use plover::router::Router;
@@ -125,8 +125,8 @@ impl TestServer {
     }
 }
 
-/// The next event within five seconds, as a message body string.
-pub async fn next_event(events: &mut EventStream) -> LogEvent {
+/// The next item of any kind within five seconds.
+pub async fn next_incoming(events: &mut EventStream) -> Incoming {
     tokio::time::timeout(Duration::from_secs(5), events.next())
         .await
         .expect("an event within 5 s")
@@ -134,16 +134,52 @@ pub async fn next_event(events: &mut EventStream) -> LogEvent {
         .expect("no error")
 }
 
-pub fn text(event: &LogEvent) -> String {
-    match &event.event {
-        Event::Message(m) => String::from_utf8_lossy(&m.body).into_owned(),
+/// The next sync-log event within five seconds (presence and typing are skipped).
+pub async fn next_log(events: &mut EventStream) -> LogEvent {
+    loop {
+        if let Incoming::Log(e) = next_incoming(events).await {
+            return e;
+        }
     }
 }
 
-/// Asserts that no event arrives within `wait`.
+/// The next message event within five seconds (receipts, presence and typing are skipped).
+pub async fn next_event(events: &mut EventStream) -> LogEvent {
+    loop {
+        let e = next_log(events).await;
+        if matches!(e.event, Event::Message(_)) {
+            return e;
+        }
+    }
+}
+
+/// The next receipt within five seconds (other items are skipped).
+pub async fn next_receipt(events: &mut EventStream) -> plover::framing::Receipt {
+    loop {
+        if let Event::Receipt(r) = next_log(events).await.event {
+            return r;
+        }
+    }
+}
+
+pub fn text(event: &LogEvent) -> String {
+    match &event.event {
+        Event::Message(m) => String::from_utf8_lossy(&m.body).into_owned(),
+        other => panic!("not a message: {other:?}"),
+    }
+}
+
+/// Asserts that no message arrives within `wait` (receipts, presence and typing may).
 pub async fn assert_quiet(events: &mut EventStream, wait: Duration) {
-    if let Ok(Some(e)) = tokio::time::timeout(wait, events.next()).await {
-        panic!("unexpected event {e:?}");
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(e)) = tokio::time::timeout_at(deadline, events.next()).await {
+        if let Ok(Incoming::Log(LogEvent {
+            event: Event::Message(m),
+            ..
+        })) = e
+        {
+            panic!("unexpected message {m:?}");
+        }
     }
 }
 
