@@ -256,6 +256,9 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                 Event::Message(m) if m.conversation == state.conversation => {
                     state.add(m);
                     state.typing.remove(&m.from);
+                    // A sender has read everything up to their own message.
+                    let marks = state.marks.entry(m.from.clone()).or_insert((0, 0));
+                    *marks = (marks.0.max(m.seq), marks.1.max(m.seq));
                     if m.from != me && m.seq > read_up_to {
                         // The window is open: what arrives is read.
                         read_up_to = m.seq;

@@ -82,10 +82,11 @@ impl ControlWaiters {
 pub struct Connection {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
-    control: tokio::sync::Mutex<FrameWriter>,
+    control: Arc<tokio::sync::Mutex<FrameWriter>>,
     waiters: Arc<Mutex<ControlWaiters>>,
     pushes: Mutex<Option<mpsc::Receiver<ControlPush>>>,
     control_reader: tokio::task::JoinHandle<()>,
+    heartbeat: tokio::task::JoinHandle<()>,
     welcome: Welcome,
     next_request: AtomicU32,
 }
@@ -93,6 +94,26 @@ pub struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.control_reader.abort();
+        self.heartbeat.abort();
+    }
+}
+
+/// Sends `Ping` every `interval` (the server's heartbeat) so that the connection is never idle
+/// long enough to be taken for dead. The `Pong`s are ignored: QUIC notices a dead peer.
+async fn heartbeat(control: Arc<tokio::sync::Mutex<FrameWriter>>, interval: Duration) {
+    let mut nonce = u64::MAX / 2;
+    loop {
+        tokio::time::sleep(interval).await;
+        nonce += 1;
+        if control
+            .lock()
+            .await
+            .send(&ClientFrame::Ping { nonce })
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }
 
@@ -188,10 +209,16 @@ impl Connection {
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let control_reader =
             tokio::spawn(read_control(reader, waiters.clone(), push_tx, conn.clone()));
+        let control = Arc::new(tokio::sync::Mutex::new(writer));
+        let heartbeat = tokio::spawn(heartbeat(
+            control.clone(),
+            welcome.heartbeat.max(Duration::from_millis(100)),
+        ));
         Ok(Self {
             endpoint,
             conn,
-            control: tokio::sync::Mutex::new(writer),
+            control,
+            heartbeat,
             waiters,
             pushes: Mutex::new(Some(push_rx)),
             control_reader,

@@ -284,8 +284,8 @@ async fn drive(
     }
 }
 
-/// Reads the delivery streams, pushes and datagrams of one connection, acknowledges the
-/// cursor and sends heartbeats. Returns true when asked to stop, false when the connection
+/// Reads the delivery streams, pushes and datagrams of one connection and acknowledges the
+/// cursor (the connection sends its own heartbeats). Returns true when asked to stop, false when the connection
 /// failed.
 async fn run_connection(
     conn: &Connection,
@@ -297,7 +297,6 @@ async fn run_connection(
     let max = conn.welcome().max_frame;
     let mut readers = tokio::task::JoinSet::new();
     let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
-    let mut heartbeat = tokio::time::interval(conn.welcome().heartbeat.max(Duration::from_secs(1)));
     let mut pushes = conn.take_pushes();
     let mut acked = *ack_rx.borrow();
     loop {
@@ -332,11 +331,6 @@ async fn run_connection(
                 let cursor = *ack_rx.borrow();
                 if cursor > acked && conn.control_send(ClientFrame::Ack { cursor }).await.is_ok() {
                     acked = cursor;
-                }
-            }
-            _ = heartbeat.tick() => {
-                if let Err(e) = conn.ping().await {
-                    debug!(error = %e, "heartbeat failed");
                 }
             }
             Some(_) = readers.join_next(), if !readers.is_empty() => {}

@@ -1,0 +1,87 @@
+//! Typing indicators: datagrams to the other members' online devices, rate-limited, for
+//! members only, never stored.
+mod common;
+
+use common::{TestServer, next_incoming};
+use plover::client::{EventStream, Incoming};
+use plover::framing::Target;
+use std::time::Duration;
+
+async fn typing_within(events: &mut EventStream, wait: Duration) -> Vec<(u64, String)> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(item)) = tokio::time::timeout_at(deadline, events.next()).await {
+        if let Ok(Incoming::Typing { conversation, user }) = item {
+            seen.push((conversation, user));
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn typing_reaches_the_peer_only_and_is_not_stored() {
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let alice = server.connect("alice", "phone").await;
+    let conv = alice
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    let id = conv.id();
+    let mut bob = EventStream::start(server.config("bob", "phone"), None);
+    let mut alice_laptop = EventStream::start(server.config("alice", "laptop"), None);
+    assert!(bob.synced().await && alice_laptop.synced().await);
+    let store = server.router.store().clone();
+    let heads = (
+        store.log_head("alice").expect("head"),
+        store.log_head("bob").expect("head"),
+    );
+
+    alice.typing(id).expect("datagram");
+    match next_incoming(&mut bob).await {
+        Incoming::Typing { conversation, user } => {
+            assert_eq!((conversation, user.as_str()), (id, "alice"));
+        }
+        other => panic!("expected typing, got {other:?}"),
+    }
+    // Not to the typist's own devices; not stored in anyone's log.
+    assert!(
+        typing_within(&mut alice_laptop, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        (
+            store.log_head("alice").expect("head"),
+            store.log_head("bob").expect("head")
+        ),
+        heads
+    );
+
+    // A non-member's indicator goes nowhere.
+    let mallory = server.connect("mallory", "d").await;
+    mallory.typing(id).expect("datagram");
+    assert!(
+        typing_within(&mut bob, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+
+    // A flood is cut to the rate limit (5 a second by default, with a burst of 5).
+    for _ in 0..50 {
+        alice.typing(id).expect("datagram");
+    }
+    let got = typing_within(&mut bob, Duration::from_millis(600)).await;
+    assert!(
+        !got.is_empty() && got.len() <= 8,
+        "{} indicators passed",
+        got.len()
+    );
+
+    bob.close().await;
+    alice_laptop.close().await;
+    mallory.close().await;
+    drop(conv);
+    alice.close().await;
+    server.stop().await;
+}
