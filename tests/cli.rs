@@ -125,10 +125,57 @@ async fn two_people_chat_from_two_terminals() {
     assert!(stdout(&out).contains("second"), "{}", stdout(&out));
     assert_eq!(stdout(&out).lines().count(), 1);
 
-    let out = run(&alice, &["conversations", "--json"]);
+    let out = run(&bob, &["conversations", "--json"]);
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
     assert_eq!(v["members"], serde_json::json!(["alice", "bob"]));
     assert_eq!(v["last_seq"], 2);
+    assert_eq!(v["unread"], 2);
+
+    // Bob reads; alice's listener shows the receipt; unread drops to 0.
+    let out = run(&bob, &["read", "--with", "alice"]);
+    assert_eq!(stdout(&out).trim(), "read conversation=1 up_to=2", "{}", stderr(&out));
+    let out = run(&bob, &["conversations", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["unread"], 0);
+    assert_eq!(v["read"], 2);
+    // Alice's listener, from the start of her log, shows bob's receipts as JSON lines.
+    let mut listener = Command::new(env!("CARGO_BIN_EXE_plover"))
+        .args(["listen", "--json", "--cursor", "0"])
+        .current_dir(&d)
+        .env("PLOVER_SERVER", &addr)
+        .env("PLOVER_CA", d.join("certs").join("cert.pem"))
+        .env("PLOVER_TOKEN", &alice)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("listen");
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(
+        listener.stdout.take().expect("stdout"),
+    ));
+    let mut read_receipt = None;
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(&line.expect("utf-8")).expect("json");
+        if v["type"] == "receipt" && v["read"] == 2 {
+            read_receipt = Some(v);
+            break;
+        }
+    }
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let v = read_receipt.expect("a read receipt line");
+    assert_eq!(v["conversation"], 1);
+    assert_eq!(v["user"], "bob");
+    assert_eq!(v["delivered"], 2);
+
+    // Presence: online/last seen for a peer, refused for a stranger.
+    let out = run(&alice, &["presence", "bob"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = stdout(&out);
+    assert!(line.starts_with("last seen 20") || line.trim() == "online", "{line}");
+    let carol = token(&d, "carol", &[]);
+    let out = run(&carol, &["presence", "bob"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("forbidden"), "{}", stderr(&out));
 
     // Clear errors and non-zero exits.
     let out = run(&alice, &["send", "--to", "nobody", "hi"]);
