@@ -17,6 +17,7 @@ fn event(body: usize) -> ServerFrame {
             ts: 1_795_000_000_000,
             id: ClientMsgId([7; 16]),
             body: Bytes::from(vec![b'x'; body]),
+            change: None,
         }),
     }
 }

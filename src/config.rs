@@ -150,6 +150,13 @@ pub struct Limits {
     pub inflight_sends: usize,
     /// Most messages one history page may hold.
     pub history_page: u32,
+    /// Most members a group may have. WhatsApp's figure: large enough for a community, small
+    /// enough that one message's fan-out (a log entry per member) stays a few milliseconds.
+    pub max_group: usize,
+    /// Largest conversation whose delivered/read receipts are pushed to every member. Above
+    /// it, receipts are stored and served on request (`plover receipts`), since pushing them
+    /// would cost members² events per message.
+    pub receipt_fanout: usize,
 }
 
 impl Default for Limits {
@@ -163,6 +170,8 @@ impl Default for Limits {
             outbound_queue: 1024,
             inflight_sends: 256,
             history_page: 500,
+            max_group: 1024,
+            receipt_fanout: 32,
         }
     }
 }
@@ -267,6 +276,9 @@ impl Config {
         }
         if self.limits.max_delivery_streams == 0 || self.limits.history_page == 0 {
             return invalid("limits.max_delivery_streams and limits.history_page must be positive");
+        }
+        if self.limits.max_group < 2 {
+            return invalid("limits.max_group must be at least 2");
         }
         if self.store.commit_batch == 0 || self.store.shards == 0 {
             return invalid("store.commit_batch and store.shards must be positive");

@@ -15,7 +15,7 @@ use std::time::Duration;
 use plover::auth::{TokenKeys, secret_for};
 use plover::client::{Client, ClientConfig, Connection, EventStream, Incoming};
 use plover::config::{Config, Durability};
-use plover::framing::{ConversationKind, Event, Message, Target};
+use plover::framing::{ConversationKind, Event, MemberChange, Message, Target};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +48,91 @@ enum Command {
     Presence(PresenceArgs),
     /// An interactive terminal chat.
     Chat(ChatArgs),
+    /// Create and manage groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Who has received and read a conversation's messages.
+    Receipts(ReceiptsArgs),
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group; prints `conversation=<id>`.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The group's title.
+        title: String,
+        /// The other members, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<String>,
+    },
+    /// Add a member (admins only).
+    Add {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The group's conversation id.
+        id: u64,
+        /// Who.
+        user: String,
+    },
+    /// Remove a member (admins only).
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The group's conversation id.
+        id: u64,
+        /// Who.
+        user: String,
+    },
+    /// Leave a group.
+    Leave {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The group's conversation id.
+        id: u64,
+    },
+    /// Make a member an admin (admins only).
+    Promote {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The group's conversation id.
+        id: u64,
+        /// Who.
+        user: String,
+    },
+    /// List a group's members with their roles.
+    Members {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The group's conversation id.
+        id: u64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ReceiptsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The other user of a direct conversation.
+    #[arg(
+        long,
+        conflicts_with = "conversation",
+        required_unless_present = "conversation"
+    )]
+    with: Option<String>,
+    /// A conversation id.
+    #[arg(long)]
+    conversation: Option<u64>,
+    /// One message: who has it and who read it [default: every member's marks].
+    #[arg(long)]
+    seq: Option<u64>,
+    /// One JSON object per line (per member), or one object for `--seq`.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -279,6 +364,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Conversations(args) => conversations(args).await,
         Command::Read(args) => read(args).await,
         Command::Presence(args) => presence(args).await,
+        Command::Group(command) => group(command).await,
+        Command::Receipts(args) => receipts(args).await,
         Command::Chat(args) => {
             let target = target(args.with, args.conversation)?;
             chat::run(args.client.config()?, target).await
@@ -370,14 +457,52 @@ async fn send(args: SendArgs) -> Result<()> {
 }
 
 fn message_json(m: &Message) -> serde_json::Value {
-    json!({
-        "type": "message",
+    let Some(change) = &m.change else {
+        return json!({
+            "type": "message",
+            "conversation": m.conversation,
+            "seq": m.seq,
+            "from": m.from,
+            "text": String::from_utf8_lossy(&m.body),
+            "ts": m.ts,
+        });
+    };
+    let mut v = json!({
+        "type": "member",
         "conversation": m.conversation,
         "seq": m.seq,
         "from": m.from,
-        "text": String::from_utf8_lossy(&m.body),
         "ts": m.ts,
-    })
+    });
+    let fields = match change {
+        MemberChange::Created { title, members } => {
+            json!({"action": "created", "title": title, "members": members})
+        }
+        MemberChange::Added { user } => json!({"action": "added", "user": user}),
+        MemberChange::Removed { user } => json!({"action": "removed", "user": user}),
+        MemberChange::Left { promoted } => json!({"action": "left", "promoted": promoted}),
+        MemberChange::Promoted { user } => json!({"action": "promoted", "user": user}),
+    };
+    if let (Some(v), Some(fields)) = (v.as_object_mut(), fields.as_object()) {
+        v.extend(fields.clone());
+    }
+    v
+}
+
+/// A membership change in words, as the CLI and the chat show it.
+pub(crate) fn describe_change(from: &str, change: &MemberChange) -> String {
+    match change {
+        MemberChange::Created { title, members } => {
+            format!("{from} created {title:?} with {}", members.join(", "))
+        }
+        MemberChange::Added { user } => format!("{from} added {user}"),
+        MemberChange::Removed { user } => format!("{from} removed {user}"),
+        MemberChange::Left { promoted: None } => format!("{from} left"),
+        MemberChange::Left {
+            promoted: Some(user),
+        } => format!("{from} left; {user} is now an admin"),
+        MemberChange::Promoted { user } => format!("{from} made {user} an admin"),
+    }
 }
 
 fn incoming_json(incoming: &Incoming) -> serde_json::Value {
@@ -436,15 +561,22 @@ fn rfc3339(ms: u64) -> String {
 }
 
 fn message_line(m: &Message) -> String {
-    let time =
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(m.ts));
-    format!(
-        "[{time}] conversation {} #{} {}: {}",
-        m.conversation,
-        m.seq,
-        m.from,
-        String::from_utf8_lossy(&m.body)
-    )
+    let time = rfc3339(m.ts);
+    match &m.change {
+        None => format!(
+            "[{time}] conversation {} #{} {}: {}",
+            m.conversation,
+            m.seq,
+            m.from,
+            String::from_utf8_lossy(&m.body)
+        ),
+        Some(change) => format!(
+            "[{time}] conversation {} #{} -- {} --",
+            m.conversation,
+            m.seq,
+            describe_change(&m.from, change)
+        ),
+    }
 }
 
 fn print_line(line: &str) -> Result<()> {
@@ -537,6 +669,7 @@ async fn conversations(args: ConversationsArgs) -> Result<()> {
     for c in items.context("listing conversations")? {
         let kind = match c.kind {
             ConversationKind::Direct => "direct",
+            ConversationKind::Group => "group",
         };
         let me = conn_user.as_str();
         let read = c.marks.iter().find(|m| m.user == me).map_or(0, |m| m.read);
@@ -545,6 +678,8 @@ async fn conversations(args: ConversationsArgs) -> Result<()> {
                 "type": "conversation",
                 "conversation": c.conversation,
                 "kind": kind,
+                "title": c.title,
+                "member_count": c.member_count,
                 "members": c.members,
                 "last_seq": c.last_seq,
                 "read": read,
@@ -563,10 +698,19 @@ async fn conversations(args: ConversationsArgs) -> Result<()> {
                 .filter(|m| m.user != me)
                 .map(|m| format!("{} delivered={} read={}", m.user, m.delivered, m.read))
                 .collect();
+            let who = if c.members.is_empty() {
+                format!("{} members", c.member_count)
+            } else {
+                c.members.join(", ")
+            };
+            let name = if c.title.is_empty() {
+                who
+            } else {
+                format!("{:?} ({who})", c.title)
+            };
             format!(
-                "{:>6}  {kind:<7} {:<24} last_seq={} unread={}  {}",
+                "{:>6}  {kind:<7} {name:<24} last_seq={} unread={}  {}",
                 c.conversation,
-                c.members.join(", "),
                 c.last_seq,
                 c.unread,
                 others.join("; ")
@@ -609,6 +753,161 @@ async fn presence(args: PresenceArgs) -> Result<()> {
         println!("never seen");
     } else {
         println!("last seen {}", rfc3339(last_seen));
+    }
+    Ok(())
+}
+
+async fn group(command: GroupCommand) -> Result<()> {
+    match command {
+        GroupCommand::Create {
+            client,
+            title,
+            members,
+        } => {
+            let conn = Connection::connect(&client.config()?).await?;
+            let created = conn.create_group(&title, &members).await;
+            conn.close().await;
+            println!("conversation={}", created?);
+            Ok(())
+        }
+        GroupCommand::Add { client, id, user } => membership(client, id, GroupOp::Add(user)).await,
+        GroupCommand::Remove { client, id, user } => {
+            membership(client, id, GroupOp::Remove(user)).await
+        }
+        GroupCommand::Leave { client, id } => membership(client, id, GroupOp::Leave).await,
+        GroupCommand::Promote { client, id, user } => {
+            membership(client, id, GroupOp::Promote(user)).await
+        }
+        GroupCommand::Members { client, id, json } => {
+            let conn = Connection::connect(&client.config()?).await?;
+            let result = async {
+                let conv = conn.open(Target::Conversation(id), false).await?;
+                Ok::<_, anyhow::Error>(conv.all_members().await?)
+            }
+            .await;
+            conn.close().await;
+            for m in result? {
+                let line = if json {
+                    json!({
+                        "type": "member_info",
+                        "conversation": id,
+                        "user": m.user,
+                        "admin": m.admin,
+                        "since": m.since,
+                        "delivered": m.delivered,
+                        "read": m.read,
+                    })
+                    .to_string()
+                } else {
+                    let role = if m.admin { "admin" } else { "member" };
+                    format!("{:<24} {role:<7} since #{}", m.user, m.since)
+                };
+                print_line(&line)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A membership change asked for on the command line.
+enum GroupOp {
+    Add(String),
+    Remove(String),
+    Leave,
+    Promote(String),
+}
+
+/// Runs one membership change on a group and prints its outcome.
+async fn membership(client: ClientArgs, id: u64, op: GroupOp) -> Result<()> {
+    let conn = Connection::connect(&client.config()?).await?;
+    let result = async {
+        let conv = conn.open(Target::Conversation(id), false).await?;
+        let seq = match op {
+            GroupOp::Add(user) => conv.add_member(&user).await?,
+            GroupOp::Remove(user) => conv.remove_member(&user).await?,
+            GroupOp::Leave => conv.leave().await?,
+            GroupOp::Promote(user) => conv.promote(&user).await?,
+        };
+        Ok::<_, anyhow::Error>(seq)
+    }
+    .await;
+    conn.close().await;
+    match result? {
+        0 => println!("unchanged conversation={id}"),
+        seq => println!("done conversation={id} seq={seq}"),
+    }
+    Ok(())
+}
+
+async fn receipts(args: ReceiptsArgs) -> Result<()> {
+    let conn = Connection::connect(&args.client.config()?).await?;
+    let me = conn.user().to_owned();
+    let target = target(args.with, args.conversation)?;
+    let result = async {
+        let conv = conn.open(target, false).await?;
+        Ok::<_, anyhow::Error>((conv.id(), conv.all_members().await?))
+    }
+    .await;
+    conn.close().await;
+    let (id, members) = result?;
+    let Some(seq) = args.seq else {
+        for m in members {
+            let line = if args.json {
+                json!({"type": "receipt", "conversation": id, "user": m.user,
+                       "delivered": m.delivered, "read": m.read})
+                .to_string()
+            } else {
+                format!(
+                    "{:<24} delivered up to #{:<8} read up to #{}",
+                    m.user, m.delivered, m.read
+                )
+            };
+            print_line(&line)?;
+        }
+        return Ok(());
+    };
+    // One message: everyone but its sender (who has it by definition), as far as they were
+    // members when it was sent.
+    let others: Vec<_> = members
+        .iter()
+        .filter(|m| m.user != me && m.since <= seq)
+        .collect();
+    let read: Vec<&str> = others
+        .iter()
+        .filter(|m| m.read >= seq)
+        .map(|m| m.user.as_str())
+        .collect();
+    let delivered: Vec<&str> = others
+        .iter()
+        .filter(|m| m.delivered >= seq)
+        .map(|m| m.user.as_str())
+        .collect();
+    let waiting: Vec<&str> = others
+        .iter()
+        .filter(|m| m.delivered < seq)
+        .map(|m| m.user.as_str())
+        .collect();
+    let all_delivered = waiting.is_empty();
+    let all_read = read.len() == others.len();
+    if args.json {
+        let v = json!({"type": "message_receipts", "conversation": id, "seq": seq,
+                       "delivered": delivered, "read": read, "waiting": waiting,
+                       "delivered_to_all": all_delivered, "read_by_all": all_read});
+        println!("{v}");
+    } else {
+        println!("delivered to: {}", delivered.join(", "));
+        println!("read by: {}", read.join(", "));
+        println!("waiting: {}", waiting.join(", "));
+        println!(
+            "{}",
+            if all_read {
+                "read by all"
+            } else if all_delivered {
+                "delivered to all"
+            } else {
+                "not yet delivered to all"
+            }
+        );
     }
     Ok(())
 }

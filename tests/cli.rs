@@ -133,7 +133,12 @@ async fn two_people_chat_from_two_terminals() {
 
     // Bob reads; alice's listener shows the receipt; unread drops to 0.
     let out = run(&bob, &["read", "--with", "alice"]);
-    assert_eq!(stdout(&out).trim(), "read conversation=1 up_to=2", "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        "read conversation=1 up_to=2",
+        "{}",
+        stderr(&out)
+    );
     let out = run(&bob, &["conversations", "--json"]);
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
     assert_eq!(v["unread"], 0);
@@ -171,7 +176,10 @@ async fn two_people_chat_from_two_terminals() {
     let out = run(&alice, &["presence", "bob"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let line = stdout(&out);
-    assert!(line.starts_with("last seen 20") || line.trim() == "online", "{line}");
+    assert!(
+        line.starts_with("last seen 20") || line.trim() == "online",
+        "{line}"
+    );
     let carol = token(&d, "carol", &[]);
     let out = run(&carol, &["presence", "bob"]);
     assert!(!out.status.success());

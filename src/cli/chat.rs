@@ -22,7 +22,7 @@ use plover::client::{
     Ack, ClientConfig, ClientError, Connection, Conversation, EventStream, Incoming, TYPING_REPEAT,
     TYPING_TTL,
 };
-use plover::framing::{ClientMsgId, Event, Message, Target};
+use plover::framing::{ClientMsgId, Event, MemberChange, Message, Target};
 
 /// Messages shown on open.
 const BACKLOG: u32 = 50;
@@ -41,6 +41,8 @@ struct Shown {
     from: String,
     text: String,
     ts: u64,
+    /// A membership change, shown as a line of its own.
+    system: bool,
 }
 
 /// An own message not yet acknowledged.
@@ -51,6 +53,8 @@ struct Pending {
 
 struct State {
     me: String,
+    /// A group's title, or empty for a direct conversation.
+    title: String,
     members: Vec<String>,
     conversation: u64,
     messages: BTreeMap<u64, Shown>,
@@ -112,14 +116,34 @@ impl State {
     }
 
     fn add(&mut self, m: &Message) {
+        let (text, system) = match &m.change {
+            None => (String::from_utf8_lossy(&m.body).into_owned(), false),
+            Some(change) => (crate::describe_change(&m.from, change), true),
+        };
         self.messages.insert(
             m.seq,
             Shown {
                 from: m.from.clone(),
-                text: String::from_utf8_lossy(&m.body).into_owned(),
+                text,
                 ts: m.ts,
+                system,
             },
         );
+    }
+
+    /// Keeps the member list in step with membership events that arrive live.
+    fn apply(&mut self, change: &MemberChange, from: &str) {
+        match change {
+            MemberChange::Added { user } => {
+                if !self.members.contains(user) {
+                    self.members.push(user.clone());
+                    self.members.sort();
+                }
+            }
+            MemberChange::Removed { user } => self.members.retain(|m| m != user),
+            MemberChange::Left { .. } => self.members.retain(|m| m != from),
+            MemberChange::Created { .. } | MemberChange::Promoted { .. } => {}
+        }
     }
 }
 
@@ -144,9 +168,11 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
     let conn = Arc::new(Connection::connect(&config).await?);
     let conv = Arc::new(conn.open(target, true).await?);
     let me = conn.user().to_owned();
+    let roster = conv.all_members().await?;
     let mut state = State {
         me: me.clone(),
-        members: conv.members().to_vec(),
+        title: conv.title().to_owned(),
+        members: roster.iter().map(|m| m.user.clone()).collect(),
         conversation: conv.id(),
         messages: BTreeMap::new(),
         pending: Vec::new(),
@@ -163,17 +189,22 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
     for m in &history {
         state.add(m);
     }
-    if let Some(info) = conn
-        .conversations()
-        .await?
-        .into_iter()
-        .find(|c| c.conversation == conv.id())
-    {
-        for m in info.marks {
-            state.marks.insert(m.user, (m.delivered, m.read));
-        }
+    for m in roster {
+        state.marks.insert(m.user, (m.delivered, m.read));
     }
-    for peer in state.members.iter().filter(|m| **m != me) {
+    // Presence lines make sense for a direct conversation (and a small group's header shows
+    // typing only).
+    let peers: Vec<String> = if state.members.len() == 2 {
+        state
+            .members
+            .iter()
+            .filter(|m| **m != me)
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for peer in &peers {
         if let Ok((online, last_seen)) = conn.presence(peer).await {
             let value = if online { 0 } else { last_seen };
             state.presence.insert(peer.clone(), Some(value));
@@ -243,6 +274,7 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                             from: me.clone(),
                             text: pending.text,
                             ts: ack.ts,
+                            system: false,
                         });
                     }
                 }
@@ -255,6 +287,9 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
             Input::Incoming(Incoming::Log(e)) => match &e.event {
                 Event::Message(m) if m.conversation == state.conversation => {
                     state.add(m);
+                    if let Some(change) = &m.change {
+                        state.apply(change, &m.from);
+                    }
                     state.typing.remove(&m.from);
                     // A sender has read everything up to their own message.
                     let marks = state.marks.entry(m.from.clone()).or_insert((0, 0));
@@ -330,17 +365,18 @@ fn draw(frame: &mut ratatui::Frame<'_>, state: &State) {
     ])
     .areas(frame.area());
 
-    let title = format!(
-        " {} · conversation {} ",
+    let name = if state.title.is_empty() {
         state
             .members
             .iter()
             .filter(|m| **m != state.me)
             .cloned()
             .collect::<Vec<_>>()
-            .join(", "),
-        state.conversation
-    );
+            .join(", ")
+    } else {
+        state.title.clone()
+    };
+    let title = format!(" {name} · conversation {} ", state.conversation);
     frame.render_widget(
         Paragraph::new(Line::from(vec![
             Span::styled(title, Style::default().add_modifier(Modifier::BOLD)),
@@ -352,6 +388,15 @@ fn draw(frame: &mut ratatui::Frame<'_>, state: &State) {
 
     let mut lines: Vec<Line<'_>> = Vec::new();
     for (seq, m) in &state.messages {
+        if m.system {
+            lines.push(Line::from(Span::styled(
+                format!("{} -- {} --", clock(m.ts), m.text),
+                Style::default()
+                    .fg(Color::DarkGray)
+                    .add_modifier(Modifier::ITALIC),
+            )));
+            continue;
+        }
         let mut spans = vec![
             Span::styled(
                 format!("{} ", clock(m.ts)),

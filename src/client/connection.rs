@@ -9,8 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{ClientConfig, ClientError};
 use crate::framing::{
-    ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Message,
-    PROTOCOL_VERSION, ServerFrame, Target,
+    ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ConversationKind,
+    ErrorCode, MemberInfo, Message, PROTOCOL_VERSION, ServerFrame, Target,
 };
 use crate::transport::stream::{FrameReader, FrameWriter};
 
@@ -335,19 +335,57 @@ impl Connection {
         }
     }
 
-    /// The caller's conversations.
+    /// All the caller's conversations, by id (fetched page by page).
     pub async fn conversations(&self) -> Result<Vec<ConversationInfo>, ClientError> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let request = self.request_id();
+            let frame = ClientFrame::ListConversations {
+                request,
+                after,
+                limit: 100,
+            };
+            match self
+                .control_request(frame, Some(Awaiting::Request(request)))
+                .await?
+            {
+                ServerFrame::Conversations { items, more, .. } => {
+                    after = items.last().map_or(after, |c| c.conversation);
+                    let empty = items.is_empty();
+                    all.extend(items);
+                    if !more || empty {
+                        return Ok(all);
+                    }
+                }
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected Conversations, got {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Creates a group with this user as its first admin; returns its id.
+    pub async fn create_group(
+        &self,
+        title: &str,
+        members: &[String],
+    ) -> Result<ConversationId, ClientError> {
         let request = self.request_id();
+        let frame = ClientFrame::CreateGroup {
+            request,
+            title: title.to_owned(),
+            members: members.to_vec(),
+        };
         match self
-            .control_request(
-                ClientFrame::ListConversations { request },
-                Some(Awaiting::Request(request)),
-            )
+            .control_request(frame, Some(Awaiting::Request(request)))
             .await?
         {
-            ServerFrame::Conversations { request: r, items } if r == request => Ok(items),
+            ServerFrame::GroupCreated { conversation, .. } => Ok(conversation),
             other => Err(ClientError::Protocol(format!(
-                "expected Conversations, got {other:?}"
+                "expected GroupCreated, got {other:?}"
             ))),
         }
     }
@@ -376,12 +414,24 @@ impl Connection {
             .send(&ClientFrame::Open { target, create })
             .await
             .map_err(|e| stream_failure(&self.conn, e))?;
-        let (id, members, last_seq) = match reader.next::<ServerFrame>().await {
+        let info = match reader.next::<ServerFrame>().await {
             Ok(Some(ServerFrame::Opened {
                 conversation,
+                kind,
+                title,
+                member_count,
                 members,
+                admins,
                 last_seq,
-            })) => (conversation, members, last_seq),
+            })) => OpenedInfo {
+                id: conversation,
+                kind,
+                title,
+                member_count,
+                members,
+                admins,
+                last_seq,
+            },
             Ok(Some(ServerFrame::Error { code, message, .. })) => {
                 return Err(refused(code, message));
             }
@@ -396,9 +446,7 @@ impl Connection {
         let waiters = Arc::new(Mutex::new(Waiters::default()));
         let task = tokio::spawn(read_answers(reader, waiters.clone(), self.conn.clone()));
         Ok(Conversation {
-            id,
-            members,
-            last_seq,
+            info,
             writer: tokio::sync::Mutex::new(writer),
             waiters,
             next_request: AtomicU32::new(1),
@@ -517,12 +565,12 @@ fn closed_reason(conn: &quinn::Connection) -> ClientError {
 }
 
 type SendWaiter = oneshot::Sender<Result<(u64, u64), ClientError>>;
-type HistoryWaiter = oneshot::Sender<Result<(Vec<Message>, bool), ClientError>>;
+type RequestWaiter = oneshot::Sender<Result<ServerFrame, ClientError>>;
 
 #[derive(Default)]
 struct Waiters {
     sends: HashMap<ClientMsgId, Vec<SendWaiter>>,
-    history: HashMap<u32, HistoryWaiter>,
+    requests: HashMap<u32, RequestWaiter>,
     /// Set once the stream is gone; later requests fail at once.
     failed: Option<ClientError>,
 }
@@ -534,7 +582,7 @@ impl Waiters {
                 let _ = w.send(Err(e.clone()));
             }
         }
-        for (_, w) in self.history.drain() {
+        for (_, w) in self.requests.drain() {
             let _ = w.send(Err(e.clone()));
         }
         self.failed = Some(e.clone());
@@ -572,13 +620,11 @@ async fn read_answers(
                     let _ = waiter.send(Err(refused(code, message.clone())));
                 }
             }
-            ServerFrame::HistoryPage {
-                request,
-                messages,
-                more,
-            } => {
-                if let Some(waiter) = w.history.remove(&request) {
-                    let _ = waiter.send(Ok((messages, more)));
+            ServerFrame::HistoryPage { request, .. }
+            | ServerFrame::Done { request, .. }
+            | ServerFrame::MemberPage { request, .. } => {
+                if let Some(waiter) = w.requests.remove(&request) {
+                    let _ = waiter.send(Ok(frame));
                 }
             }
             ServerFrame::Error {
@@ -586,7 +632,7 @@ async fn read_answers(
                 message,
                 request: Some(request),
             } => {
-                if let Some(waiter) = w.history.remove(&request) {
+                if let Some(waiter) = w.requests.remove(&request) {
                     let _ = waiter.send(Err(refused(code, message)));
                 }
             }
@@ -609,12 +655,22 @@ fn lock_waiters(w: &Mutex<Waiters>) -> std::sync::MutexGuard<'_, Waiters> {
     w.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What `Opened` said.
+#[derive(Debug, Clone)]
+struct OpenedInfo {
+    id: ConversationId,
+    kind: ConversationKind,
+    title: String,
+    member_count: u32,
+    members: Vec<String>,
+    admins: Vec<String>,
+    last_seq: u64,
+}
+
 /// A stream bound to one conversation, for sending and reading history. Requests may be
 /// issued concurrently; each waits for its own answer.
 pub struct Conversation {
-    id: ConversationId,
-    members: Vec<String>,
-    last_seq: u64,
+    info: OpenedInfo,
     writer: tokio::sync::Mutex<FrameWriter>,
     waiters: Arc<Mutex<Waiters>>,
     next_request: AtomicU32,
@@ -624,8 +680,8 @@ pub struct Conversation {
 impl std::fmt::Debug for Conversation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conversation")
-            .field("id", &self.id)
-            .field("members", &self.members)
+            .field("id", &self.info.id)
+            .field("title", &self.info.title)
             .finish()
     }
 }
@@ -641,17 +697,147 @@ impl Drop for Conversation {
 impl Conversation {
     /// The conversation's id.
     pub fn id(&self) -> ConversationId {
-        self.id
+        self.info.id
     }
 
-    /// Its members, sorted.
+    /// Direct or group.
+    pub fn kind(&self) -> ConversationKind {
+        self.info.kind
+    }
+
+    /// A group's title (empty for a direct conversation).
+    pub fn title(&self) -> &str {
+        &self.info.title
+    }
+
+    /// How many members it had when opened.
+    pub fn member_count(&self) -> u32 {
+        self.info.member_count
+    }
+
+    /// Its members when opened, sorted; empty for groups above
+    /// [`crate::framing::INLINE_MEMBERS`] (use [`Conversation::all_members`]).
     pub fn members(&self) -> &[String] {
-        &self.members
+        &self.info.members
+    }
+
+    /// A group's admins when opened, on the same condition as [`Conversation::members`].
+    pub fn admins(&self) -> &[String] {
+        &self.info.admins
+    }
+
+    /// Adds a member (admins only). Returns the seq of the membership event, or 0 if the user
+    /// was a member already.
+    pub async fn add_member(&self, user: &str) -> Result<u64, ClientError> {
+        let request = self.next_request();
+        let frame = ClientFrame::AddMember {
+            request,
+            user: user.to_owned(),
+        };
+        self.done(self.request(request, frame).await?)
+    }
+
+    /// Removes a member (admins only; removing oneself is leaving). Returns the event's seq,
+    /// or 0 if the user was not a member.
+    pub async fn remove_member(&self, user: &str) -> Result<u64, ClientError> {
+        let request = self.next_request();
+        let frame = ClientFrame::RemoveMember {
+            request,
+            user: user.to_owned(),
+        };
+        self.done(self.request(request, frame).await?)
+    }
+
+    /// Leaves the group. Returns the event's seq.
+    pub async fn leave(&self) -> Result<u64, ClientError> {
+        let request = self.next_request();
+        self.done(
+            self.request(request, ClientFrame::Leave { request })
+                .await?,
+        )
+    }
+
+    /// Makes a member an admin (admins only). Returns the event's seq, or 0 if they were one.
+    pub async fn promote(&self, user: &str) -> Result<u64, ClientError> {
+        let request = self.next_request();
+        let frame = ClientFrame::Promote {
+            request,
+            user: user.to_owned(),
+        };
+        self.done(self.request(request, frame).await?)
+    }
+
+    fn done(&self, frame: ServerFrame) -> Result<u64, ClientError> {
+        match frame {
+            ServerFrame::Done { seq, .. } => Ok(seq),
+            other => Err(ClientError::Protocol(format!(
+                "expected Done, got {other:?}"
+            ))),
+        }
+    }
+
+    /// A page of members (name order, after `after`) with roles and marks, and whether more
+    /// follow.
+    pub async fn members_page(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<(Vec<MemberInfo>, bool), ClientError> {
+        let request = self.next_request();
+        let frame = ClientFrame::Members {
+            request,
+            after: after.to_owned(),
+            limit,
+        };
+        match self.request(request, frame).await? {
+            ServerFrame::MemberPage { members, more, .. } => Ok((members, more)),
+            other => Err(ClientError::Protocol(format!(
+                "expected MemberPage, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Every member with roles and marks, fetched page by page.
+    pub async fn all_members(&self) -> Result<Vec<MemberInfo>, ClientError> {
+        let mut all: Vec<MemberInfo> = Vec::new();
+        loop {
+            let after = all.last().map(|m| m.user.clone()).unwrap_or_default();
+            let (page, more) = self.members_page(&after, 200).await?;
+            let empty = page.is_empty();
+            all.extend(page);
+            if !more || empty {
+                return Ok(all);
+            }
+        }
+    }
+
+    fn next_request(&self) -> u32 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends a request and waits for the frame that answers it.
+    async fn request(&self, request: u32, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut w = lock_waiters(&self.waiters);
+            if let Some(e) = &w.failed {
+                return Err(e.clone());
+            }
+            w.requests.insert(request, tx);
+        }
+        self.writer
+            .lock()
+            .await
+            .send(&frame)
+            .await
+            .map_err(|e| ClientError::Stream(e.to_string()))?;
+        rx.await
+            .map_err(|_| ClientError::Stream("conversation stream closed".into()))?
     }
 
     /// The latest message's seq when the stream was opened.
     pub fn last_seq(&self) -> u64 {
-        self.last_seq
+        self.info.last_seq
     }
 
     /// Marks every message up to `up_to` as read by this user (their other devices and the
@@ -721,7 +907,7 @@ impl Conversation {
             .await
             .map_err(|_| ClientError::Stream("conversation stream closed".into()))??;
         Ok(Ack {
-            conversation: self.id,
+            conversation: self.info.id,
             seq,
             ts,
             id,
@@ -735,27 +921,18 @@ impl Conversation {
         after: Option<u64>,
         limit: u32,
     ) -> Result<(Vec<Message>, bool), ClientError> {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut w = lock_waiters(&self.waiters);
-            if let Some(e) = &w.failed {
-                return Err(e.clone());
-            }
-            w.history.insert(request, tx);
+        let request = self.next_request();
+        let frame = ClientFrame::History {
+            request,
+            before,
+            after,
+            limit,
+        };
+        match self.request(request, frame).await? {
+            ServerFrame::HistoryPage { messages, more, .. } => Ok((messages, more)),
+            other => Err(ClientError::Protocol(format!(
+                "expected HistoryPage, got {other:?}"
+            ))),
         }
-        self.writer
-            .lock()
-            .await
-            .send(&ClientFrame::History {
-                request,
-                before,
-                after,
-                limit,
-            })
-            .await
-            .map_err(|e| ClientError::Stream(e.to_string()))?;
-        rx.await
-            .map_err(|_| ClientError::Stream("conversation stream closed".into()))?
     }
 }

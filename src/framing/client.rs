@@ -38,10 +38,14 @@ pub enum ClientFrame {
         /// A position of the user's sync log.
         cursor: u64,
     },
-    /// Asks for the caller's conversations.
+    /// Asks for a page of the caller's conversations, by id.
     ListConversations {
         /// Echoed in the answer.
         request: u32,
+        /// Only conversations with a larger id (0: from the start).
+        after: u64,
+        /// At most this many (capped at 100).
+        limit: u32,
     },
     /// First frame of a conversation stream.
     Open {
@@ -86,6 +90,50 @@ pub enum ClientFrame {
         /// Whom to ask about; refused unless the two share a conversation.
         user: String,
     },
+    /// Creates a group with the caller as its first admin. On the control stream.
+    CreateGroup {
+        /// Echoed in the answer.
+        request: u32,
+        /// The group's title (1 to 200 bytes).
+        title: String,
+        /// The other members (users who have connected at least once).
+        members: Vec<String>,
+    },
+    /// Adds a member (admins only). On the group's conversation stream.
+    AddMember {
+        /// Echoed in the answer.
+        request: u32,
+        /// Who.
+        user: String,
+    },
+    /// Removes a member (admins only). On the group's conversation stream.
+    RemoveMember {
+        /// Echoed in the answer.
+        request: u32,
+        /// Who.
+        user: String,
+    },
+    /// Leaves the group. On the group's conversation stream.
+    Leave {
+        /// Echoed in the answer.
+        request: u32,
+    },
+    /// Makes a member an admin (admins only). On the group's conversation stream.
+    Promote {
+        /// Echoed in the answer.
+        request: u32,
+        /// Who.
+        user: String,
+    },
+    /// Asks for a page of the stream's conversation's members, with roles and marks.
+    Members {
+        /// Echoed in the answer.
+        request: u32,
+        /// Only members whose name sorts after this ("" from the start).
+        after: String,
+        /// At most this many (capped at 200).
+        limit: u32,
+    },
 }
 
 impl ClientFrame {
@@ -103,6 +151,12 @@ impl ClientFrame {
             Self::Delivered { .. } => "Delivered",
             Self::Read { .. } => "Read",
             Self::Presence { .. } => "Presence",
+            Self::CreateGroup { .. } => "CreateGroup",
+            Self::AddMember { .. } => "AddMember",
+            Self::RemoveMember { .. } => "RemoveMember",
+            Self::Leave { .. } => "Leave",
+            Self::Promote { .. } => "Promote",
+            Self::Members { .. } => "Members",
         }
     }
 }
@@ -126,7 +180,14 @@ mod tests {
             (ClientFrame::Sync { cursor: Some(5) }, "03 02 01 05"),
             (ClientFrame::Sync { cursor: None }, "02 02 00"),
             (ClientFrame::Ack { cursor: 42 }, "02 03 2a"),
-            (ClientFrame::ListConversations { request: 1 }, "02 04 01"),
+            (
+                ClientFrame::ListConversations {
+                    request: 1,
+                    after: 0,
+                    limit: 100,
+                },
+                "04 04 01 00 64",
+            ),
             (
                 ClientFrame::Open {
                     target: Target::Direct("bob".into()),
@@ -165,6 +226,44 @@ mod tests {
                     user: "bob".into(),
                 },
                 "06 0a 03 03 62 6f 62",
+            ),
+            (
+                ClientFrame::CreateGroup {
+                    request: 4,
+                    title: "t".into(),
+                    members: vec!["bo".into(), "cy".into()],
+                },
+                "0b 0b 04 01 74 02 02 62 6f 02 63 79",
+            ),
+            (
+                ClientFrame::AddMember {
+                    request: 5,
+                    user: "cy".into(),
+                },
+                "05 0c 05 02 63 79",
+            ),
+            (
+                ClientFrame::RemoveMember {
+                    request: 6,
+                    user: "cy".into(),
+                },
+                "05 0d 06 02 63 79",
+            ),
+            (ClientFrame::Leave { request: 7 }, "02 0e 07"),
+            (
+                ClientFrame::Promote {
+                    request: 8,
+                    user: "bo".into(),
+                },
+                "05 0f 08 02 62 6f",
+            ),
+            (
+                ClientFrame::Members {
+                    request: 9,
+                    after: "bo".into(),
+                    limit: 200,
+                },
+                "07 10 09 02 62 6f c8 01",
             ),
         ]
     }

@@ -14,7 +14,8 @@ pub use codec::FrameError;
 pub use server::ServerFrame;
 pub use types::{
     ClientDatagram, ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode,
-    Event, Marks, Message, Receipt, ServerDatagram, Target,
+    Event, INLINE_MEMBERS, Marks, MemberChange, MemberInfo, Message, Receipt, ServerDatagram,
+    Target,
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.

@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Event, Message};
+use super::types::{
+    ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, Event, MemberInfo,
+    Message,
+};
 
 /// Every frame the server may send, on any stream.
 ///
@@ -44,15 +47,25 @@ pub enum ServerFrame {
     Conversations {
         /// The request's id.
         request: u32,
-        /// The caller's conversations, by id.
+        /// A page of the caller's conversations, by id.
         items: Vec<ConversationInfo>,
+        /// Whether more follow (ask again with `after` = the last id).
+        more: bool,
     },
     /// Answer to `Open`.
     Opened {
         /// The conversation the stream is now bound to.
         conversation: ConversationId,
-        /// Its members, sorted.
+        /// Direct or group.
+        kind: ConversationKind,
+        /// A group's title (empty for a direct conversation).
+        title: String,
+        /// How many members it has.
+        member_count: u32,
+        /// Its members, sorted, if at most `INLINE_MEMBERS` (else empty: page with `Members`).
         members: Vec<String>,
+        /// A group's admins, sorted, on the same condition.
+        admins: Vec<String>,
         /// The sequence number of its latest message when the stream was opened.
         last_seq: u64,
     },
@@ -120,6 +133,30 @@ pub enum ServerFrame {
         /// When their last device went, Unix ms (when offline).
         last_seen: u64,
     },
+    /// Answer to `CreateGroup`.
+    GroupCreated {
+        /// The request's id.
+        request: u32,
+        /// The new group.
+        conversation: ConversationId,
+    },
+    /// A membership request was carried out (`seq` of its event), or changed nothing (`seq` 0:
+    /// already a member, not a member, already an admin), so retries are safe.
+    Done {
+        /// The request's id.
+        request: u32,
+        /// The membership event's sequence number, or 0.
+        seq: u64,
+    },
+    /// Answer to `Members`.
+    MemberPage {
+        /// The request's id.
+        request: u32,
+        /// Members in name order.
+        members: Vec<MemberInfo>,
+        /// Whether more follow (ask again with `after` = the last name).
+        more: bool,
+    },
 }
 
 impl ServerFrame {
@@ -136,7 +173,7 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::framing::{ConversationKind, Marks, Receipt, ServerDatagram, codec, tests::hex};
+    use crate::framing::{Marks, MemberChange, Receipt, ServerDatagram, codec, tests::hex};
     use bytes::Bytes;
 
     fn message() -> Message {
@@ -148,6 +185,7 @@ mod tests {
             ts: 1,
             id: ClientMsgId([0x01; 16]),
             body: Bytes::from_static(b"yo"),
+            change: None,
         }
     }
 
@@ -176,6 +214,8 @@ mod tests {
                     items: vec![ConversationInfo {
                         conversation: 1,
                         kind: ConversationKind::Direct,
+                        title: String::new(),
+                        member_count: 2,
                         members: vec!["al".into(), "bo".into()],
                         last_seq: 4,
                         marks: vec![Marks {
@@ -185,16 +225,21 @@ mod tests {
                         }],
                         unread: 1,
                     }],
+                    more: false,
                 },
-                "14 03 01 01 01 00 02 02 61 6c 02 62 6f 04 01 02 62 6f 04 02 01",
+                "17 03 01 01 01 00 00 02 02 02 61 6c 02 62 6f 04 01 02 62 6f 04 02 01 00",
             ),
             (
                 ServerFrame::Opened {
                     conversation: 1,
+                    kind: ConversationKind::Direct,
+                    title: String::new(),
+                    member_count: 2,
                     members: vec!["al".into(), "bo".into()],
+                    admins: vec![],
                     last_seq: 5,
                 },
-                "0a 04 01 02 02 61 6c 02 62 6f 05",
+                "0e 04 01 00 00 02 02 02 61 6c 02 62 6f 00 05",
             ),
             (
                 ServerFrame::Sent {
@@ -218,14 +263,14 @@ mod tests {
                     messages: vec![message()],
                     more: false,
                 },
-                "1f 07 01 01 01 02 02 61 6c 01 64 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 02 79 6f 00",
+                "20 07 01 01 01 02 02 61 6c 01 64 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 02 79 6f 00 00",
             ),
             (
                 ServerFrame::Event {
                     log: 5,
                     event: Event::Message(message()),
                 },
-                "1e 08 05 00 01 02 02 61 6c 01 64 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 02 79 6f",
+                "1f 08 05 00 01 02 02 61 6c 01 64 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 02 79 6f 00",
             ),
             (
                 ServerFrame::error(ErrorCode::TOKEN_EXPIRED, "expired"),
@@ -259,6 +304,44 @@ mod tests {
                     last_seen: 0,
                 },
                 "06 0b 02 62 6f 01 00",
+            ),
+            (
+                ServerFrame::GroupCreated {
+                    request: 4,
+                    conversation: 9,
+                },
+                "03 0c 04 09",
+            ),
+            (ServerFrame::Done { request: 5, seq: 3 }, "03 0d 05 03"),
+            (
+                ServerFrame::MemberPage {
+                    request: 9,
+                    members: vec![MemberInfo {
+                        user: "cy".into(),
+                        admin: false,
+                        since: 3,
+                        delivered: 4,
+                        read: 3,
+                    }],
+                    more: true,
+                },
+                "0b 0e 09 01 02 63 79 00 03 04 03 01",
+            ),
+            (
+                ServerFrame::Event {
+                    log: 7,
+                    event: Event::Message(Message {
+                        conversation: 9,
+                        seq: 3,
+                        from: "al".into(),
+                        device: "d".into(),
+                        ts: 1,
+                        id: ClientMsgId([0; 16]),
+                        body: Bytes::new(),
+                        change: Some(MemberChange::Added { user: "cy".into() }),
+                    }),
+                },
+                "21 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 01 02 63 79",
             ),
         ]
     }

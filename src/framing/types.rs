@@ -80,7 +80,8 @@ impl ErrorCode {
     pub const INTERNAL: Self = Self(15);
     /// A limit of the connection was exceeded (connections, streams, in-flight sends).
     pub const LIMIT: Self = Self(16);
-    /// The caller may not see this (presence of a user who shares no conversation with them).
+    /// The caller may not do or see this (presence of a stranger, a non-admin changing a
+    /// group's members).
     pub const FORBIDDEN: Self = Self(17);
 
     /// The constant's name, for logs and CLI messages.
@@ -135,6 +136,41 @@ pub enum Target {
 pub enum ConversationKind {
     /// Between exactly two users.
     Direct,
+    /// A titled group with admins.
+    Group,
+}
+
+/// A change of a group's membership. It takes its place in the conversation's sequence like a
+/// message (with an empty body), so every member sees it in order with the messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// The group was created (always seq 1) by `from`, who is its first admin.
+    Created {
+        /// Its title.
+        title: String,
+        /// Every member, the creator included, sorted.
+        members: Vec<String>,
+    },
+    /// `from` added `user`.
+    Added {
+        /// The new member.
+        user: String,
+    },
+    /// `from` removed `user`.
+    Removed {
+        /// The former member.
+        user: String,
+    },
+    /// `from` left. If they were the last admin, `promoted` became one.
+    Left {
+        /// The member made admin in their place, if any.
+        promoted: Option<String>,
+    },
+    /// `from` made `user` an admin.
+    Promoted {
+        /// The new admin.
+        user: String,
+    },
 }
 
 /// One stored message, as delivered and as served by history.
@@ -152,8 +188,10 @@ pub struct Message {
     pub ts: u64,
     /// The client's id for the message.
     pub id: ClientMsgId,
-    /// The opaque payload.
+    /// The opaque payload (empty for a membership change).
     pub body: Bytes,
+    /// Set when this entry is a membership change rather than a message.
+    pub change: Option<MemberChange>,
 }
 
 /// A member's delivery and read marks in a conversation: high-water sequence numbers.
@@ -200,6 +238,10 @@ pub struct Marks {
     pub read: u64,
 }
 
+/// Conversations of at most this many members are listed with their members and marks
+/// inline; larger groups are paged with `Members`.
+pub const INLINE_MEMBERS: usize = 32;
+
 /// A conversation as listed for one of its members.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConversationInfo {
@@ -207,14 +249,34 @@ pub struct ConversationInfo {
     pub conversation: ConversationId,
     /// Direct or group.
     pub kind: ConversationKind,
-    /// Every member, sorted.
+    /// A group's title (empty for direct conversations).
+    pub title: String,
+    /// How many members it has.
+    pub member_count: u32,
+    /// Every member, sorted, when there are at most [`INLINE_MEMBERS`]; else empty.
     pub members: Vec<String>,
     /// The sequence number of its latest message (0 when empty).
     pub last_seq: u64,
-    /// Every member's marks, by user; the caller's own read mark is among them.
+    /// Members' marks, by user: all of them up to [`INLINE_MEMBERS`] members, else only the
+    /// caller's.
     pub marks: Vec<Marks>,
     /// Messages after the caller's read mark (sending counts as reading what came before).
     pub unread: u64,
+}
+
+/// A member as paged by `Members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The user.
+    pub user: String,
+    /// Whether they are an admin.
+    pub admin: bool,
+    /// The seq of their joining.
+    pub since: u64,
+    /// Delivered up to.
+    pub delivered: u64,
+    /// Read up to.
+    pub read: u64,
 }
 
 /// Datagrams a client sends (RFC 9221): may be lost, never stored, never retransmitted.

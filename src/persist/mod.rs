@@ -73,15 +73,79 @@ pub enum LogEntry {
     },
 }
 
+/// A member of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// The user.
+    pub user: String,
+    /// May change the group's members.
+    pub admin: bool,
+    /// The first seq the member may read (their joining); earlier history is not served to them.
+    pub since: u64,
+}
+
 /// What the store knows about a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConversationRecord {
     /// Direct or group.
     pub kind: ConversationKind,
-    /// Members, sorted.
-    pub members: Vec<String>,
+    /// A group's title (empty for direct conversations).
+    pub title: String,
+    /// Members, sorted by user.
+    pub members: Vec<MemberRecord>,
     /// Creation time, Unix ms.
     pub created_ms: u64,
+}
+
+impl ConversationRecord {
+    /// A member's entry.
+    pub fn member(&self, user: &str) -> Option<&MemberRecord> {
+        self.members
+            .binary_search_by(|m| m.user.as_str().cmp(user))
+            .ok()
+            .map(|i| &self.members[i])
+    }
+
+    /// Whether `user` is a member.
+    pub fn is_member(&self, user: &str) -> bool {
+        self.member(user).is_some()
+    }
+
+    /// The members' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.user.clone()).collect()
+    }
+
+    /// The admins' names, sorted.
+    pub fn admins(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.admin)
+            .map(|m| m.user.clone())
+            .collect()
+    }
+
+    /// Adds or replaces a member, keeping the list sorted.
+    pub fn upsert(&mut self, member: MemberRecord) {
+        match self
+            .members
+            .binary_search_by(|m| m.user.as_str().cmp(&member.user))
+        {
+            Ok(i) => self.members[i] = member,
+            Err(i) => self.members.insert(i, member),
+        }
+    }
+
+    /// Removes a member; returns whether they were one.
+    pub fn remove(&mut self, user: &str) -> bool {
+        match self.members.binary_search_by(|m| m.user.as_str().cmp(user)) {
+            Ok(i) => {
+                self.members.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// The store.
@@ -228,12 +292,20 @@ impl Store {
             })?,
             None => 1,
         };
-        let mut members = vec![a.to_owned(), b.to_owned()];
-        members.sort();
-        members.dedup();
+        let mut names = vec![a.to_owned(), b.to_owned()];
+        names.sort();
+        names.dedup();
         let record = ConversationRecord {
             kind: ConversationKind::Direct,
-            members,
+            title: String::new(),
+            members: names
+                .into_iter()
+                .map(|user| MemberRecord {
+                    user,
+                    admin: false,
+                    since: 1,
+                })
+                .collect(),
             created_ms: now_ms,
         };
         let mut batch = self.batch();
@@ -246,11 +318,29 @@ impl Store {
         for m in &record.members {
             batch
                 .batch
-                .insert(&self.member_of, keys::member_of(m, next), []);
+                .insert(&self.member_of, keys::member_of(&m.user, next), []);
         }
         batch
             .batch
             .insert(&self.direct, keys::direct(a, b), next.to_be_bytes());
+        batch.commit()?;
+        Ok(next)
+    }
+
+    /// Allocates the next conversation id (the caller serialises calls, as for
+    /// [`Store::create_direct`]). Durable before it returns, so an id is never handed out twice.
+    pub fn allocate_conversation(&self) -> Result<ConversationId, StoreError> {
+        let next = match self.meta.get("next_conversation")? {
+            Some(v) => keys::head_u64(&v).ok_or(StoreError::Corrupt {
+                keyspace: "meta",
+                message: "next_conversation".into(),
+            })?,
+            None => 1,
+        };
+        let mut batch = self.batch();
+        batch
+            .batch
+            .insert(&self.meta, "next_conversation", (next + 1).to_be_bytes());
         batch.commit()?;
         Ok(next)
     }
@@ -301,14 +391,17 @@ impl Store {
     /// With `after` (and no `before`) the page starts just after `after` and `more` says whether
     /// newer messages follow. Otherwise the page is the newest `limit` messages below `before`
     /// (or the end) and `more` says whether older ones precede it.
+    ///
+    /// Nothing below `min_seq` is served (a member's history starts at their joining).
     pub fn history(
         &self,
         conv: ConversationId,
         before: Option<u64>,
         after: Option<u64>,
         limit: usize,
+        min_seq: u64,
     ) -> Result<(Vec<Message>, bool), StoreError> {
-        let lo = keys::message(conv, after.map_or(0, |a| a.saturating_add(1)));
+        let lo = keys::message(conv, after.map_or(0, |a| a.saturating_add(1)).max(min_seq));
         let hi = match before {
             Some(0) => return Ok((Vec::new(), false)),
             Some(b) => keys::message(conv, b - 1),
@@ -441,7 +534,7 @@ pub struct StoreBatch<'a> {
 }
 
 impl StoreBatch<'_> {
-    /// Stores a message with its idempotency key.
+    /// Stores a message with its idempotency key (membership events have none).
     pub fn put_message(&mut self, msg: &Message) {
         let s = self.store;
         self.batch.insert(
@@ -449,6 +542,9 @@ impl StoreBatch<'_> {
             keys::message(msg.conversation, msg.seq),
             encode(msg),
         );
+        if msg.change.is_some() {
+            return;
+        }
         let mut idem = [0u8; 16];
         idem[..8].copy_from_slice(&msg.seq.to_be_bytes());
         idem[8..].copy_from_slice(&msg.ts.to_be_bytes());
@@ -463,6 +559,27 @@ impl StoreBatch<'_> {
     pub fn append_log(&mut self, user: &str, pos: u64, entry: &LogEntry) {
         self.batch
             .insert(&self.store.log, keys::log(user, pos), encode(entry));
+    }
+
+    /// Writes a conversation's record.
+    pub fn put_conversation(&mut self, conv: ConversationId, record: &ConversationRecord) {
+        self.batch.insert(
+            &self.store.conversations,
+            conv.to_be_bytes(),
+            encode(record),
+        );
+    }
+
+    /// Indexes `user` as a member of `conv`.
+    pub fn add_member_of(&mut self, user: &str, conv: ConversationId) {
+        self.batch
+            .insert(&self.store.member_of, keys::member_of(user, conv), []);
+    }
+
+    /// Removes `user`'s membership index entry for `conv`.
+    pub fn remove_member_of(&mut self, user: &str, conv: ConversationId) {
+        self.batch
+            .remove(&self.store.member_of, keys::member_of(user, conv));
     }
 
     /// Records a member's marks in a conversation.
@@ -526,6 +643,7 @@ mod tests {
             ts: seq * 10,
             id: ClientMsgId([seq as u8; 16]),
             body: Bytes::from(format!("m{seq}")),
+            change: None,
         }
     }
 
@@ -544,16 +662,21 @@ mod tests {
         assert_eq!(store.last_seq(3).expect("last"), 0);
         let seqs = |v: &[Message]| v.iter().map(|m| m.seq).collect::<Vec<_>>();
 
-        let (page, more) = store.history(1, None, None, 3).expect("h");
+        let (page, more) = store.history(1, None, None, 3, 0).expect("h");
         assert_eq!((seqs(&page), more), (vec![8, 9, 10], true));
-        let (page, more) = store.history(1, Some(8), None, 3).expect("h");
+        let (page, more) = store.history(1, Some(8), None, 3, 0).expect("h");
         assert_eq!((seqs(&page), more), (vec![5, 6, 7], true));
-        let (page, more) = store.history(1, Some(3), None, 5).expect("h");
+        let (page, more) = store.history(1, Some(3), None, 5, 0).expect("h");
         assert_eq!((seqs(&page), more), (vec![1, 2], false));
-        let (page, more) = store.history(1, None, Some(7), 2).expect("h");
+        let (page, more) = store.history(1, None, Some(7), 2, 0).expect("h");
         assert_eq!((seqs(&page), more), (vec![8, 9], true));
-        let (page, more) = store.history(1, None, Some(8), 5).expect("h");
+        let (page, more) = store.history(1, None, Some(8), 5, 0).expect("h");
         assert_eq!((seqs(&page), more), (vec![9, 10], false));
+        // A member who joined at 6 sees nothing before it, whichever way they page.
+        let (page, more) = store.history(1, Some(9), None, 10, 6).expect("h");
+        assert_eq!((seqs(&page), more), (vec![6, 7, 8], false));
+        let (page, _) = store.history(1, None, Some(2), 2, 6).expect("h");
+        assert_eq!(seqs(&page), vec![6, 7]);
         assert_eq!(
             store
                 .idempotent(1, "alice", &ClientMsgId([4; 16]))
@@ -606,7 +729,8 @@ mod tests {
         assert_eq!(store.direct_between("a", "b").expect("d"), Some(id));
         assert_eq!(store.conversations_of("a").expect("c"), vec![id]);
         let rec = store.conversation(id).expect("c").expect("exists");
-        assert_eq!(rec.members, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(rec.names(), vec!["a".to_string(), "b".to_string()]);
+        assert!(rec.is_member("a") && !rec.is_member("c"));
         let id2 = store.create_direct("a", "c", 1).expect("create");
         assert_ne!(id, id2);
     }

@@ -28,20 +28,29 @@ pub struct Sent {
 /// Where an answer goes.
 pub(super) type Reply = oneshot::Sender<Result<Sent, RouterError>>;
 
+/// What a membership change writes besides its event.
+pub(super) struct MembershipWrite {
+    /// The conversation's new record.
+    pub(super) record: crate::persist::ConversationRecord,
+    /// Users to index as members.
+    pub(super) added: Vec<String>,
+    /// Users no longer members.
+    pub(super) removed: Vec<String>,
+}
+
 /// Work for the commit thread.
 pub(super) enum CommitItem {
-    /// Store a message and append it to every member's log.
+    /// Store a message (or membership event) and append it to each recipient's log.
     Message {
         msg: Message,
-        members: Arc<[String]>,
+        recipients: Arc<[String]>,
+        membership: Option<Box<MembershipWrite>>,
         reply: Reply,
     },
-    /// A member's marks moved: store them and tell the other members (and, when the read mark
-    /// moved, the member's own devices).
+    /// A member's marks moved: store them and append the receipt to each recipient's log.
     Marks {
         receipt: Receipt,
-        read_moved: bool,
-        members: Arc<[String]>,
+        recipients: Arc<[String]>,
     },
     /// Answer `reply` once everything queued before it is durable (a retry of a message that
     /// is still in flight).
@@ -105,7 +114,8 @@ impl CommitThread {
             match item {
                 CommitItem::Message {
                     msg,
-                    members,
+                    recipients: members,
+                    membership,
                     reply,
                 } => {
                     if failed.is_some() {
@@ -113,8 +123,21 @@ impl CommitThread {
                         continue;
                     }
                     batch.put_message(&msg);
-                    // The sender has read everything up to their own message.
-                    batch.put_marks(msg.conversation, &msg.from, msg.seq, msg.seq);
+                    match membership {
+                        None => {
+                            // The sender has read everything up to their own message.
+                            batch.put_marks(msg.conversation, &msg.from, msg.seq, msg.seq);
+                        }
+                        Some(write) => {
+                            batch.put_conversation(msg.conversation, &write.record);
+                            for user in &write.added {
+                                batch.add_member_of(user, msg.conversation);
+                            }
+                            for user in &write.removed {
+                                batch.remove_member_of(user, msg.conversation);
+                            }
+                        }
+                    }
                     let entry = LogEntry::Message {
                         conversation: msg.conversation,
                         seq: msg.seq,
@@ -133,8 +156,7 @@ impl CommitThread {
                 }
                 CommitItem::Marks {
                     receipt,
-                    read_moved,
-                    members,
+                    recipients,
                 } => {
                     if failed.is_some() {
                         continue;
@@ -145,11 +167,6 @@ impl CommitThread {
                         receipt.delivered,
                         receipt.read,
                     );
-                    let recipients: Arc<[String]> = members
-                        .iter()
-                        .filter(|m| read_moved || **m != receipt.user)
-                        .cloned()
-                        .collect();
                     let entry = LogEntry::Receipt {
                         conversation: receipt.conversation,
                         user: receipt.user.clone(),

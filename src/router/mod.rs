@@ -14,6 +14,7 @@ mod presence;
 mod sessions;
 mod shard;
 
+use std::collections::HashMap;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,15 +24,20 @@ pub use commit::Sent;
 pub use feed::DeviceFeed;
 pub use presence::{PUSH_QUEUE, Presence, PresenceGuard, Push};
 pub use sessions::{Delivery, Sessions};
+pub use shard::MemberOp;
 
 use crate::auth::valid_name;
 use crate::config::Config;
 use crate::framing::{
-    ClientMsgId, ConversationId, ConversationInfo, ErrorCode, Marks, Message, Target,
+    ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, INLINE_MEMBERS,
+    Marks, MemberInfo, Message, Target,
 };
+use crate::persist::{ConversationRecord, MemberRecord};
 use crate::persist::{Store, StoreError};
 use commit::{CommitItem, CommitThread};
-use shard::{MarksRequest, SendRequest, Shard, ShardRequest, now_ms};
+use shard::{
+    MarksRequest, MembershipRequest, SendRequest, Shard, ShardLimits, ShardRequest, now_ms,
+};
 
 /// Requests a shard's channel holds before senders wait: enough to keep the shard busy while
 /// the connection tasks refill it, small enough to be a real bound.
@@ -55,9 +61,12 @@ pub enum RouterError {
     /// A request's fields are out of range.
     #[error("{0}")]
     Invalid(String),
-    /// The caller may not see this.
+    /// The caller may not do or see this.
     #[error("{0}")]
     Forbidden(String),
+    /// A configured limit would be exceeded (the size of a group).
+    #[error("{0}")]
+    Limit(String),
     /// The store refuses writes after a failed write or fsync.
     #[error("the server cannot store messages right now (storage failure); nothing was stored")]
     Unavailable,
@@ -81,6 +90,7 @@ impl RouterError {
             Self::UnknownUser(_) => ErrorCode::UNKNOWN_USER,
             Self::Invalid(_) => ErrorCode::INVALID_REQUEST,
             Self::Forbidden(_) => ErrorCode::FORBIDDEN,
+            Self::Limit(_) => ErrorCode::LIMIT,
             Self::Unavailable | Self::Store(StoreError::Poisoned) => ErrorCode::UNAVAILABLE,
             Self::ShuttingDown => ErrorCode::SHUTDOWN,
             Self::Store(_) | Self::Internal(_) => ErrorCode::INTERNAL,
@@ -93,8 +103,16 @@ impl RouterError {
 pub struct Opened {
     /// Its id.
     pub conversation: ConversationId,
-    /// Its members, sorted.
+    /// Direct or group.
+    pub kind: ConversationKind,
+    /// A group's title.
+    pub title: String,
+    /// How many members it has.
+    pub member_count: u32,
+    /// Its members, sorted (empty above [`INLINE_MEMBERS`]).
     pub members: Vec<String>,
+    /// A group's admins, sorted (empty above [`INLINE_MEMBERS`]).
+    pub admins: Vec<String>,
     /// Its latest stored message.
     pub last_seq: u64,
 }
@@ -123,6 +141,7 @@ struct Inner {
     commit_thread: Mutex<Option<JoinHandle<()>>>,
     outbound_queue: usize,
     history_page: u32,
+    max_group: usize,
 }
 
 /// The router handle; cheap to clone.
@@ -172,6 +191,10 @@ impl Router {
                 rx,
                 commit: commit_tx.clone(),
                 recent_capacity: Shard::recent_capacity(COMMIT_QUEUE, config.store.commit_batch),
+                limits: ShardLimits {
+                    max_group: config.limits.max_group,
+                    receipt_fanout: config.limits.receipt_fanout,
+                },
             };
             threads.push(spawn(
                 format!("plover-shard-{i}"),
@@ -191,6 +214,7 @@ impl Router {
                 commit_thread: Mutex::new(Some(commit_thread)),
                 outbound_queue: config.limits.outbound_queue,
                 history_page: config.limits.history_page,
+                max_group: config.limits.max_group,
             }),
         })
     }
@@ -276,12 +300,17 @@ impl Router {
         let record = store
             .conversation(conversation)?
             .ok_or(RouterError::NotMember(conversation))?;
-        if !record.members.iter().any(|m| m == user) {
+        if !record.is_member(user) {
             return Err(RouterError::NotMember(conversation));
         }
+        let inline = record.members.len() <= INLINE_MEMBERS;
         Ok(Opened {
             conversation,
-            members: record.members,
+            kind: record.kind,
+            member_count: record.members.len() as u32,
+            members: if inline { record.names() } else { Vec::new() },
+            admins: if inline { record.admins() } else { Vec::new() },
+            title: record.title,
             last_seq: store.last_seq(conversation)?,
         })
     }
@@ -346,10 +375,10 @@ impl Router {
             let record = store
                 .conversation(conversation)?
                 .ok_or(RouterError::NotMember(conversation))?;
-            if !record.members.contains(&user) {
+            if !record.is_member(&user) {
                 return Err(RouterError::NotMember(conversation));
             }
-            Ok(record.members.into())
+            Ok(record.names().into())
         })
         .await
     }
@@ -375,28 +404,44 @@ impl Router {
             let record = store
                 .conversation(conversation)?
                 .ok_or(RouterError::NotMember(conversation))?;
-            if !record.members.contains(&user) {
-                return Err(RouterError::NotMember(conversation));
-            }
-            Ok(store.history(conversation, before, after, limit as usize)?)
+            // A member reads from their joining on.
+            let since = record
+                .member(&user)
+                .ok_or(RouterError::NotMember(conversation))?
+                .since;
+            Ok(store.history(conversation, before, after, limit as usize, since)?)
         })
         .await
     }
 
-    /// The caller's conversations, by id.
-    pub async fn conversations(&self, user: &str) -> Result<Vec<ConversationInfo>, RouterError> {
+    /// A page of the caller's conversations with ids above `after`, by id, and whether more
+    /// follow.
+    pub async fn conversations(
+        &self,
+        user: &str,
+        after: ConversationId,
+        limit: usize,
+    ) -> Result<(Vec<ConversationInfo>, bool), RouterError> {
         let store = self.inner.store.clone();
         let user = user.to_owned();
         blocking(move || {
             let mut out = Vec::new();
-            for conversation in store.conversations_of(&user)? {
+            let ids: Vec<ConversationId> = store
+                .conversations_of(&user)?
+                .into_iter()
+                .filter(|c| *c > after)
+                .collect();
+            let more = ids.len() > limit;
+            for conversation in ids.into_iter().take(limit) {
                 let Some(record) = store.conversation(conversation)? else {
                     continue;
                 };
                 let last_seq = store.last_seq(conversation)?;
+                let inline = record.members.len() <= INLINE_MEMBERS;
                 let marks: Vec<Marks> = store
                     .marks(conversation)?
                     .into_iter()
+                    .filter(|(u, _, _)| record.is_member(u) && (inline || *u == user))
                     .map(|(user, delivered, read)| Marks {
                         user,
                         delivered,
@@ -407,15 +452,153 @@ impl Router {
                 out.push(ConversationInfo {
                     conversation,
                     kind: record.kind,
-                    members: record.members,
+                    member_count: record.members.len() as u32,
+                    members: if inline { record.names() } else { Vec::new() },
+                    title: record.title,
                     last_seq,
                     marks,
                     unread: last_seq.saturating_sub(read),
                 });
             }
-            Ok(out)
+            Ok((out, more))
         })
         .await
+    }
+
+    /// A page of a conversation's members (name order, after `after`) with their roles and
+    /// marks, for a caller who is a member; and whether more follow.
+    pub async fn members_page(
+        &self,
+        user: &str,
+        conversation: ConversationId,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<MemberInfo>, bool), RouterError> {
+        let store = self.inner.store.clone();
+        let (user, after) = (user.to_owned(), after.to_owned());
+        blocking(move || {
+            let record = store
+                .conversation(conversation)?
+                .ok_or(RouterError::NotMember(conversation))?;
+            if !record.is_member(&user) {
+                return Err(RouterError::NotMember(conversation));
+            }
+            let mut marks: HashMap<String, (u64, u64)> = store
+                .marks(conversation)?
+                .into_iter()
+                .map(|(u, d, r)| (u, (d, r)))
+                .collect();
+            let rest: Vec<_> = record
+                .members
+                .iter()
+                .filter(|m| m.user.as_str() > after.as_str())
+                .collect();
+            let more = rest.len() > limit;
+            let page = rest
+                .into_iter()
+                .take(limit)
+                .map(|m| {
+                    let (delivered, read) = marks.remove(&m.user).unwrap_or((0, 0));
+                    MemberInfo {
+                        user: m.user.clone(),
+                        admin: m.admin,
+                        since: m.since,
+                        delivered,
+                        read,
+                    }
+                })
+                .collect();
+            Ok((page, more))
+        })
+        .await
+    }
+
+    /// Creates a group of `creator` (its first admin) and `members`; returns its id.
+    pub async fn create_group(
+        &self,
+        creator: &str,
+        device: &str,
+        title: &str,
+        members: &[String],
+    ) -> Result<ConversationId, RouterError> {
+        if title.is_empty() || title.len() > 200 {
+            return Err(RouterError::Invalid(
+                "a group title is 1 to 200 bytes".into(),
+            ));
+        }
+        let mut names: Vec<String> = members.to_vec();
+        names.push(creator.to_owned());
+        names.sort();
+        names.dedup();
+        if let Some(bad) = names.iter().find(|n| !valid_name(n)) {
+            return Err(RouterError::Invalid(format!(
+                "{bad:?} is not a valid user name"
+            )));
+        }
+        if names.len() > self.inner.max_group {
+            return Err(RouterError::Limit(format!(
+                "a group of {} members exceeds the limit of {}",
+                names.len(),
+                self.inner.max_group
+            )));
+        }
+        let router = self.clone();
+        let record = ConversationRecord {
+            kind: ConversationKind::Group,
+            title: title.to_owned(),
+            members: names
+                .iter()
+                .map(|user| MemberRecord {
+                    user: user.clone(),
+                    admin: user == creator,
+                    since: 1,
+                })
+                .collect(),
+            created_ms: now_ms(),
+        };
+        let conversation = blocking(move || {
+            let store = &router.inner.store;
+            for name in &names {
+                if !store.user_exists(name)? {
+                    return Err(RouterError::UnknownUser(name.clone()));
+                }
+            }
+            let _guard = router
+                .inner
+                .directory
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Ok(store.allocate_conversation()?)
+        })
+        .await?;
+        self.membership(conversation, creator, device, MemberOp::Create(record))
+            .await?;
+        Ok(conversation)
+    }
+
+    /// Carries out a membership change in a group; returns the seq of its event, or 0 when it
+    /// changed nothing (already a member, not a member, already an admin).
+    pub async fn membership(
+        &self,
+        conversation: ConversationId,
+        by: &str,
+        device: &str,
+        op: MemberOp,
+    ) -> Result<u64, RouterError> {
+        let (reply, rx) = oneshot::channel();
+        let shard = &self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize];
+        shard
+            .send(ShardRequest::Membership(MembershipRequest {
+                conversation,
+                by: by.to_owned(),
+                device: device.to_owned(),
+                op,
+                reply,
+            }))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?;
+        let sent = rx.await.map_err(|_| RouterError::ShuttingDown)??;
+        Ok(sent.seq)
     }
 
     /// Starts event delivery to a device after `cursor` (or after the position the device

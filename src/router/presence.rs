@@ -285,7 +285,7 @@ fn peers_of(store: &Store, user: &str) -> Result<Vec<String>, RouterError> {
     let mut peers = std::collections::BTreeSet::new();
     for conv in store.conversations_of(user)? {
         if let Some(record) = store.conversation(conv)? {
-            peers.extend(record.members.into_iter().filter(|m| m != user));
+            peers.extend(record.names().into_iter().filter(|m| m != user));
         }
     }
     Ok(peers.into_iter().collect())

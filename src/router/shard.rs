@@ -1,8 +1,11 @@
 //! A sequencer shard: the single owner of a set of conversations.
 //!
-//! Each shard is an OS thread (it reads the store, which blocks) fed by a bounded channel. For
-//! every send it checks membership, answers retries of a client id with the original sequence
-//! number, assigns the next sequence number, and queues the message for the commit thread.
+//! Each shard is an OS thread (it reads the store, which blocks) fed by a bounded channel. It
+//! owns, for each of its conversations, the last sequence number, the members and their roles,
+//! and every member's delivered/read marks. For a send it checks membership, answers a retry of
+//! a client id with the original sequence number, assigns the next one, and queues the message
+//! for the commit thread; membership changes and marks go the same way, so a conversation's
+//! messages, membership events and receipts are ordered by one owner.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -11,14 +14,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use super::RouterError;
-use super::commit::{CommitItem, Reply, Sent};
-use crate::framing::{ClientMsgId, ConversationId, Message};
-use crate::persist::Store;
+use super::commit::{CommitItem, MembershipWrite, Reply, Sent};
+use crate::framing::{
+    ClientMsgId, ConversationId, ConversationKind, MemberChange, Message, Receipt,
+};
+use crate::persist::{ConversationRecord, MemberRecord, Store};
 
 /// A request to a shard.
 pub(super) enum ShardRequest {
     Send(SendRequest),
     Marks(MarksRequest),
+    Membership(MembershipRequest),
     Stop,
 }
 
@@ -40,23 +46,56 @@ pub(super) struct SendRequest {
     pub(super) reply: Reply,
 }
 
+/// A change to a group's membership.
+#[derive(Debug, Clone)]
+pub enum MemberOp {
+    /// Create the group with this record (its members, the creator an admin).
+    Create(ConversationRecord),
+    /// Add a member (admins).
+    Add(String),
+    /// Remove a member (admins; removing oneself is leaving).
+    Remove(String),
+    /// Leave.
+    Leave,
+    /// Make a member an admin (admins).
+    Promote(String),
+}
+
+/// A membership change to sequence; answered with its seq, or 0 when it changed nothing.
+pub(super) struct MembershipRequest {
+    pub(super) conversation: ConversationId,
+    pub(super) by: String,
+    pub(super) device: String,
+    pub(super) op: MemberOp,
+    pub(super) reply: Reply,
+}
+
 struct ConvState {
     last_seq: u64,
-    members: Arc<[String]>,
+    record: ConversationRecord,
+    names: Arc<[String]>,
     /// Each member's (delivered, read) marks.
     marks: HashMap<String, (u64, u64)>,
 }
 
 type IdemKey = (ConversationId, String, ClientMsgId);
 
+/// Limits a shard enforces.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ShardLimits {
+    /// Most members a group may have.
+    pub(super) max_group: usize,
+    /// Largest conversation whose receipts are pushed to every member.
+    pub(super) receipt_fanout: usize,
+}
+
 pub(super) struct Shard {
     pub(super) store: Arc<Store>,
     pub(super) rx: mpsc::Receiver<ShardRequest>,
     pub(super) commit: SyncSender<CommitItem>,
-    /// Client ids sequenced recently, so that a retry of a message still in flight (not yet
-    /// in the store) is recognised. An entry may leave only once its message is surely
-    /// committed: see [`Shard::recent_capacity`].
+    /// How many recently sequenced client ids to remember: see [`Shard::recent_capacity`].
     pub(super) recent_capacity: usize,
+    pub(super) limits: ShardLimits,
 }
 
 /// Unix milliseconds now.
@@ -65,6 +104,16 @@ pub(super) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+/// The shard's state.
+#[derive(Default)]
+struct Owned {
+    convs: HashMap<ConversationId, ConvState>,
+    /// Client ids sequenced recently, so that a retry of a message still in flight (not yet
+    /// in the store) is recognised.
+    recent: HashMap<IdemKey, Sent>,
+    order: VecDeque<IdemKey>,
 }
 
 impl Shard {
@@ -79,13 +128,12 @@ impl Shard {
     }
 
     pub(super) fn run(mut self) {
-        let mut convs: HashMap<ConversationId, ConvState> = HashMap::new();
-        let mut recent: HashMap<IdemKey, Sent> = HashMap::new();
-        let mut order: VecDeque<IdemKey> = VecDeque::new();
+        let mut owned = Owned::default();
         while let Some(request) = self.rx.blocking_recv() {
             let item = match request {
-                ShardRequest::Send(req) => self.sequence(req, &mut convs, &mut recent, &mut order),
-                ShardRequest::Marks(req) => self.marks(req, &mut convs),
+                ShardRequest::Send(req) => self.sequence(req, &mut owned),
+                ShardRequest::Marks(req) => self.marks(req, &mut owned),
+                ShardRequest::Membership(req) => self.membership(req, &mut owned),
                 ShardRequest::Stop => break,
             };
             let Some(item) = item else {
@@ -99,87 +147,61 @@ impl Shard {
         }
     }
 
-    /// Moves a member's marks forward (never back, never past the last message) and queues
-    /// the change; returns nothing when the marks did not move.
-    fn marks(
-        &mut self,
-        req: MarksRequest,
-        convs: &mut HashMap<ConversationId, ConvState>,
-    ) -> Option<CommitItem> {
-        if self.store.is_poisoned() {
-            return None;
+    /// The state of a conversation, loaded from the store on first use.
+    fn state<'a>(
+        &self,
+        owned: &'a mut Owned,
+        conv: ConversationId,
+    ) -> Result<&'a mut ConvState, RouterError> {
+        match owned.convs.entry(conv) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(self.load(conv)?)),
         }
-        let state = match convs.get_mut(&req.conversation) {
-            Some(s) => s,
-            None => match self.load(req.conversation) {
-                Ok(s) => convs.entry(req.conversation).or_insert(s),
-                Err(e) => {
-                    tracing::debug!(error = %e, "marks for an unknown conversation");
-                    return None;
-                }
-            },
-        };
-        if !state.members.contains(&req.user) {
-            return None;
-        }
-        let (delivered, read) = state.marks.get(&req.user).copied().unwrap_or((0, 0));
-        // Reading implies having received.
-        let new_read = read.max(req.read.min(state.last_seq));
-        let new_delivered = delivered
-            .max(req.delivered.min(state.last_seq))
-            .max(new_read);
-        if (new_delivered, new_read) == (delivered, read) {
-            return None;
-        }
-        state
-            .marks
-            .insert(req.user.clone(), (new_delivered, new_read));
-        Some(CommitItem::Marks {
-            receipt: crate::framing::Receipt {
-                conversation: req.conversation,
-                user: req.user,
-                delivered: new_delivered,
-                read: new_read,
-            },
-            read_moved: new_read != read,
-            members: state.members.clone(),
+    }
+
+    fn load(&self, conv: ConversationId) -> Result<ConvState, RouterError> {
+        let record = self
+            .store
+            .conversation(conv)?
+            .ok_or(RouterError::NotMember(conv))?;
+        let marks = self
+            .store
+            .marks(conv)?
+            .into_iter()
+            .map(|(user, d, r)| (user, (d, r)))
+            .collect();
+        Ok(ConvState {
+            last_seq: self.store.last_seq(conv)?,
+            names: record.names().into(),
+            record,
+            marks,
         })
     }
 
-    fn sequence(
-        &mut self,
-        req: SendRequest,
-        convs: &mut HashMap<ConversationId, ConvState>,
-        recent: &mut HashMap<IdemKey, Sent>,
-        order: &mut VecDeque<IdemKey>,
-    ) -> Option<CommitItem> {
+    fn sequence(&mut self, req: SendRequest, owned: &mut Owned) -> Option<CommitItem> {
         if self.store.is_poisoned() {
             let _ = req.reply.send(Err(RouterError::Unavailable));
             return None;
         }
-        let state = match convs.get_mut(&req.conversation) {
-            Some(s) => s,
-            None => match self.load(req.conversation) {
-                Ok(s) => convs.entry(req.conversation).or_insert(s),
-                Err(e) => {
-                    let _ = req.reply.send(Err(e));
-                    return None;
-                }
-            },
-        };
-        if !state.members.contains(&req.from) {
-            let _ = req
-                .reply
-                .send(Err(RouterError::NotMember(req.conversation)));
-            return None;
-        }
-
         let key: IdemKey = (req.conversation, req.from, req.id);
-        if let Some(sent) = recent.get(&key) {
+        if let Some(sent) = owned.recent.get(&key) {
             return Some(CommitItem::Wait {
                 sent: *sent,
                 reply: req.reply,
             });
+        }
+        let state = match self.state(owned, req.conversation) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = req.reply.send(Err(e));
+                return None;
+            }
+        };
+        if !state.record.is_member(&key.1) {
+            let _ = req
+                .reply
+                .send(Err(RouterError::NotMember(req.conversation)));
+            return None;
         }
         match self.store.idempotent(key.0, &key.1, &key.2) {
             Ok(Some((seq, ts))) => {
@@ -206,38 +228,275 @@ impl Shard {
             ts: sent.ts,
             id: key.2,
             body: req.body,
+            change: None,
         };
         // Sending counts as having read (and received) everything up to one's own message.
         state.marks.insert(msg.from.clone(), (sent.seq, sent.seq));
-        recent.insert(key.clone(), sent);
-        order.push_back(key);
-        while order.len() > self.recent_capacity {
-            if let Some(old) = order.pop_front() {
-                recent.remove(&old);
+        let recipients = state.names.clone();
+        owned.recent.insert(key.clone(), sent);
+        owned.order.push_back(key);
+        while owned.order.len() > self.recent_capacity {
+            if let Some(old) = owned.order.pop_front() {
+                owned.recent.remove(&old);
             }
         }
         Some(CommitItem::Message {
             msg,
-            members: state.members.clone(),
+            recipients,
+            membership: None,
             reply: req.reply,
         })
     }
 
-    fn load(&self, conv: ConversationId) -> Result<ConvState, RouterError> {
-        let record = self
-            .store
-            .conversation(conv)?
-            .ok_or(RouterError::NotMember(conv))?;
-        let marks = self
-            .store
-            .marks(conv)?
-            .into_iter()
-            .map(|(user, d, r)| (user, (d, r)))
+    /// Moves a member's marks forward (never back, never past the last message) and queues
+    /// the change; returns nothing when the marks did not move.
+    fn marks(&mut self, req: MarksRequest, owned: &mut Owned) -> Option<CommitItem> {
+        if self.store.is_poisoned() {
+            return None;
+        }
+        let fanout = self.limits.receipt_fanout;
+        let state = match self.state(owned, req.conversation) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "marks for an unknown conversation");
+                return None;
+            }
+        };
+        if !state.record.is_member(&req.user) {
+            return None;
+        }
+        let (delivered, read) = state.marks.get(&req.user).copied().unwrap_or((0, 0));
+        // Reading implies having received.
+        let new_read = read.max(req.read.min(state.last_seq));
+        let new_delivered = delivered
+            .max(req.delivered.min(state.last_seq))
+            .max(new_read);
+        if (new_delivered, new_read) == (delivered, read) {
+            return None;
+        }
+        state
+            .marks
+            .insert(req.user.clone(), (new_delivered, new_read));
+        let read_moved = new_read != read;
+        // The other members learn of every move while the conversation is small; in a large
+        // group that would be members² events per message, so there the marks are stored and
+        // served on request, and only the member's own devices are told their read state.
+        let recipients: Arc<[String]> = state
+            .names
+            .iter()
+            .filter(|m| {
+                if **m == req.user {
+                    read_moved
+                } else {
+                    state.names.len() <= fanout
+                }
+            })
+            .cloned()
             .collect();
-        Ok(ConvState {
-            last_seq: self.store.last_seq(conv)?,
-            members: record.members.into(),
-            marks,
+        Some(CommitItem::Marks {
+            receipt: Receipt {
+                conversation: req.conversation,
+                user: req.user,
+                delivered: new_delivered,
+                read: new_read,
+            },
+            recipients,
         })
     }
+
+    /// Carries out a membership change, or answers why not.
+    fn membership(&mut self, req: MembershipRequest, owned: &mut Owned) -> Option<CommitItem> {
+        if self.store.is_poisoned() {
+            let _ = req.reply.send(Err(RouterError::Unavailable));
+            return None;
+        }
+        match self.change(&req.op, req.conversation, &req.by, owned) {
+            Ok(Some((seq, change, write, recipients))) => {
+                let ts = now_ms();
+                let msg = Message {
+                    conversation: req.conversation,
+                    seq,
+                    from: req.by,
+                    device: req.device,
+                    ts,
+                    id: ClientMsgId::random(),
+                    body: bytes::Bytes::new(),
+                    change: Some(change),
+                };
+                Some(CommitItem::Message {
+                    msg,
+                    recipients,
+                    membership: Some(Box::new(write)),
+                    reply: req.reply,
+                })
+            }
+            Ok(None) => {
+                let _ = req.reply.send(Ok(Sent { seq: 0, ts: 0 }));
+                None
+            }
+            Err(e) => {
+                let _ = req.reply.send(Err(e));
+                None
+            }
+        }
+    }
+
+    /// Applies `op` to the conversation's state. Returns the event's seq, the change, what to
+    /// write, and who hears of it; `None` when nothing changes.
+    #[expect(
+        clippy::type_complexity,
+        reason = "a private tuple read once by the caller"
+    )]
+    fn change(
+        &self,
+        op: &MemberOp,
+        conv: ConversationId,
+        by: &str,
+        owned: &mut Owned,
+    ) -> Result<Option<(u64, MemberChange, MembershipWrite, Arc<[String]>)>, RouterError> {
+        let max_group = self.limits.max_group;
+        if let MemberOp::Create(record) = op {
+            if owned.convs.contains_key(&conv) || self.store.conversation(conv)?.is_some() {
+                return Err(RouterError::Internal(format!("conversation {conv} exists")));
+            }
+            let names: Arc<[String]> = record.names().into();
+            let state = ConvState {
+                last_seq: 1,
+                record: record.clone(),
+                names: names.clone(),
+                marks: HashMap::new(),
+            };
+            owned.convs.insert(conv, state);
+            let change = MemberChange::Created {
+                title: record.title.clone(),
+                members: record.names(),
+            };
+            let write = MembershipWrite {
+                record: record.clone(),
+                added: record.names(),
+                removed: Vec::new(),
+            };
+            return Ok(Some((1, change, write, names)));
+        }
+
+        let store = self.store.clone();
+        let state = self.state(owned, conv)?;
+        if state.record.kind != ConversationKind::Group {
+            return Err(RouterError::Invalid(format!(
+                "conversation {conv} is not a group"
+            )));
+        }
+        let actor = state
+            .record
+            .member(by)
+            .ok_or(RouterError::NotMember(conv))?
+            .clone();
+        let must_be_admin = |what: &str| {
+            if actor.admin {
+                Ok(())
+            } else {
+                Err(RouterError::Forbidden(format!("only admins can {what}")))
+            }
+        };
+        let seq = state.last_seq + 1;
+        let before: Arc<[String]> = state.names.clone();
+        let mut record = state.record.clone();
+        let (change, added, removed) = match op {
+            MemberOp::Create(_) => unreachable_create()?,
+            MemberOp::Add(user) => {
+                must_be_admin("add members")?;
+                if record.is_member(user) {
+                    return Ok(None);
+                }
+                if record.members.len() >= max_group {
+                    return Err(RouterError::Limit(format!(
+                        "the group has {} members, the most allowed",
+                        record.members.len()
+                    )));
+                }
+                if !store.user_exists(user)? {
+                    return Err(RouterError::UnknownUser(user.clone()));
+                }
+                record.upsert(MemberRecord {
+                    user: user.clone(),
+                    admin: false,
+                    since: seq,
+                });
+                let change = MemberChange::Added { user: user.clone() };
+                (change, vec![user.clone()], Vec::new())
+            }
+            MemberOp::Remove(user) if user == by => leave(&mut record, by),
+            MemberOp::Remove(user) => {
+                must_be_admin("remove members")?;
+                if !record.remove(user) {
+                    return Ok(None);
+                }
+                let change = MemberChange::Removed { user: user.clone() };
+                (change, Vec::new(), vec![user.clone()])
+            }
+            MemberOp::Leave => leave(&mut record, by),
+            MemberOp::Promote(user) => {
+                must_be_admin("promote members")?;
+                let Some(member) = record.member(user) else {
+                    return Err(RouterError::Invalid(format!("{user} is not a member")));
+                };
+                if member.admin {
+                    return Ok(None);
+                }
+                let mut member = member.clone();
+                member.admin = true;
+                record.upsert(member);
+                let change = MemberChange::Promoted { user: user.clone() };
+                (change, Vec::new(), Vec::new())
+            }
+        };
+        let after: Arc<[String]> = record.names().into();
+        // Everyone who was or is a member hears of it: a removed member learns of the removal,
+        // and nothing after it.
+        let recipients: Arc<[String]> = if removed.is_empty() {
+            after.clone()
+        } else {
+            before
+        };
+        for user in &removed {
+            state.marks.remove(user);
+        }
+        state.last_seq = seq;
+        state.record = record.clone();
+        state.names = after;
+        let write = MembershipWrite {
+            record,
+            added,
+            removed,
+        };
+        Ok(Some((seq, change, write, recipients)))
+    }
+}
+
+/// `Create` is handled before an existing state is looked up.
+fn unreachable_create() -> Result<(MemberChange, Vec<String>, Vec<String>), RouterError> {
+    Err(RouterError::Internal("create of an existing group".into()))
+}
+
+/// `by` leaves; if no admin remains, the longest-standing member becomes one.
+fn leave(record: &mut ConversationRecord, by: &str) -> (MemberChange, Vec<String>, Vec<String>) {
+    record.remove(by);
+    let mut promoted = None;
+    let heir = record
+        .members
+        .iter()
+        .min_by(|a, b| a.since.cmp(&b.since).then_with(|| a.user.cmp(&b.user)))
+        .cloned();
+    if let Some(heir) = heir.filter(|_| !record.members.iter().any(|m| m.admin)) {
+        promoted = Some(heir.user.clone());
+        record.upsert(MemberRecord {
+            admin: true,
+            ..heir
+        });
+    }
+    (
+        MemberChange::Left { promoted },
+        Vec::new(),
+        vec![by.to_owned()],
+    )
 }

@@ -13,11 +13,12 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 use super::stream::{FrameReader, FrameWriter, StreamError};
 use crate::auth::{AuthError, TokenKeys, valid_name};
 use crate::config::Limits;
+use crate::framing::ConversationInfo;
 use crate::framing::{
     ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ErrorCode, FrameError,
     PROTOCOL_VERSION, ServerDatagram, ServerFrame,
 };
-use crate::router::{DeviceFeed, Push, Router, RouterError, Sent};
+use crate::router::{DeviceFeed, MemberOp, Push, Router, RouterError, Sent};
 
 /// How long a closing stream or connection waits for its last frames to reach the peer.
 const LINGER: Duration = Duration::from_secs(1);
@@ -285,9 +286,21 @@ impl Session {
                         },
                     }
                 }
-                ClientFrame::ListConversations { request } => {
-                    match self.shared.router.conversations(&self.user).await {
-                        Ok(items) => ServerFrame::Conversations { request, items },
+                ClientFrame::ListConversations {
+                    request,
+                    after,
+                    limit,
+                } => {
+                    let limit = limit.clamp(1, 100) as usize;
+                    match self
+                        .shared
+                        .router
+                        .conversations(&self.user, after, limit)
+                        .await
+                    {
+                        Ok((items, more)) => {
+                            fit_page(request, items, more, self.shared.limits.max_frame)
+                        }
                         Err(e) => ServerFrame::Error {
                             code: e.code(),
                             message: e.to_string(),
@@ -295,6 +308,26 @@ impl Session {
                         },
                     }
                 }
+                ClientFrame::CreateGroup {
+                    request,
+                    title,
+                    members,
+                } => match self
+                    .shared
+                    .router
+                    .create_group(&self.user, &self.device, &title, &members)
+                    .await
+                {
+                    Ok(conversation) => ServerFrame::GroupCreated {
+                        request,
+                        conversation,
+                    },
+                    Err(e) => ServerFrame::Error {
+                        code: e.code(),
+                        message: e.to_string(),
+                        request: Some(request),
+                    },
+                },
                 ClientFrame::Sync { cursor } if delivery.is_none() => {
                     match self
                         .shared
@@ -446,7 +479,11 @@ impl Session {
                     Ok(opened) => {
                         let frame = ServerFrame::Opened {
                             conversation: opened.conversation,
+                            kind: opened.kind,
+                            title: opened.title,
+                            member_count: opened.member_count,
                             members: opened.members,
+                            admins: opened.admins,
                             last_seq: opened.last_seq,
                         };
                         if writer.send(&frame).await.is_err() {
@@ -522,6 +559,48 @@ impl Session {
                     self.marks(conversation, up_to, 0).await;
                     continue;
                 }
+                Ok(Some(ClientFrame::AddMember { request, user })) => {
+                    self.membership(conversation, request, MemberOp::Add(user))
+                        .await
+                }
+                Ok(Some(ClientFrame::RemoveMember { request, user })) => {
+                    self.membership(conversation, request, MemberOp::Remove(user))
+                        .await
+                }
+                Ok(Some(ClientFrame::Leave { request })) => {
+                    self.membership(conversation, request, MemberOp::Leave)
+                        .await
+                }
+                Ok(Some(ClientFrame::Promote { request, user })) => {
+                    self.membership(conversation, request, MemberOp::Promote(user))
+                        .await
+                }
+                Ok(Some(ClientFrame::Members {
+                    request,
+                    after,
+                    limit,
+                })) => Pending::Frame(
+                    match router
+                        .members_page(
+                            &self.user,
+                            conversation,
+                            &after,
+                            limit.clamp(1, 200) as usize,
+                        )
+                        .await
+                    {
+                        Ok((members, more)) => ServerFrame::MemberPage {
+                            request,
+                            members,
+                            more,
+                        },
+                        Err(e) => ServerFrame::Error {
+                            code: e.code(),
+                            message: e.to_string(),
+                            request: Some(request),
+                        },
+                    },
+                ),
                 Ok(Some(ClientFrame::Read { up_to })) => {
                     self.marks(conversation, 0, up_to).await;
                     continue;
@@ -555,6 +634,29 @@ impl Session {
             debug!(code = ?refusal.code, message = %refusal.message, "closing connection");
             close(&self.conn, &refusal);
         }
+    }
+
+    async fn membership(
+        &self,
+        conversation: ConversationId,
+        request: u32,
+        op: MemberOp,
+    ) -> Pending {
+        Pending::Frame(
+            match self
+                .shared
+                .router
+                .membership(conversation, &self.user, &self.device, op)
+                .await
+            {
+                Ok(seq) => ServerFrame::Done { request, seq },
+                Err(e) => ServerFrame::Error {
+                    code: e.code(),
+                    message: e.to_string(),
+                    request: Some(request),
+                },
+            },
+        )
     }
 
     async fn marks(&self, conversation: ConversationId, delivered: u64, read: u64) {
@@ -598,6 +700,29 @@ impl Session {
             Ok(rx) => Pending::Ack { id, rx },
             Err(e) => failed(e.code(), e.to_string()),
         }
+    }
+}
+
+/// A `Conversations` answer cut so that it fits in one frame; the client pages on from the
+/// last id it got.
+fn fit_page(request: u32, items: Vec<ConversationInfo>, more: bool, max_frame: u32) -> ServerFrame {
+    // Room for the frame's own fields around the items.
+    let mut budget = max_frame as usize - 64;
+    let total = items.len();
+    let mut kept = Vec::with_capacity(total);
+    for item in items {
+        let size = postcard::to_stdvec(&item).map_or(usize::MAX, |v| v.len());
+        if size > budget && !kept.is_empty() {
+            break;
+        }
+        budget = budget.saturating_sub(size);
+        kept.push(item);
+    }
+    let more = more || kept.len() < total;
+    ServerFrame::Conversations {
+        request,
+        items: kept,
+        more,
     }
 }
 
