@@ -142,3 +142,84 @@ async fn a_chat_in_a_terminal_shows_ticks_typing_and_presence() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_group_chat_shows_its_title_members_and_membership_events() {
+    let server = TestServer::start().await;
+    for u in ["bob", "carol"] {
+        server.register(u).await;
+    }
+    let alice = server.connect("alice", "setup").await;
+    let id = alice
+        .create_group("Weekend", &["bob".into(), "carol".into()])
+        .await
+        .expect("create");
+    alice.close().await;
+
+    let tmux = Tmux {
+        socket: format!("plover-group-{}", std::process::id()),
+    };
+    let command = format!(
+        "env PLOVER_SERVER={} PLOVER_CA={} PLOVER_TOKEN={} {} chat --conversation {id}",
+        server.addr,
+        server.ca().display(),
+        server.token("alice"),
+        env!("CARGO_BIN_EXE_plover"),
+    );
+    tmux.run(&[
+        "-u",
+        "new-session",
+        "-d",
+        "-s",
+        "chat",
+        "-x",
+        "110",
+        "-y",
+        "20",
+        &command,
+    ]);
+    tmux.wait_for("Weekend · conversation").await;
+    tmux.wait_for("3 members").await;
+    tmux.wait_for("alice created \"Weekend\" with alice, bob, carol")
+        .await;
+
+    tmux.run(&["send-keys", "-t", "chat", "plans?", "Enter"]);
+    tmux.wait_for("alice: plans?  ✓ sent").await;
+    // Delivered to all only once both have it.
+    let mut bob = EventStream::start(server.config("bob", "phone"), None);
+    assert!(bob.synced().await);
+    let screen = tmux.wait_for("alice: plans?").await;
+    assert!(
+        !screen.contains("plans?  ✓✓"),
+        "carol has not got it:\n{screen}"
+    );
+    let mut carol = EventStream::start(server.config("carol", "phone"), None);
+    assert!(carol.synced().await);
+    tmux.wait_for("alice: plans?  ✓✓ delivered").await;
+
+    let bob_conn = server.connect("bob", "laptop").await;
+    let conv = bob_conn
+        .open(Target::Conversation(id), false)
+        .await
+        .expect("open");
+    conv.send("beach!").await.expect("send");
+    tmux.wait_for("bob: beach!").await;
+    carol.close().await;
+    let carol_conn = server.connect("carol", "laptop").await;
+    carol_conn
+        .open(Target::Conversation(id), false)
+        .await
+        .expect("open")
+        .leave()
+        .await
+        .expect("leave");
+    tmux.wait_for("-- carol left --").await;
+    tmux.wait_for("2 members").await;
+
+    tmux.run(&["send-keys", "-t", "chat", "Escape"]);
+    bob.close().await;
+    drop(conv);
+    bob_conn.close().await;
+    carol_conn.close().await;
+    server.stop().await;
+}

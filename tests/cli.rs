@@ -200,3 +200,83 @@ async fn two_people_chat_from_two_terminals() {
     let out = run(&bob, &["history", "--with", "carol"]);
     assert!(!out.status.success());
 }
+
+#[tokio::test]
+async fn groups_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = spawn_server(dir.path()).await;
+    let d = dir.path().to_owned();
+    let tokens: Vec<String> = ["alice", "bob", "carol"]
+        .iter()
+        .map(|u| token(&d, u, &[]))
+        .collect();
+    let run = |token: &str, args: &[&str]| plover(&d, &addr, Some(token), args);
+    // Everyone connects once so they exist.
+    for t in &tokens {
+        assert!(run(t, &["conversations"]).status.success());
+    }
+    let (alice, bob, carol) = (&tokens[0], &tokens[1], &tokens[2]);
+
+    let out = run(
+        alice,
+        &["group", "create", "Weekend", "--members", "bob,carol"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let created = stdout(&out);
+    let id = created
+        .trim()
+        .strip_prefix("conversation=")
+        .expect("conversation=<id>")
+        .to_owned();
+
+    let out = run(bob, &["send", "--conversation", &id, "hi all"]);
+    assert_eq!(stdout(&out).trim(), format!("sent conversation={id} seq=2"));
+    let out = run(carol, &["group", "add", &id, "bob"]);
+    assert!(!out.status.success(), "carol is no admin");
+    assert!(stderr(&out).contains("only admins"), "{}", stderr(&out));
+    let out = run(alice, &["group", "remove", &id, "carol"]);
+    assert_eq!(stdout(&out).trim(), format!("done conversation={id} seq=3"));
+    let out = run(alice, &["send", "--conversation", &id, "without carol"]);
+    assert!(out.status.success());
+
+    let out = run(alice, &["group", "members", &id, "--json"]);
+    let members: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(members.len(), 2);
+    assert_eq!(members[0]["user"], "alice");
+    assert_eq!(members[0]["admin"], true);
+
+    let out = run(bob, &["history", "--conversation", &id, "--json"]);
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["type"], "member");
+    assert_eq!(lines[0]["action"], "created");
+    assert_eq!(lines[0]["title"], "Weekend");
+    assert_eq!(lines[1]["from"], "bob");
+    assert_eq!(lines[1]["text"], "hi all");
+    assert_eq!(lines[2]["action"], "removed");
+    assert_eq!(lines[2]["user"], "carol");
+    assert_eq!(lines[3]["text"], "without carol");
+
+    // Carol's history ends at her removal; she can no longer read the group.
+    let out = run(carol, &["history", "--conversation", &id]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not a member"), "{}", stderr(&out));
+
+    // Who read alice's message: nobody yet; then bob reads.
+    let out = run(alice, &["receipts", "--conversation", &id, "--seq", "4"]);
+    assert!(stdout(&out).contains("waiting: bob"), "{}", stdout(&out));
+    run(bob, &["read", "--conversation", &id]);
+    let out = run(
+        alice,
+        &["receipts", "--conversation", &id, "--seq", "4", "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["read"], serde_json::json!(["bob"]));
+    assert_eq!(v["read_by_all"], true);
+}

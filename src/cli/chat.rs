@@ -105,6 +105,9 @@ impl State {
         if let Some(user) = typing.first() {
             return format!("{user} is typing…");
         }
+        if !self.title.is_empty() {
+            return format!("{} members", self.members.len());
+        }
         match others.as_slice() {
             [peer] => match self.presence.get(*peer).copied().flatten() {
                 Some(0) => format!("{peer} is online"),

@@ -521,7 +521,8 @@ async fn read_control(
             }
             ServerFrame::Pong { nonce } => (Some(Awaiting::Pong(nonce)), Ok(frame)),
             ServerFrame::Conversations { request, .. }
-            | ServerFrame::PresenceInfo { request, .. } => {
+            | ServerFrame::PresenceInfo { request, .. }
+            | ServerFrame::GroupCreated { request, .. } => {
                 (Some(Awaiting::Request(request)), Ok(frame))
             }
             ServerFrame::SyncStarted { .. } => (None, Ok(frame)),
