@@ -68,6 +68,23 @@ pub(super) enum CommitItem {
     Stop,
 }
 
+/// Writes a batch may hold per item of `commit_batch`: a direct message costs about five.
+const WRITES_PER_ITEM: usize = 4;
+
+impl CommitItem {
+    /// About how many writes the item costs.
+    fn work(&self) -> usize {
+        match self {
+            CommitItem::Message { recipients, .. } => 3 + recipients.len(),
+            CommitItem::Marks { recipients, .. } => 1 + recipients.len(),
+            CommitItem::Wait { .. }
+            | CommitItem::Cursor { .. }
+            | CommitItem::Barrier(_)
+            | CommitItem::Stop => 1,
+        }
+    }
+}
+
 /// One committed event and where it goes: each member at their new log position.
 type Fanout = (Arc<[String]>, Vec<u64>, Arc<Event>);
 
@@ -83,13 +100,23 @@ impl CommitThread {
         let mut heads: HashMap<String, u64> = HashMap::new();
         let mut items = Vec::with_capacity(self.max_batch);
         loop {
-            match self.rx.recv() {
-                Ok(item) => items.push(item),
+            let mut work = match self.rx.recv() {
+                Ok(item) => {
+                    let w = item.work();
+                    items.push(item);
+                    w
+                }
                 Err(RecvError) => return,
-            }
-            while items.len() < self.max_batch {
+            };
+            // A batch is bounded in items and in writes: a message to a large group writes a
+            // log entry per member, and the conversations queued behind it should wait for one
+            // bounded batch at most, not for every large fan-out in the queue.
+            while items.len() < self.max_batch && work < self.max_batch * WRITES_PER_ITEM {
                 match self.rx.try_recv() {
-                    Ok(item) => items.push(item),
+                    Ok(item) => {
+                        work += item.work();
+                        items.push(item);
+                    }
                     Err(_) => break,
                 }
             }
