@@ -76,7 +76,13 @@ fn setup(rt: &tokio::runtime::Runtime, durability: Durability) -> Setup {
             .expect("open")
             .conversation;
         let group = router
-            .create_group("alice", "d", "town", &members)
+            .create_group(
+                "alice",
+                "d",
+                "town",
+                &members,
+                plover::framing::Retention::Keep,
+            )
             .await
             .expect("group");
         (direct, group)

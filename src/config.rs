@@ -70,6 +70,31 @@ pub struct Config {
     pub store: StoreConfig,
     /// Presence and typing.
     pub presence: PresenceConfig,
+    /// Retention sweeps.
+    pub retention: RetentionConfig,
+}
+
+/// Retention sweeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// How often expired bodies are removed from the store. Reads never serve an expired body
+    /// whatever this is; it only bounds how long one stays on disk. A minute keeps the sweep's
+    /// cost negligible.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Under `until_delivered`, how long a body waits for a member who never comes back.
+    #[serde(with = "humantime_serde")]
+    pub max_undelivered: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            sweep_interval: Duration::from_secs(60),
+            max_undelivered: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
 }
 
 /// Presence and typing.
@@ -240,6 +265,7 @@ impl Default for Config {
             transport: TransportSettings::default(),
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -290,6 +316,9 @@ impl Config {
         }
         if self.auth.timeout.is_zero() {
             return invalid("auth.timeout must be positive");
+        }
+        if self.retention.sweep_interval.is_zero() {
+            return invalid("retention.sweep_interval must be positive");
         }
         if self.presence.typing_per_second == 0 {
             return invalid("presence.typing_per_second must be positive");

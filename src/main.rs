@@ -15,7 +15,7 @@ use std::time::Duration;
 use plover::auth::{TokenKeys, secret_for};
 use plover::client::{Client, ClientConfig, Connection, EventStream, Incoming};
 use plover::config::{Config, Durability};
-use plover::framing::{ConversationKind, Event, MemberChange, Message, Target};
+use plover::framing::{ConversationChange, ConversationKind, Event, Message, Retention, Target};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +53,46 @@ enum Command {
     Group(GroupCommand),
     /// Who has received and read a conversation's messages.
     Receipts(ReceiptsArgs),
+    /// Set a conversation's retention policy: keep, until-delivered, ttl=<duration>.
+    Retention(RetentionArgs),
+    /// Delete one of your messages for everyone.
+    Delete(DeleteArgs),
+    /// Hide a conversation's history from yourself only.
+    Clear(ClearArgs),
+}
+
+#[derive(Args)]
+struct RetentionArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The conversation id.
+    conversation: u64,
+    /// `keep`, `until-delivered` or `ttl=<duration>` (e.g. `ttl=7d`).
+    policy: Retention,
+}
+
+#[derive(Args)]
+struct DeleteArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The conversation id.
+    #[arg(long)]
+    conversation: u64,
+    /// The message.
+    #[arg(long)]
+    seq: u64,
+}
+
+#[derive(Args)]
+struct ClearArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The conversation id.
+    #[arg(long)]
+    conversation: u64,
+    /// Hide up to this seq [default: everything so far].
+    #[arg(long)]
+    up_to: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -66,6 +106,9 @@ enum GroupCommand {
         /// The other members, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         members: Vec<String>,
+        /// `keep`, `until-delivered` or `ttl=<duration>` (e.g. `ttl=7d`).
+        #[arg(long, default_value = "keep")]
+        retention: Retention,
     },
     /// Add a member (admins only).
     Add {
@@ -366,6 +409,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Presence(args) => presence(args).await,
         Command::Group(command) => group(command).await,
         Command::Receipts(args) => receipts(args).await,
+        Command::Retention(args) => {
+            membership(
+                args.client,
+                args.conversation,
+                GroupOp::Retention(args.policy),
+            )
+            .await
+        }
+        Command::Delete(args) => {
+            membership(args.client, args.conversation, GroupOp::Delete(args.seq)).await
+        }
+        Command::Clear(args) => {
+            let up_to = args.up_to.unwrap_or(u64::MAX);
+            membership(args.client, args.conversation, GroupOp::Clear(up_to)).await
+        }
         Command::Chat(args) => {
             let target = target(args.with, args.conversation)?;
             chat::run(args.client.config()?, target).await
@@ -467,6 +525,28 @@ fn message_json(m: &Message) -> serde_json::Value {
             "ts": m.ts,
         });
     };
+    match change {
+        ConversationChange::Erased => {
+            return json!({
+                "type": "erased",
+                "conversation": m.conversation,
+                "seq": m.seq,
+                "from": m.from,
+                "ts": m.ts,
+            });
+        }
+        ConversationChange::Retention { policy } => {
+            return json!({
+                "type": "retention",
+                "conversation": m.conversation,
+                "seq": m.seq,
+                "from": m.from,
+                "ts": m.ts,
+                "policy": policy.to_string(),
+            });
+        }
+        _ => {}
+    }
     let mut v = json!({
         "type": "member",
         "conversation": m.conversation,
@@ -475,13 +555,14 @@ fn message_json(m: &Message) -> serde_json::Value {
         "ts": m.ts,
     });
     let fields = match change {
-        MemberChange::Created { title, members } => {
+        ConversationChange::Created { title, members } => {
             json!({"action": "created", "title": title, "members": members})
         }
-        MemberChange::Added { user } => json!({"action": "added", "user": user}),
-        MemberChange::Removed { user } => json!({"action": "removed", "user": user}),
-        MemberChange::Left { promoted } => json!({"action": "left", "promoted": promoted}),
-        MemberChange::Promoted { user } => json!({"action": "promoted", "user": user}),
+        ConversationChange::Added { user } => json!({"action": "added", "user": user}),
+        ConversationChange::Removed { user } => json!({"action": "removed", "user": user}),
+        ConversationChange::Left { promoted } => json!({"action": "left", "promoted": promoted}),
+        ConversationChange::Promoted { user } => json!({"action": "promoted", "user": user}),
+        ConversationChange::Retention { .. } | ConversationChange::Erased => json!({}),
     };
     if let (Some(v), Some(fields)) = (v.as_object_mut(), fields.as_object()) {
         v.extend(fields.clone());
@@ -490,18 +571,22 @@ fn message_json(m: &Message) -> serde_json::Value {
 }
 
 /// A membership change in words, as the CLI and the chat show it.
-pub(crate) fn describe_change(from: &str, change: &MemberChange) -> String {
+pub(crate) fn describe_change(from: &str, change: &ConversationChange) -> String {
     match change {
-        MemberChange::Created { title, members } => {
+        ConversationChange::Created { title, members } => {
             format!("{from} created {title:?} with {}", members.join(", "))
         }
-        MemberChange::Added { user } => format!("{from} added {user}"),
-        MemberChange::Removed { user } => format!("{from} removed {user}"),
-        MemberChange::Left { promoted: None } => format!("{from} left"),
-        MemberChange::Left {
+        ConversationChange::Added { user } => format!("{from} added {user}"),
+        ConversationChange::Removed { user } => format!("{from} removed {user}"),
+        ConversationChange::Left { promoted: None } => format!("{from} left"),
+        ConversationChange::Left {
             promoted: Some(user),
         } => format!("{from} left; {user} is now an admin"),
-        MemberChange::Promoted { user } => format!("{from} made {user} an admin"),
+        ConversationChange::Promoted { user } => format!("{from} made {user} an admin"),
+        ConversationChange::Retention { policy } => {
+            format!("{from} set message retention to {policy}")
+        }
+        ConversationChange::Erased => format!("message from {from} deleted"),
     }
 }
 
@@ -515,6 +600,16 @@ fn incoming_json(incoming: &Incoming) -> serde_json::Value {
                 "user": r.user,
                 "delivered": r.delivered,
                 "read": r.read,
+            }),
+            Event::Deleted {
+                conversation,
+                seq,
+                by,
+            } => json!({
+                "type": "deleted",
+                "conversation": conversation,
+                "seq": seq,
+                "by": by,
             }),
         },
         Incoming::Presence {
@@ -543,6 +638,11 @@ fn incoming_line(incoming: &Incoming) -> String {
                 "conversation {}: {} has received up to #{} and read up to #{}",
                 r.conversation, r.user, r.delivered, r.read
             ),
+            Event::Deleted {
+                conversation,
+                seq,
+                by,
+            } => format!("conversation {conversation}: {by} deleted #{seq}"),
         },
         Incoming::Presence {
             user, online: true, ..
@@ -680,6 +780,7 @@ async fn conversations(args: ConversationsArgs) -> Result<()> {
                 "kind": kind,
                 "title": c.title,
                 "member_count": c.member_count,
+                "retention": c.retention.to_string(),
                 "members": c.members,
                 "last_seq": c.last_seq,
                 "read": read,
@@ -709,10 +810,11 @@ async fn conversations(args: ConversationsArgs) -> Result<()> {
                 format!("{:?} ({who})", c.title)
             };
             format!(
-                "{:>6}  {kind:<7} {name:<24} last_seq={} unread={}  {}",
+                "{:>6}  {kind:<7} {name:<24} last_seq={} unread={} retention={}  {}",
                 c.conversation,
                 c.last_seq,
                 c.unread,
+                c.retention,
                 others.join("; ")
             )
         };
@@ -763,9 +865,10 @@ async fn group(command: GroupCommand) -> Result<()> {
             client,
             title,
             members,
+            retention,
         } => {
             let conn = Connection::connect(&client.config()?).await?;
-            let created = conn.create_group(&title, &members).await;
+            let created = conn.create_group_with(&title, &members, retention).await;
             conn.close().await;
             println!("conversation={}", created?);
             Ok(())
@@ -815,6 +918,9 @@ enum GroupOp {
     Remove(String),
     Leave,
     Promote(String),
+    Retention(Retention),
+    Delete(u64),
+    Clear(u64),
 }
 
 /// Runs one membership change on a group and prints its outcome.
@@ -827,6 +933,9 @@ async fn membership(client: ClientArgs, id: u64, op: GroupOp) -> Result<()> {
             GroupOp::Remove(user) => conv.remove_member(&user).await?,
             GroupOp::Leave => conv.leave().await?,
             GroupOp::Promote(user) => conv.promote(&user).await?,
+            GroupOp::Retention(policy) => conv.set_retention(policy).await?,
+            GroupOp::Delete(seq) => conv.delete(seq).await?,
+            GroupOp::Clear(up_to) => conv.clear_history(up_to).await?,
         };
         Ok::<_, anyhow::Error>(seq)
     }

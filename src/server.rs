@@ -37,6 +37,7 @@ pub struct Server {
     listener: Listener,
     router: Router,
     addr: SocketAddr,
+    retention: crate::config::RetentionConfig,
 }
 
 impl Server {
@@ -61,6 +62,7 @@ impl Server {
             listener,
             router,
             addr,
+            retention: config.retention.clone(),
         })
     }
 
@@ -78,12 +80,31 @@ impl Server {
     /// flushes the store.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         info!("listening on {}", self.addr);
+        let sweeper = tokio::spawn(sweep(self.router.clone(), self.retention.clone()));
         self.listener.run(shutdown).await;
+        sweeper.abort();
         let router = self.router.clone();
         tokio::task::spawn_blocking(move || router.shutdown_blocking())
             .await
             .map_err(|e| RouterError::Internal(e.to_string()))??;
         info!("stopped; store flushed");
         Ok(())
+    }
+}
+
+/// Removes expired bodies every `sweep_interval`.
+async fn sweep(router: Router, config: crate::config::RetentionConfig) {
+    let mut tick = tokio::time::interval(config.sweep_interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let r = router.clone();
+        let max = config.max_undelivered;
+        match tokio::task::spawn_blocking(move || r.sweep_blocking(max)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(removed = n, "retention sweep removed message bodies"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention sweep failed"),
+            Err(e) => tracing::warn!(error = %e, "retention sweep panicked"),
+        }
     }
 }

@@ -4,7 +4,7 @@ mod common;
 
 use common::{TestServer, next_event, next_receipt};
 use plover::client::EventStream;
-use plover::framing::{ErrorCode, Event, MemberChange, Target};
+use plover::framing::{ConversationChange, ErrorCode, Event, Target};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,7 +178,7 @@ async fn membership_changes_are_events_and_a_removed_member_gets_nothing_after()
         .collect();
     assert_eq!(admins.len(), 1, "{page:?}");
     let (history, _) = d.history(None, None, 1).await.expect("history");
-    let Some(MemberChange::Left { promoted }) = &history[0].change else {
+    let Some(ConversationChange::Left { promoted }) = &history[0].change else {
         panic!("expected Left at {left}, got {:?}", history[0]);
     };
     assert_eq!(promoted.as_deref(), Some(admins[0].as_str()));

@@ -22,7 +22,7 @@ use plover::client::{
     Ack, ClientConfig, ClientError, Connection, Conversation, EventStream, Incoming, TYPING_REPEAT,
     TYPING_TTL,
 };
-use plover::framing::{ClientMsgId, Event, MemberChange, Message, Target};
+use plover::framing::{ClientMsgId, ConversationChange, Event, Message, Target};
 
 /// Messages shown on open.
 const BACKLOG: u32 = 50;
@@ -121,6 +121,7 @@ impl State {
     fn add(&mut self, m: &Message) {
         let (text, system) = match &m.change {
             None => (String::from_utf8_lossy(&m.body).into_owned(), false),
+            Some(ConversationChange::Erased) => ("(message deleted)".to_owned(), false),
             Some(change) => (crate::describe_change(&m.from, change), true),
         };
         self.messages.insert(
@@ -135,17 +136,20 @@ impl State {
     }
 
     /// Keeps the member list in step with membership events that arrive live.
-    fn apply(&mut self, change: &MemberChange, from: &str) {
+    fn apply(&mut self, change: &ConversationChange, from: &str) {
         match change {
-            MemberChange::Added { user } => {
+            ConversationChange::Added { user } => {
                 if !self.members.contains(user) {
                     self.members.push(user.clone());
                     self.members.sort();
                 }
             }
-            MemberChange::Removed { user } => self.members.retain(|m| m != user),
-            MemberChange::Left { .. } => self.members.retain(|m| m != from),
-            MemberChange::Created { .. } | MemberChange::Promoted { .. } => {}
+            ConversationChange::Removed { user } => self.members.retain(|m| m != user),
+            ConversationChange::Left { .. } => self.members.retain(|m| m != from),
+            ConversationChange::Created { .. }
+            | ConversationChange::Promoted { .. }
+            | ConversationChange::Retention { .. }
+            | ConversationChange::Erased => {}
         }
     }
 }
@@ -301,6 +305,13 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                         // The window is open: what arrives is read.
                         read_up_to = m.seq;
                         let _ = conv.mark_read(read_up_to).await;
+                    }
+                }
+                Event::Deleted {
+                    conversation, seq, ..
+                } if *conversation == state.conversation => {
+                    if let Some(shown) = state.messages.get_mut(seq) {
+                        shown.text = "(message deleted)".to_owned();
                     }
                 }
                 Event::Receipt(r) if r.conversation == state.conversation && r.user != me => {

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ClientConfig, ClientError};
 use crate::framing::{
     ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ConversationKind,
-    ErrorCode, MemberInfo, Message, PROTOCOL_VERSION, ServerFrame, Target,
+    ErrorCode, MemberInfo, Message, PROTOCOL_VERSION, Retention, ServerFrame, Target,
 };
 use crate::transport::stream::{FrameReader, FrameWriter};
 
@@ -373,11 +373,23 @@ impl Connection {
         title: &str,
         members: &[String],
     ) -> Result<ConversationId, ClientError> {
+        self.create_group_with(title, members, Retention::Keep)
+            .await
+    }
+
+    /// Creates a group with a retention policy; returns its id.
+    pub async fn create_group_with(
+        &self,
+        title: &str,
+        members: &[String],
+        retention: Retention,
+    ) -> Result<ConversationId, ClientError> {
         let request = self.request_id();
         let frame = ClientFrame::CreateGroup {
             request,
             title: title.to_owned(),
             members: members.to_vec(),
+            retention,
         };
         match self
             .control_request(frame, Some(Awaiting::Request(request)))
@@ -765,6 +777,29 @@ impl Conversation {
             request,
             user: user.to_owned(),
         };
+        self.done(self.request(request, frame).await?)
+    }
+
+    /// Sets the retention policy (a group's admins; either member of a direct conversation).
+    /// Returns the seq of the change, or 0 if the policy was already in force.
+    pub async fn set_retention(&self, policy: Retention) -> Result<u64, ClientError> {
+        let request = self.next_request();
+        let frame = ClientFrame::SetRetention { request, policy };
+        self.done(self.request(request, frame).await?)
+    }
+
+    /// Deletes one of this user's messages for everyone. Returns its seq, or 0 if it was
+    /// already gone.
+    pub async fn delete(&self, seq: u64) -> Result<u64, ClientError> {
+        let request = self.next_request();
+        let frame = ClientFrame::Delete { request, seq };
+        self.done(self.request(request, frame).await?)
+    }
+
+    /// Hides the history up to `up_to` from this user only; returns the mark in force.
+    pub async fn clear_history(&self, up_to: u64) -> Result<u64, ClientError> {
+        let request = self.next_request();
+        let frame = ClientFrame::ClearHistory { request, up_to };
         self.done(self.request(request, frame).await?)
     }
 

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::types::{ClientMsgId, Target};
+use super::types::{ClientMsgId, Retention, Target};
 
 /// Every frame a client may send, on any stream.
 ///
@@ -98,6 +98,8 @@ pub enum ClientFrame {
         title: String,
         /// The other members (users who have connected at least once).
         members: Vec<String>,
+        /// How long message bodies stay on the server.
+        retention: Retention,
     },
     /// Adds a member (admins only). On the group's conversation stream.
     AddMember {
@@ -134,6 +136,28 @@ pub enum ClientFrame {
         /// At most this many (capped at 200).
         limit: u32,
     },
+    /// Deletes one of the caller's own messages for everyone. On a conversation stream.
+    Delete {
+        /// Echoed in the answer.
+        request: u32,
+        /// The message.
+        seq: u64,
+    },
+    /// Hides the conversation's history up to `up_to` from the caller only. On a conversation
+    /// stream.
+    ClearHistory {
+        /// Echoed in the answer.
+        request: u32,
+        /// The last seq to hide.
+        up_to: u64,
+    },
+    /// Sets the retention policy (either member of a direct conversation; a group's admins).
+    SetRetention {
+        /// Echoed in the answer.
+        request: u32,
+        /// The new policy.
+        policy: Retention,
+    },
 }
 
 impl ClientFrame {
@@ -157,6 +181,9 @@ impl ClientFrame {
             Self::Leave { .. } => "Leave",
             Self::Promote { .. } => "Promote",
             Self::Members { .. } => "Members",
+            Self::Delete { .. } => "Delete",
+            Self::ClearHistory { .. } => "ClearHistory",
+            Self::SetRetention { .. } => "SetRetention",
         }
     }
 }
@@ -232,8 +259,9 @@ mod tests {
                     request: 4,
                     title: "t".into(),
                     members: vec!["bo".into(), "cy".into()],
+                    retention: Retention::Ttl(600),
                 },
-                "0b 0b 04 01 74 02 02 62 6f 02 63 79",
+                "0e 0b 04 01 74 02 02 62 6f 02 63 79 02 d8 04",
             ),
             (
                 ClientFrame::AddMember {
@@ -264,6 +292,21 @@ mod tests {
                     limit: 200,
                 },
                 "07 10 09 02 62 6f c8 01",
+            ),
+            (ClientFrame::Delete { request: 1, seq: 4 }, "03 11 01 04"),
+            (
+                ClientFrame::ClearHistory {
+                    request: 2,
+                    up_to: 9,
+                },
+                "03 12 02 09",
+            ),
+            (
+                ClientFrame::SetRetention {
+                    request: 3,
+                    policy: Retention::UntilDelivered,
+                },
+                "03 13 03 01",
             ),
         ]
     }

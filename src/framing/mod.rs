@@ -13,9 +13,9 @@ pub use client::ClientFrame;
 pub use codec::FrameError;
 pub use server::ServerFrame;
 pub use types::{
-    ClientDatagram, ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode,
-    Event, INLINE_MEMBERS, Marks, MemberChange, MemberInfo, Message, Receipt, ServerDatagram,
-    Target,
+    ClientDatagram, ClientMsgId, ConversationChange, ConversationId, ConversationInfo,
+    ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, Receipt,
+    Retention, ServerDatagram, Target,
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.

@@ -173,7 +173,7 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::framing::{Marks, MemberChange, Receipt, ServerDatagram, codec, tests::hex};
+    use crate::framing::{ConversationChange, Marks, Receipt, ServerDatagram, codec, tests::hex};
     use bytes::Bytes;
 
     fn message() -> Message {
@@ -224,10 +224,11 @@ mod tests {
                             read: 2,
                         }],
                         unread: 1,
+                        retention: crate::framing::Retention::Keep,
                     }],
                     more: false,
                 },
-                "17 03 01 01 01 00 00 02 02 02 61 6c 02 62 6f 04 01 02 62 6f 04 02 01 00",
+                "18 03 01 01 01 00 00 02 02 02 61 6c 02 62 6f 04 01 02 62 6f 04 02 01 00 00",
             ),
             (
                 ServerFrame::Opened {
@@ -314,6 +315,17 @@ mod tests {
             ),
             (ServerFrame::Done { request: 5, seq: 3 }, "03 0d 05 03"),
             (
+                ServerFrame::Event {
+                    log: 8,
+                    event: Event::Deleted {
+                        conversation: 9,
+                        seq: 4,
+                        by: "al".into(),
+                    },
+                },
+                "08 08 08 02 09 04 02 61 6c",
+            ),
+            (
                 ServerFrame::MemberPage {
                     request: 9,
                     members: vec![MemberInfo {
@@ -338,7 +350,7 @@ mod tests {
                         ts: 1,
                         id: ClientMsgId([0; 16]),
                         body: Bytes::new(),
-                        change: Some(MemberChange::Added { user: "cy".into() }),
+                        change: Some(ConversationChange::Added { user: "cy".into() }),
                     }),
                 },
                 "21 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 01 02 63 79",

@@ -140,10 +140,63 @@ pub enum ConversationKind {
     Group,
 }
 
-/// A change of a group's membership. It takes its place in the conversation's sequence like a
-/// message (with an empty body), so every member sees it in order with the messages.
+/// How long a conversation's message bodies stay on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Retention {
+    /// Until the sender deletes them (the default).
+    #[default]
+    Keep,
+    /// Until every member has at least one device that received them (or the configured
+    /// maximum age, 30 days by default, for those that never are).
+    UntilDelivered,
+    /// For this many seconds after the server accepted them (disappearing messages).
+    Ttl(u64),
+}
+
+impl fmt::Display for Retention {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Retention::Keep => f.write_str("keep"),
+            Retention::UntilDelivered => f.write_str("until-delivered"),
+            Retention::Ttl(secs) => write!(
+                f,
+                "ttl={}",
+                humantime::format_duration(std::time::Duration::from_secs(*secs))
+            ),
+        }
+    }
+}
+
+impl std::str::FromStr for Retention {
+    type Err = String;
+
+    /// `keep`, `until-delivered`, or `ttl=<duration>` (`ttl=7d`, `ttl=10s`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "keep" => Ok(Retention::Keep),
+            "until-delivered" | "until_delivered" => Ok(Retention::UntilDelivered),
+            _ => match s.strip_prefix("ttl=") {
+                Some(d) => {
+                    let d =
+                        humantime::parse_duration(d).map_err(|e| format!("bad ttl {d:?}: {e}"))?;
+                    if d.as_secs() == 0 {
+                        return Err("a ttl is at least one second".into());
+                    }
+                    Ok(Retention::Ttl(d.as_secs()))
+                }
+                None => Err(format!(
+                    "{s:?} is not a retention policy (keep, until-delivered, ttl=<duration>)"
+                )),
+            },
+        }
+    }
+}
+
+/// A change of the conversation itself (membership, retention) or what became of a message.
+/// Changes take their place in the conversation's sequence like messages (with an empty body),
+/// so every member sees them in order with the messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MemberChange {
+pub enum ConversationChange {
     /// The group was created (always seq 1) by `from`, who is its first admin.
     Created {
         /// Its title.
@@ -171,6 +224,14 @@ pub enum MemberChange {
         /// The new admin.
         user: String,
     },
+    /// `from` set the retention policy.
+    Retention {
+        /// The new policy.
+        policy: Retention,
+    },
+    /// This message's body was removed (deleted by its sender, or by the retention policy);
+    /// the tombstone keeps its seq, sender and time.
+    Erased,
 }
 
 /// One stored message, as delivered and as served by history.
@@ -191,7 +252,7 @@ pub struct Message {
     /// The opaque payload (empty for a membership change).
     pub body: Bytes,
     /// Set when this entry is a membership change rather than a message.
-    pub change: Option<MemberChange>,
+    pub change: Option<ConversationChange>,
 }
 
 /// A member's delivery and read marks in a conversation: high-water sequence numbers.
@@ -215,6 +276,15 @@ pub enum Event {
     /// A member's marks moved: sent to the other members (delivered and read) and to the
     /// member's own devices (read), so unread counts agree everywhere.
     Receipt(Receipt),
+    /// The sender deleted a message for everyone: remove its body locally too.
+    Deleted {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The message.
+        seq: u64,
+        /// Who deleted it (its sender).
+        by: String,
+    },
 }
 
 impl Event {
@@ -223,6 +293,7 @@ impl Event {
         match self {
             Event::Message(m) => m.conversation,
             Event::Receipt(r) => r.conversation,
+            Event::Deleted { conversation, .. } => *conversation,
         }
     }
 }
@@ -262,6 +333,8 @@ pub struct ConversationInfo {
     pub marks: Vec<Marks>,
     /// Messages after the caller's read mark (sending counts as reading what came before).
     pub unread: u64,
+    /// How long message bodies stay on the server.
+    pub retention: Retention,
 }
 
 /// A member as paged by `Members`.

@@ -64,6 +64,21 @@ pub(crate) fn device(user: &str, device: &str) -> Vec<u8> {
     k
 }
 
+/// `receipts`, `cleared`: conversation ++ user.
+pub(crate) fn conv_user(conv: ConversationId, user: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + user.len());
+    k.extend_from_slice(&conv.to_be_bytes());
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+/// `watermarks`: name ++ 0 ++ conversation.
+pub(crate) fn watermark(name: &str, conv: ConversationId) -> Vec<u8> {
+    let mut k = name_prefix(name);
+    k.extend_from_slice(&conv.to_be_bytes());
+    k
+}
+
 /// Reads a big-endian u64 from the last 8 bytes of a key or the first 8 of a value.
 pub(crate) fn tail_u64(bytes: &[u8]) -> Option<u64> {
     let start = bytes.len().checked_sub(8)?;

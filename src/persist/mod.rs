@@ -18,6 +18,8 @@
 //! | `users` | user | first connection, Unix ms |
 //! | `receipts` | conversation, user | delivered seq, read seq |
 //! | `presence` | user | last seen, Unix ms |
+//! | `cleared` | conversation, user | the last seq the user hid from their own history |
+//! | `watermarks` | name, conversation | retention progress (`erased`, `swept`) |
 //! | `meta` | name | value (`next_conversation`) |
 
 mod keys;
@@ -28,7 +30,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Durability;
-use crate::framing::{ClientMsgId, ConversationId, ConversationKind, Message};
+use crate::framing::{
+    ClientMsgId, ConversationChange, ConversationId, ConversationKind, Message, Retention,
+};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,15 @@ pub enum LogEntry {
         conversation: ConversationId,
         /// The message's sequence number.
         seq: u64,
+    },
+    /// A message deleted for everyone by its sender.
+    Deleted {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The message.
+        seq: u64,
+        /// Its sender.
+        by: String,
     },
     /// A member's marks as they were at this point (small enough to keep inline).
     Receipt {
@@ -95,6 +108,23 @@ pub struct ConversationRecord {
     pub members: Vec<MemberRecord>,
     /// Creation time, Unix ms.
     pub created_ms: u64,
+    /// How long message bodies stay.
+    pub retention: Retention,
+}
+
+/// What a message becomes when its body is removed: the same seq, sender, device and time,
+/// an empty body, and `change` = `Erased`.
+pub fn tombstone(msg: &Message) -> Message {
+    Message {
+        body: bytes::Bytes::new(),
+        change: Some(ConversationChange::Erased),
+        ..msg.clone()
+    }
+}
+
+/// Whether a message's body is still there (not a tombstone, not a membership event).
+pub fn has_body(msg: &Message) -> bool {
+    msg.change.is_none()
 }
 
 impl ConversationRecord {
@@ -148,6 +178,10 @@ impl ConversationRecord {
     }
 }
 
+/// Journal size after which fjall rotates it: 64 MiB, an eighth of fjall's default, so that
+/// removed bodies leave the journals after at most that much newer writing.
+pub const DEFAULT_JOURNAL_SIZE: u64 = 64 * 1024 * 1024;
+
 /// The store.
 pub struct Store {
     db: Database,
@@ -161,6 +195,8 @@ pub struct Store {
     users: Keyspace,
     receipts: Keyspace,
     presence: Keyspace,
+    cleared: Keyspace,
+    watermarks: Keyspace,
     meta: Keyspace,
     durability: Durability,
     poisoned: AtomicBool,
@@ -193,9 +229,21 @@ impl Store {
     /// Opens (or creates) the store in `path`. fjall replays its journal here, so a crash loses
     /// nothing that a commit with fsync returned for.
     pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        Self::open_with(path, durability, DEFAULT_JOURNAL_SIZE)
+    }
+
+    /// Opens the store with journals rotated every `journal_size` bytes. A removed body stays
+    /// in the journal that recorded it until that journal is rotated and its memtables
+    /// flushed, so this bounds how long removed bodies linger there.
+    pub fn open_with(
+        path: &Path,
+        durability: Durability,
+        journal_size: u64,
+    ) -> Result<Self, StoreError> {
         let db = Database::builder(path)
             // We decide when the journal is synced (group commit), not fjall's background timer.
             .manual_journal_persist(true)
+            .max_journaling_size(journal_size)
             .open()?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         Ok(Self {
@@ -209,6 +257,8 @@ impl Store {
             users: ks("users")?,
             receipts: ks("receipts")?,
             presence: ks("presence")?,
+            cleared: ks("cleared")?,
+            watermarks: ks("watermarks")?,
             meta: ks("meta")?,
             db,
             durability,
@@ -240,6 +290,11 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())
+    }
+
+    /// Bytes the messages' segments take on disk (journals not included).
+    pub fn messages_disk_space(&self) -> u64 {
+        self.messages.disk_space()
     }
 
     /// Bytes the store takes on disk.
@@ -307,6 +362,7 @@ impl Store {
                 })
                 .collect(),
             created_ms: now_ms,
+            retention: Retention::Keep,
         };
         let mut batch = self.batch();
         batch
@@ -490,6 +546,114 @@ impl Store {
             .any(|c| theirs.contains(&c)))
     }
 
+    // ----- retention -----
+
+    /// Every conversation whose retention is not `keep`, with its record.
+    pub fn retained_conversations(
+        &self,
+    ) -> Result<Vec<(ConversationId, ConversationRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.conversations.iter() {
+            let (k, v) = guard.into_inner()?;
+            let record: ConversationRecord = decode("conversations", &v)?;
+            if record.retention != Retention::Keep
+                && let Some(conv) = keys::head_u64(&k)
+            {
+                out.push((conv, record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Messages of a conversation from `from` on, in order, at most `limit`.
+    pub fn messages_from(
+        &self,
+        conv: ConversationId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mut out = Vec::new();
+        let range = self
+            .messages
+            .range(keys::message(conv, from)..=keys::message(conv, u64::MAX));
+        for guard in range.take(limit) {
+            out.push(decode("messages", &guard.value()?)?);
+        }
+        Ok(out)
+    }
+
+    /// A retention watermark of a conversation (0 if unset).
+    pub fn watermark(&self, name: &str, conv: ConversationId) -> Result<u64, StoreError> {
+        Ok(self
+            .watermarks
+            .get(keys::watermark(name, conv))?
+            .and_then(|v| keys::head_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// The last seq `user` hid from their own history of `conv` (0 if none).
+    pub fn cleared(&self, conv: ConversationId, user: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .cleared
+            .get(keys::conv_user(conv, user))?
+            .and_then(|v| keys::head_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// Hides `conv`'s history up to `up_to` from `user` (never lowers an earlier mark).
+    pub fn set_cleared(
+        &self,
+        conv: ConversationId,
+        user: &str,
+        up_to: u64,
+    ) -> Result<u64, StoreError> {
+        let up_to = up_to.max(self.cleared(conv, user)?);
+        let mut b = self.batch();
+        b.batch.insert(
+            &self.cleared,
+            keys::conv_user(conv, user),
+            up_to.to_be_bytes(),
+        );
+        b.commit()?;
+        Ok(up_to)
+    }
+
+    /// Rewrites the messages' segments so that removed bodies leave the disk now rather than
+    /// at fjall's next compaction of them. Costly on a large store: the sweep calls it only
+    /// after removing many bodies.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        // Flush every keyspace's memtable, so that no journal is still needed for recovery
+        // and fjall can delete the journals that hold the old bodies too.
+        for ks in self.keyspaces() {
+            ks.rotate_memtable_and_wait()?;
+        }
+        self.messages.major_compact()?;
+        tracing::debug!(
+            journal = self.db.journal_disk_space().unwrap_or_default(),
+            messages = self.messages.disk_space(),
+            "compacted"
+        );
+        Ok(())
+    }
+
+    fn keyspaces(&self) -> [&Keyspace; 13] {
+        [
+            &self.messages,
+            &self.log,
+            &self.conversations,
+            &self.member_of,
+            &self.direct,
+            &self.idempotency,
+            &self.devices,
+            &self.users,
+            &self.receipts,
+            &self.presence,
+            &self.cleared,
+            &self.watermarks,
+            &self.meta,
+        ]
+    }
+
     // ----- sync logs and cursors -----
 
     /// The latest position of a user's log (0 when empty).
@@ -561,6 +725,15 @@ impl StoreBatch<'_> {
             .insert(&self.store.log, keys::log(user, pos), encode(entry));
     }
 
+    /// Sets a retention watermark.
+    pub fn put_watermark(&mut self, name: &str, conv: ConversationId, value: u64) {
+        self.batch.insert(
+            &self.store.watermarks,
+            keys::watermark(name, conv),
+            value.to_be_bytes(),
+        );
+    }
+
     /// Writes a conversation's record.
     pub fn put_conversation(&mut self, conv: ConversationId, record: &ConversationRecord) {
         self.batch.insert(
@@ -584,9 +757,7 @@ impl StoreBatch<'_> {
 
     /// Records a member's marks in a conversation.
     pub fn put_marks(&mut self, conv: ConversationId, user: &str, delivered: u64, read: u64) {
-        let mut key = Vec::with_capacity(8 + user.len());
-        key.extend_from_slice(&conv.to_be_bytes());
-        key.extend_from_slice(user.as_bytes());
+        let key = keys::conv_user(conv, user);
         let mut value = [0u8; 16];
         value[..8].copy_from_slice(&delivered.to_be_bytes());
         value[8..].copy_from_slice(&read.to_be_bytes());
@@ -729,9 +900,66 @@ mod tests {
         assert_eq!(store.direct_between("a", "b").expect("d"), Some(id));
         assert_eq!(store.conversations_of("a").expect("c"), vec![id]);
         let rec = store.conversation(id).expect("c").expect("exists");
+        assert_eq!(rec.retention, Retention::Keep);
         assert_eq!(rec.names(), vec!["a".to_string(), "b".to_string()]);
         assert!(rec.is_member("a") && !rec.is_member("c"));
         let id2 = store.create_direct("a", "c", 1).expect("create");
         assert_ne!(id, id2);
+    }
+}
+
+#[cfg(test)]
+mod removal_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn erased_bodies_leave_the_disk_after_compaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), Durability::Buffered).expect("open");
+        let body = Bytes::from(vec![0x5au8; 16 * 1024]);
+        let mut messages = Vec::new();
+        for seq in 1..=2000u64 {
+            // Bodies that do not compress (end-to-end encrypted payloads look like this).
+            let mut b = body.to_vec();
+            getrandom::fill(&mut b).expect("random");
+            messages.push(Message {
+                conversation: 1,
+                seq,
+                from: "alice".into(),
+                device: "d".into(),
+                ts: seq,
+                id: ClientMsgId([seq as u8; 16]),
+                body: Bytes::from(b),
+                change: None,
+            });
+        }
+        for chunk in messages.chunks(100) {
+            let mut w = store.batch();
+            for m in chunk {
+                w.put_message(m);
+            }
+            w.commit().expect("commit");
+        }
+        store.compact().expect("flush");
+        let full = store.messages_disk_space();
+        let total = store.disk_space().expect("size");
+        let mut w = store.batch();
+        for m in &messages {
+            w.put_message(&tombstone(m));
+        }
+        w.commit().expect("commit");
+        store.compact().expect("compact");
+        let after = store.messages_disk_space();
+        assert!(
+            full > 10_000_000 && after < full / 20,
+            "messages take {after} bytes on disk after erasing, {full} before"
+        );
+        // The journal is a preallocated file of a fixed size; the bodies it recorded go when
+        // it is rotated, after `DEFAULT_JOURNAL_SIZE` of newer writes.
+        assert!(store.disk_space().expect("size") < total);
+        let kept = store.message(1, 7).expect("read").expect("tombstone");
+        assert!(kept.body.is_empty() && kept.change == Some(ConversationChange::Erased));
+        assert_eq!((kept.seq, kept.from.as_str()), (7, "alice"));
     }
 }

@@ -47,10 +47,18 @@ pub(super) enum CommitItem {
         membership: Option<Box<MembershipWrite>>,
         reply: Reply,
     },
-    /// A member's marks moved: store them and append the receipt to each recipient's log.
+    /// A member's marks moved: store them and append the receipt to each recipient's log;
+    /// under `until_delivered`, remove the bodies of the seq range everyone now has.
     Marks {
         receipt: Receipt,
         recipients: Arc<[String]>,
+        erase: Option<(u64, u64)>,
+    },
+    /// A sender deleted a message for everyone: store the tombstone, tell every member.
+    Deleted {
+        tombstone: Message,
+        recipients: Arc<[String]>,
+        reply: Reply,
     },
     /// Answer `reply` once everything queued before it is durable (a retry of a message that
     /// is still in flight).
@@ -76,7 +84,10 @@ impl CommitItem {
     fn work(&self) -> usize {
         match self {
             CommitItem::Message { recipients, .. } => 3 + recipients.len(),
-            CommitItem::Marks { recipients, .. } => 1 + recipients.len(),
+            CommitItem::Marks {
+                recipients, erase, ..
+            } => 1 + recipients.len() + erase.map_or(0, |(a, b)| (b - a + 1) as usize),
+            CommitItem::Deleted { recipients, .. } => 1 + recipients.len(),
             CommitItem::Wait { .. }
             | CommitItem::Cursor { .. }
             | CommitItem::Barrier(_)
@@ -184,8 +195,16 @@ impl CommitThread {
                 CommitItem::Marks {
                     receipt,
                     recipients,
+                    erase,
                 } => {
                     if failed.is_some() {
+                        continue;
+                    }
+                    if let Some((from, to)) = erase
+                        && let Err(e) =
+                            erase_range(&self.store, &mut batch, receipt.conversation, from, to)
+                    {
+                        failed = Some(e);
                         continue;
                     }
                     batch.put_marks(
@@ -206,6 +225,40 @@ impl CommitThread {
                             positions,
                             Arc::new(Event::Receipt(receipt)),
                         )),
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                CommitItem::Deleted {
+                    tombstone,
+                    recipients,
+                    reply,
+                } => {
+                    if failed.is_some() {
+                        let _ = reply.send(Err(RouterError::Unavailable));
+                        continue;
+                    }
+                    batch.put_message(&tombstone);
+                    replies.push((
+                        reply,
+                        Sent {
+                            seq: tombstone.seq,
+                            ts: tombstone.ts,
+                        },
+                    ));
+                    let event = Event::Deleted {
+                        conversation: tombstone.conversation,
+                        seq: tombstone.seq,
+                        by: tombstone.from.clone(),
+                    };
+                    let entry = LogEntry::Deleted {
+                        conversation: tombstone.conversation,
+                        seq: tombstone.seq,
+                        by: tombstone.from,
+                    };
+                    match append(&self.store, &mut batch, heads, &recipients, &entry) {
+                        Ok(positions) => {
+                            deliveries.push((recipients, positions, Arc::new(event)));
+                        }
                         Err(e) => failed = Some(e),
                     }
                 }
@@ -277,4 +330,31 @@ fn append(
         positions.push(*head);
     }
     Ok(positions)
+}
+
+/// Removes the bodies of a conversation's messages `from..=to` (tombstones keep their place)
+/// and records how far erasure has come.
+fn erase_range(
+    store: &Store,
+    batch: &mut crate::persist::StoreBatch<'_>,
+    conv: crate::framing::ConversationId,
+    from: u64,
+    to: u64,
+) -> Result<(), RouterError> {
+    let mut next = from;
+    while next <= to {
+        let page = store.messages_from(conv, next, 256)?;
+        let Some(last) = page.last().map(|m| m.seq) else {
+            break;
+        };
+        for msg in page
+            .iter()
+            .filter(|m| m.seq <= to && crate::persist::has_body(m))
+        {
+            batch.put_message(&crate::persist::tombstone(msg));
+        }
+        next = last + 1;
+    }
+    batch.put_watermark(super::shard::ERASED, conv, to);
+    Ok(())
 }

@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 
 use super::RouterError;
 use super::sessions::{Delivery, Registration};
-use crate::framing::{Event, Receipt};
+use crate::framing::{ConversationId, Event, Receipt, Retention};
 use crate::persist::{LogEntry, Store};
+use std::collections::HashMap;
 
 /// Events read from the store per round of catch-up.
 const CATCH_UP_PAGE: usize = 256;
@@ -124,6 +125,9 @@ pub(super) fn read_events(
 ) -> Result<Vec<Delivery>, RouterError> {
     let entries = store.read_log(user, after, limit)?;
     let mut out = Vec::with_capacity(entries.len());
+    // Each conversation's retention, read once per batch: sync never serves an expired body.
+    let mut retention: HashMap<ConversationId, Retention> = HashMap::new();
+    let now = super::shard::now_ms();
     for (pos, entry) in entries {
         let event = match entry {
             LogEntry::Message { conversation, seq } => {
@@ -132,8 +136,27 @@ pub(super) fn read_events(
                         "log of {user} at {pos} names message {conversation}/{seq}, which is missing"
                     ))
                 })?;
-                Event::Message(msg)
+                let policy = match retention.get(&conversation) {
+                    Some(p) => *p,
+                    None => {
+                        let p = store
+                            .conversation(conversation)?
+                            .map_or(Retention::Keep, |r| r.retention);
+                        retention.insert(conversation, p);
+                        p
+                    }
+                };
+                Event::Message(super::expire(msg, policy, now))
             }
+            LogEntry::Deleted {
+                conversation,
+                seq,
+                by,
+            } => Event::Deleted {
+                conversation,
+                seq,
+                by,
+            },
             LogEntry::Receipt {
                 conversation,
                 user,

@@ -11,6 +11,7 @@
 mod commit;
 mod feed;
 mod presence;
+mod retention;
 mod sessions;
 mod shard;
 
@@ -28,6 +29,7 @@ pub use shard::MemberOp;
 
 use crate::auth::valid_name;
 use crate::config::Config;
+use crate::framing::Retention;
 use crate::framing::{
     ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, INLINE_MEMBERS,
     Marks, MemberInfo, Message, Target,
@@ -35,6 +37,7 @@ use crate::framing::{
 use crate::persist::{ConversationRecord, MemberRecord};
 use crate::persist::{Store, StoreError};
 use commit::{CommitItem, CommitThread};
+pub(crate) use retention::expire;
 use shard::{
     MarksRequest, MembershipRequest, SendRequest, Shard, ShardLimits, ShardRequest, now_ms,
 };
@@ -342,6 +345,36 @@ impl Router {
         Ok(rx)
     }
 
+    /// Hides a conversation's history up to `up_to` from `user` only; returns the mark now in
+    /// force (marks never move back).
+    pub async fn clear_history(
+        &self,
+        user: &str,
+        conversation: ConversationId,
+        up_to: u64,
+    ) -> Result<u64, RouterError> {
+        let store = self.inner.store.clone();
+        let user = user.to_owned();
+        blocking(move || {
+            let record = store
+                .conversation(conversation)?
+                .ok_or(RouterError::NotMember(conversation))?;
+            if !record.is_member(&user) {
+                return Err(RouterError::NotMember(conversation));
+            }
+            let up_to = up_to.min(store.last_seq(conversation)?);
+            Ok(store.set_cleared(conversation, &user, up_to)?)
+        })
+        .await
+    }
+
+    /// Removes the bodies that retention policies say must go: `ttl` messages past their time
+    /// and `until_delivered` messages older than `max_undelivered`. Returns how many bodies it
+    /// removed. Blocking; the server runs it every `retention.sweep_interval`.
+    pub fn sweep_blocking(&self, max_undelivered: std::time::Duration) -> Result<u64, RouterError> {
+        retention::sweep(&self.inner.store, now_ms(), max_undelivered)
+    }
+
     /// Moves `user`'s delivered and read marks in a conversation forward. Fire and forget:
     /// marks only move forward, so a lost one is superseded by the next.
     pub async fn marks(
@@ -404,12 +437,19 @@ impl Router {
             let record = store
                 .conversation(conversation)?
                 .ok_or(RouterError::NotMember(conversation))?;
-            // A member reads from their joining on.
+            // A member reads from their joining on, and not what they cleared for themselves.
             let since = record
                 .member(&user)
                 .ok_or(RouterError::NotMember(conversation))?
                 .since;
-            Ok(store.history(conversation, before, after, limit as usize, since)?)
+            let from = since.max(store.cleared(conversation, &user)? + 1);
+            let (page, more) = store.history(conversation, before, after, limit as usize, from)?;
+            let now = now_ms();
+            let page = page
+                .into_iter()
+                .map(|m| expire(m, record.retention, now))
+                .collect();
+            Ok((page, more))
         })
         .await
     }
@@ -458,6 +498,7 @@ impl Router {
                     last_seq,
                     marks,
                     unread: last_seq.saturating_sub(read),
+                    retention: record.retention,
                 });
             }
             Ok((out, more))
@@ -520,6 +561,7 @@ impl Router {
         device: &str,
         title: &str,
         members: &[String],
+        retention: Retention,
     ) -> Result<ConversationId, RouterError> {
         if title.is_empty() || title.len() > 200 {
             return Err(RouterError::Invalid(
@@ -555,6 +597,7 @@ impl Router {
                 })
                 .collect(),
             created_ms: now_ms(),
+            retention,
         };
         let conversation = blocking(move || {
             let store = &router.inner.store;

@@ -16,9 +16,9 @@ use tokio::sync::mpsc;
 use super::RouterError;
 use super::commit::{CommitItem, MembershipWrite, Reply, Sent};
 use crate::framing::{
-    ClientMsgId, ConversationId, ConversationKind, MemberChange, Message, Receipt,
+    ClientMsgId, ConversationChange, ConversationId, ConversationKind, Message, Receipt, Retention,
 };
-use crate::persist::{ConversationRecord, MemberRecord, Store};
+use crate::persist::{ConversationRecord, MemberRecord, Store, tombstone};
 
 /// A request to a shard.
 pub(super) enum ShardRequest {
@@ -59,6 +59,10 @@ pub enum MemberOp {
     Leave,
     /// Make a member an admin (admins).
     Promote(String),
+    /// Set the retention policy (a group's admins; either member of a direct conversation).
+    Retention(Retention),
+    /// Delete one of the caller's own messages for everyone.
+    Delete(u64),
 }
 
 /// A membership change to sequence; answered with its seq, or 0 when it changed nothing.
@@ -76,9 +80,14 @@ struct ConvState {
     names: Arc<[String]>,
     /// Each member's (delivered, read) marks.
     marks: HashMap<String, (u64, u64)>,
+    /// Under `until_delivered`: every body up to here has been removed.
+    erased: u64,
 }
 
 type IdemKey = (ConversationId, String, ClientMsgId);
+
+/// Something to commit and who hears of it.
+type Recipients<T> = (T, Arc<[String]>);
 
 /// Limits a shard enforces.
 #[derive(Debug, Clone, Copy)]
@@ -173,6 +182,7 @@ impl Shard {
         Ok(ConvState {
             last_seq: self.store.last_seq(conv)?,
             names: record.names().into(),
+            erased: self.store.watermark(ERASED, conv)?,
             record,
             marks,
         })
@@ -293,6 +303,7 @@ impl Shard {
             })
             .cloned()
             .collect();
+        let erase = erasable(state);
         Some(CommitItem::Marks {
             receipt: Receipt {
                 conversation: req.conversation,
@@ -301,7 +312,38 @@ impl Shard {
                 read: new_read,
             },
             recipients,
+            erase,
         })
+    }
+
+    /// Deletes one of `by`'s messages for everyone: a tombstone in its place, and a
+    /// `Deleted` event for every member's devices.
+    fn delete(
+        &mut self,
+        conv: ConversationId,
+        by: &str,
+        seq: u64,
+        owned: &mut Owned,
+    ) -> Result<Option<Recipients<Message>>, RouterError> {
+        let state = self.state(owned, conv)?;
+        if !state.record.is_member(by) {
+            return Err(RouterError::NotMember(conv));
+        }
+        let names = state.names.clone();
+        let msg = self.store.message(conv, seq)?.ok_or_else(|| {
+            RouterError::Invalid(format!("no message {seq} in conversation {conv}"))
+        })?;
+        if msg.from != by || msg.change.is_some() && msg.change != Some(ConversationChange::Erased)
+        {
+            return Err(RouterError::Forbidden(
+                "only a message's sender can delete it for everyone".into(),
+            ));
+        }
+        if msg.change.is_some() {
+            // Already gone.
+            return Ok(None);
+        }
+        Ok(Some((tombstone(&msg), names)))
     }
 
     /// Carries out a membership change, or answers why not.
@@ -309,6 +351,23 @@ impl Shard {
         if self.store.is_poisoned() {
             let _ = req.reply.send(Err(RouterError::Unavailable));
             return None;
+        }
+        if let MemberOp::Delete(seq) = req.op {
+            return match self.delete(req.conversation, &req.by, seq, owned) {
+                Ok(Some((tombstone, recipients))) => Some(CommitItem::Deleted {
+                    tombstone,
+                    recipients,
+                    reply: req.reply,
+                }),
+                Ok(None) => {
+                    let _ = req.reply.send(Ok(Sent { seq: 0, ts: 0 }));
+                    None
+                }
+                Err(e) => {
+                    let _ = req.reply.send(Err(e));
+                    None
+                }
+            };
         }
         match self.change(&req.op, req.conversation, &req.by, owned) {
             Ok(Some((seq, change, write, recipients))) => {
@@ -353,7 +412,8 @@ impl Shard {
         conv: ConversationId,
         by: &str,
         owned: &mut Owned,
-    ) -> Result<Option<(u64, MemberChange, MembershipWrite, Arc<[String]>)>, RouterError> {
+    ) -> Result<Option<(u64, ConversationChange, MembershipWrite, Arc<[String]>)>, RouterError>
+    {
         let max_group = self.limits.max_group;
         if let MemberOp::Create(record) = op {
             if owned.convs.contains_key(&conv) || self.store.conversation(conv)?.is_some() {
@@ -365,9 +425,10 @@ impl Shard {
                 record: record.clone(),
                 names: names.clone(),
                 marks: HashMap::new(),
+                erased: 0,
             };
             owned.convs.insert(conv, state);
-            let change = MemberChange::Created {
+            let change = ConversationChange::Created {
                 title: record.title.clone(),
                 members: record.names(),
             };
@@ -381,7 +442,8 @@ impl Shard {
 
         let store = self.store.clone();
         let state = self.state(owned, conv)?;
-        if state.record.kind != ConversationKind::Group {
+        let is_group = state.record.kind == ConversationKind::Group;
+        if !is_group && !matches!(op, MemberOp::Retention(_)) {
             return Err(RouterError::Invalid(format!(
                 "conversation {conv} is not a group"
             )));
@@ -391,8 +453,9 @@ impl Shard {
             .member(by)
             .ok_or(RouterError::NotMember(conv))?
             .clone();
+        // In a direct conversation both members are equals; in a group, admins decide.
         let must_be_admin = |what: &str| {
-            if actor.admin {
+            if actor.admin || !is_group {
                 Ok(())
             } else {
                 Err(RouterError::Forbidden(format!("only admins can {what}")))
@@ -402,7 +465,16 @@ impl Shard {
         let before: Arc<[String]> = state.names.clone();
         let mut record = state.record.clone();
         let (change, added, removed) = match op {
-            MemberOp::Create(_) => unreachable_create()?,
+            MemberOp::Create(_) | MemberOp::Delete(_) => unreachable_create()?,
+            MemberOp::Retention(policy) => {
+                must_be_admin("change the retention policy")?;
+                if record.retention == *policy {
+                    return Ok(None);
+                }
+                record.retention = *policy;
+                let change = ConversationChange::Retention { policy: *policy };
+                (change, Vec::new(), Vec::new())
+            }
             MemberOp::Add(user) => {
                 must_be_admin("add members")?;
                 if record.is_member(user) {
@@ -422,7 +494,7 @@ impl Shard {
                     admin: false,
                     since: seq,
                 });
-                let change = MemberChange::Added { user: user.clone() };
+                let change = ConversationChange::Added { user: user.clone() };
                 (change, vec![user.clone()], Vec::new())
             }
             MemberOp::Remove(user) if user == by => leave(&mut record, by),
@@ -431,7 +503,7 @@ impl Shard {
                 if !record.remove(user) {
                     return Ok(None);
                 }
-                let change = MemberChange::Removed { user: user.clone() };
+                let change = ConversationChange::Removed { user: user.clone() };
                 (change, Vec::new(), vec![user.clone()])
             }
             MemberOp::Leave => leave(&mut record, by),
@@ -446,7 +518,7 @@ impl Shard {
                 let mut member = member.clone();
                 member.admin = true;
                 record.upsert(member);
-                let change = MemberChange::Promoted { user: user.clone() };
+                let change = ConversationChange::Promoted { user: user.clone() };
                 (change, Vec::new(), Vec::new())
             }
         };
@@ -473,13 +545,39 @@ impl Shard {
     }
 }
 
-/// `Create` is handled before an existing state is looked up.
-fn unreachable_create() -> Result<(MemberChange, Vec<String>, Vec<String>), RouterError> {
+/// The watermark name of `until_delivered` erasure.
+pub(super) const ERASED: &str = "erased";
+
+/// Under `until_delivered`, the range of seqs that every member has now received and whose
+/// bodies are not yet removed.
+fn erasable(state: &mut ConvState) -> Option<(u64, u64)> {
+    if state.record.retention != Retention::UntilDelivered {
+        return None;
+    }
+    let everyone = state
+        .names
+        .iter()
+        .map(|m| state.marks.get(m).map_or(0, |(d, _)| *d))
+        .min()
+        .unwrap_or(0);
+    if everyone <= state.erased {
+        return None;
+    }
+    let range = (state.erased + 1, everyone);
+    state.erased = everyone;
+    Some(range)
+}
+
+/// `Create` and `Delete` are handled before an existing state is looked up.
+fn unreachable_create() -> Result<(ConversationChange, Vec<String>, Vec<String>), RouterError> {
     Err(RouterError::Internal("create of an existing group".into()))
 }
 
 /// `by` leaves; if no admin remains, the longest-standing member becomes one.
-fn leave(record: &mut ConversationRecord, by: &str) -> (MemberChange, Vec<String>, Vec<String>) {
+fn leave(
+    record: &mut ConversationRecord,
+    by: &str,
+) -> (ConversationChange, Vec<String>, Vec<String>) {
     record.remove(by);
     let mut promoted = None;
     let heir = record
@@ -495,7 +593,7 @@ fn leave(record: &mut ConversationRecord, by: &str) -> (MemberChange, Vec<String
         });
     }
     (
-        MemberChange::Left { promoted },
+        ConversationChange::Left { promoted },
         Vec::new(),
         vec![by.to_owned()],
     )

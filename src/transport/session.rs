@@ -312,10 +312,11 @@ impl Session {
                     request,
                     title,
                     members,
+                    retention,
                 } => match self
                     .shared
                     .router
-                    .create_group(&self.user, &self.device, &title, &members)
+                    .create_group(&self.user, &self.device, &title, &members, retention)
                     .await
                 {
                     Ok(conversation) => ServerFrame::GroupCreated {
@@ -575,6 +576,24 @@ impl Session {
                     self.membership(conversation, request, MemberOp::Promote(user))
                         .await
                 }
+                Ok(Some(ClientFrame::SetRetention { request, policy })) => {
+                    self.membership(conversation, request, MemberOp::Retention(policy))
+                        .await
+                }
+                Ok(Some(ClientFrame::Delete { request, seq })) => {
+                    self.membership(conversation, request, MemberOp::Delete(seq))
+                        .await
+                }
+                Ok(Some(ClientFrame::ClearHistory { request, up_to })) => Pending::Frame(
+                    match router.clear_history(&self.user, conversation, up_to).await {
+                        Ok(seq) => ServerFrame::Done { request, seq },
+                        Err(e) => ServerFrame::Error {
+                            code: e.code(),
+                            message: e.to_string(),
+                            request: Some(request),
+                        },
+                    },
+                ),
                 Ok(Some(ClientFrame::Members {
                     request,
                     after,
