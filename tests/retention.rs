@@ -187,10 +187,10 @@ async fn deleting_for_everyone_and_clearing_for_oneself() {
     let mut saw = false;
     for _ in 0..10 {
         let e = next_log(&mut bob_tablet).await;
-        if let Event::Message(m) = &e.event {
-            if m.seq == 2 {
-                assert!(erased(m), "sync serves the tombstone: {m:?}");
-            }
+        if let Event::Message(m) = &e.event
+            && m.seq == 2
+        {
+            assert!(erased(m), "sync serves the tombstone: {m:?}");
         }
         if matches!(e.event, Event::Deleted { seq: 2, .. }) {
             saw = true;
