@@ -61,6 +61,7 @@ fn setup(rt: &tokio::runtime::Runtime, durability: Durability) -> Setup {
         ..Config::default()
     };
     let store = Arc::new(Store::open(&config.data, durability).expect("open"));
+    let _runtime = rt.enter();
     let router = Router::start(store.clone(), &config).expect("router");
     let members: Vec<String> = (0..999).map(|i| format!("m{i:03}")).collect();
     for m in members

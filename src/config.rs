@@ -72,6 +72,43 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// Retention sweeps.
     pub retention: RetentionConfig,
+    /// Push notifications.
+    pub push: PushConfig,
+}
+
+/// Push notifications.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// How long a burst of messages to an offline user is gathered into one notification. A
+    /// second: long enough for a typed burst, short enough to feel immediate.
+    #[serde(with = "humantime_serde")]
+    pub coalesce: Duration,
+    /// One HTTP request's time limit: a slow gateway costs a delivery slot this long at most.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per notification and pusher before giving up.
+    pub retries: u32,
+    /// The first retry's delay, doubled at each further attempt.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Notifications being sent at once; the rest wait their turn.
+    pub concurrency: usize,
+    /// Offers queued between the commit thread and the notifier before new ones are dropped.
+    pub queue: usize,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            coalesce: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            retries: 5,
+            retry_base: Duration::from_secs(1),
+            concurrency: 16,
+            queue: 10_000,
+        }
+    }
 }
 
 /// Retention sweeps.
@@ -266,6 +303,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
             retention: RetentionConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -316,6 +354,9 @@ impl Config {
         }
         if self.auth.timeout.is_zero() {
             return invalid("auth.timeout must be positive");
+        }
+        if self.push.retries == 0 || self.push.concurrency == 0 || self.push.queue == 0 {
+            return invalid("push.retries, push.concurrency and push.queue must be positive");
         }
         if self.retention.sweep_interval.is_zero() {
             return invalid("retention.sweep_interval must be positive");

@@ -9,6 +9,7 @@
 //!   (sharded, one owner thread per shard), group commit, fan-out and catch-up.
 //! - [`persist`]: the fjall store: messages, sync logs, conversations, members, cursors,
 //!   idempotency keys. Blocking; used only from the router's threads and `spawn_blocking`.
+//! - [`push`]: notifications to offline users through push gateways and Web Push endpoints.
 //! - [`auth`]: the signing secret and the JWTs minted by `plover token`.
 //! - [`config`]: the one typed configuration, read from TOML and overridden by flags.
 //! - [`server`]: wires the pieces together and runs until shutdown.
@@ -21,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod framing;
 pub mod persist;
+pub mod push;
 pub mod router;
 pub mod server;
 pub mod transport;

@@ -15,7 +15,9 @@ use std::time::Duration;
 use plover::auth::{TokenKeys, secret_for};
 use plover::client::{Client, ClientConfig, Connection, EventStream, Incoming};
 use plover::config::{Config, Durability};
-use plover::framing::{ConversationChange, ConversationKind, Event, Message, Retention, Target};
+use plover::framing::{
+    ConversationChange, ConversationKind, Event, Message, Pusher, Retention, Target,
+};
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +61,64 @@ enum Command {
     Delete(DeleteArgs),
     /// Hide a conversation's history from yourself only.
     Clear(ClearArgs),
+    /// Register where your notifications go while you are offline.
+    #[command(subcommand)]
+    Push(PushCommand),
+}
+
+#[derive(Subcommand)]
+enum PushCommand {
+    /// Register a push gateway (Matrix Push Gateway API) or a Web Push / UnifiedPush endpoint.
+    Register {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// A push gateway's base URL (with --app-id and --pushkey).
+        #[arg(long, conflicts_with = "endpoint", required_unless_present = "endpoint", requires_all = ["app_id", "pushkey"])]
+        gateway: Option<String>,
+        /// The app id the gateway knows.
+        #[arg(long)]
+        app_id: Option<String>,
+        /// The device's push key (APNs or FCM token).
+        #[arg(long)]
+        pushkey: Option<String>,
+        /// A Web Push / UnifiedPush endpoint URL.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The device's P-256 public key, base64url (with --auth): notifications are then
+        /// encrypted per RFC 8291.
+        #[arg(long, requires = "auth")]
+        p256dh: Option<String>,
+        /// The device's authentication secret, base64url.
+        #[arg(long, requires = "p256dh")]
+        auth: Option<String>,
+    },
+    /// List your pushers.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a pusher by its push key or endpoint.
+    Unregister {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The push key or endpoint URL.
+        key: String,
+    },
+    /// Include (or not) message bodies in this conversation's notifications. Off by default:
+    /// bodies may be end-to-end encrypted.
+    Content {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The conversation id.
+        #[arg(long)]
+        conversation: u64,
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+    },
 }
 
 #[derive(Args)]
@@ -409,6 +469,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Presence(args) => presence(args).await,
         Command::Group(command) => group(command).await,
         Command::Receipts(args) => receipts(args).await,
+        Command::Push(command) => push(command).await,
         Command::Retention(args) => {
             membership(
                 args.client,
@@ -1017,6 +1078,79 @@ async fn receipts(args: ReceiptsArgs) -> Result<()> {
                 "not yet delivered to all"
             }
         );
+    }
+    Ok(())
+}
+
+async fn push(command: PushCommand) -> Result<()> {
+    match command {
+        PushCommand::Register {
+            client,
+            gateway,
+            app_id,
+            pushkey,
+            endpoint,
+            p256dh,
+            auth,
+        } => {
+            let pusher = match (gateway, endpoint) {
+                (Some(url), None) => Pusher::Gateway {
+                    url,
+                    app_id: app_id.unwrap_or_default(),
+                    pushkey: pushkey.unwrap_or_default(),
+                },
+                (None, Some(endpoint)) => Pusher::WebPush {
+                    endpoint,
+                    p256dh,
+                    auth,
+                },
+                _ => bail!("give --gateway (with --app-id, --pushkey) or --endpoint"),
+            };
+            let key = pusher.key().to_owned();
+            let conn = Connection::connect(&client.config()?).await?;
+            let result = conn.register_pusher(pusher).await;
+            conn.close().await;
+            result?;
+            println!("registered {key}");
+        }
+        PushCommand::List { client, json } => {
+            let conn = Connection::connect(&client.config()?).await?;
+            let result = conn.pushers().await;
+            conn.close().await;
+            for p in result? {
+                let line = match (&p, json) {
+                    (Pusher::Gateway { url, app_id, pushkey }, true) => json!({"type": "pusher", "kind": "gateway", "url": url, "app_id": app_id, "pushkey": pushkey}).to_string(),
+                    (Pusher::WebPush { endpoint, p256dh, .. }, true) => json!({"type": "pusher", "kind": "webpush", "endpoint": endpoint, "encrypted": p256dh.is_some()}).to_string(),
+                    (Pusher::Gateway { url, app_id, pushkey }, false) => format!("gateway  {url}  app_id={app_id}  pushkey={pushkey}"),
+                    (Pusher::WebPush { endpoint, p256dh, .. }, false) => format!(
+                        "webpush  {endpoint}  {}",
+                        if p256dh.is_some() { "encrypted (RFC 8291)" } else { "unencrypted" }
+                    ),
+                };
+                print_line(&line)?;
+            }
+        }
+        PushCommand::Unregister { client, key } => {
+            let conn = Connection::connect(&client.config()?).await?;
+            let result = conn.unregister_pusher(&key).await;
+            conn.close().await;
+            if result? {
+                println!("unregistered {key}");
+            } else {
+                bail!("no pusher {key:?}");
+            }
+        }
+        PushCommand::Content {
+            client,
+            conversation,
+            setting,
+        } => {
+            let conn = Connection::connect(&client.config()?).await?;
+            let result = conn.push_content(conversation, setting == "on").await;
+            conn.close().await;
+            result?;
+            println!("push content {setting} conversation={conversation}");
+        }
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ClientConfig, ClientError};
 use crate::framing::{
     ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ConversationKind,
-    ErrorCode, MemberInfo, Message, PROTOCOL_VERSION, Retention, ServerFrame, Target,
+    ErrorCode, MemberInfo, Message, PROTOCOL_VERSION, Pusher, Retention, ServerFrame, Target,
 };
 use crate::transport::stream::{FrameReader, FrameWriter};
 
@@ -244,6 +244,67 @@ impl Connection {
         self.conn
             .send_datagram(Bytes::from(bytes))
             .map_err(|e| ClientError::Stream(format!("datagram: {e}")))
+    }
+
+    /// Registers where this user's notifications go (replacing one with the same key).
+    pub async fn register_pusher(&self, pusher: Pusher) -> Result<(), ClientError> {
+        let request = self.request_id();
+        let frame = ClientFrame::RegisterPusher { request, pusher };
+        self.control_request(frame, Some(Awaiting::Request(request)))
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes a pusher by its push key or endpoint; returns whether it existed.
+    pub async fn unregister_pusher(&self, key: &str) -> Result<bool, ClientError> {
+        let request = self.request_id();
+        let frame = ClientFrame::UnregisterPusher {
+            request,
+            key: key.to_owned(),
+        };
+        match self
+            .control_request(frame, Some(Awaiting::Request(request)))
+            .await?
+        {
+            ServerFrame::Done { seq, .. } => Ok(seq == 1),
+            other => Err(ClientError::Protocol(format!(
+                "expected Done, got {other:?}"
+            ))),
+        }
+    }
+
+    /// This user's pushers.
+    pub async fn pushers(&self) -> Result<Vec<Pusher>, ClientError> {
+        let request = self.request_id();
+        match self
+            .control_request(
+                ClientFrame::ListPushers { request },
+                Some(Awaiting::Request(request)),
+            )
+            .await?
+        {
+            ServerFrame::Pushers { pushers, .. } => Ok(pushers),
+            other => Err(ClientError::Protocol(format!(
+                "expected Pushers, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Opts a conversation in or out of message bodies in this user's notifications.
+    pub async fn push_content(
+        &self,
+        conversation: ConversationId,
+        include: bool,
+    ) -> Result<(), ClientError> {
+        let request = self.request_id();
+        let frame = ClientFrame::PushContent {
+            request,
+            conversation,
+            include,
+        };
+        self.control_request(frame, Some(Awaiting::Request(request)))
+            .await
+            .map(|_| ())
     }
 
     /// Whether `user` is online, else when they were last seen (Unix ms, 0 if never). Refused
@@ -534,9 +595,9 @@ async fn read_control(
             ServerFrame::Pong { nonce } => (Some(Awaiting::Pong(nonce)), Ok(frame)),
             ServerFrame::Conversations { request, .. }
             | ServerFrame::PresenceInfo { request, .. }
-            | ServerFrame::GroupCreated { request, .. } => {
-                (Some(Awaiting::Request(request)), Ok(frame))
-            }
+            | ServerFrame::GroupCreated { request, .. }
+            | ServerFrame::Pushers { request, .. }
+            | ServerFrame::Done { request, .. } => (Some(Awaiting::Request(request)), Ok(frame)),
             ServerFrame::SyncStarted { .. } => (None, Ok(frame)),
             ServerFrame::Error {
                 code,

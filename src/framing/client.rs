@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::types::{ClientMsgId, Retention, Target};
+use super::types::{ClientMsgId, Pusher, Retention, Target};
 
 /// Every frame a client may send, on any stream.
 ///
@@ -158,6 +158,36 @@ pub enum ClientFrame {
         /// The new policy.
         policy: Retention,
     },
+    /// Registers where this device's notifications go (replacing one with the same key).
+    /// On the control stream; answered with `Done`.
+    RegisterPusher {
+        /// Echoed in the answer.
+        request: u32,
+        /// Where.
+        pusher: Pusher,
+    },
+    /// Removes a pusher by its key (push key or endpoint). On the control stream; `Done`.
+    UnregisterPusher {
+        /// Echoed in the answer.
+        request: u32,
+        /// The push key or endpoint.
+        key: String,
+    },
+    /// Lists the user's pushers. On the control stream; answered with `Pushers`.
+    ListPushers {
+        /// Echoed in the answer.
+        request: u32,
+    },
+    /// Opts a conversation in or out of message bodies in notifications (off by default:
+    /// bodies may be end-to-end encrypted). On the control stream; `Done`.
+    PushContent {
+        /// Echoed in the answer.
+        request: u32,
+        /// The conversation.
+        conversation: u64,
+        /// Whether notifications carry the body.
+        include: bool,
+    },
 }
 
 impl ClientFrame {
@@ -184,6 +214,10 @@ impl ClientFrame {
             Self::Delete { .. } => "Delete",
             Self::ClearHistory { .. } => "ClearHistory",
             Self::SetRetention { .. } => "SetRetention",
+            Self::RegisterPusher { .. } => "RegisterPusher",
+            Self::UnregisterPusher { .. } => "UnregisterPusher",
+            Self::ListPushers { .. } => "ListPushers",
+            Self::PushContent { .. } => "PushContent",
         }
     }
 }
@@ -307,6 +341,33 @@ mod tests {
                     policy: Retention::UntilDelivered,
                 },
                 "03 13 03 01",
+            ),
+            (
+                ClientFrame::RegisterPusher {
+                    request: 1,
+                    pusher: Pusher::Gateway {
+                        url: "u".into(),
+                        app_id: "a".into(),
+                        pushkey: "k".into(),
+                    },
+                },
+                "09 14 01 00 01 75 01 61 01 6b",
+            ),
+            (
+                ClientFrame::UnregisterPusher {
+                    request: 2,
+                    key: "k".into(),
+                },
+                "04 15 02 01 6b",
+            ),
+            (ClientFrame::ListPushers { request: 3 }, "02 16 03"),
+            (
+                ClientFrame::PushContent {
+                    request: 4,
+                    conversation: 7,
+                    include: true,
+                },
+                "04 17 04 07 01",
             ),
         ]
     }

@@ -14,8 +14,8 @@ pub use codec::FrameError;
 pub use server::ServerFrame;
 pub use types::{
     ClientDatagram, ClientMsgId, ConversationChange, ConversationId, ConversationInfo,
-    ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, Receipt,
-    Retention, ServerDatagram, Target,
+    ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, Pusher,
+    Receipt, Retention, ServerDatagram, Target,
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.

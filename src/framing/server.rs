@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{
     ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, Event, MemberInfo,
-    Message,
+    Message, Pusher,
 };
 
 /// Every frame the server may send, on any stream.
@@ -156,6 +156,13 @@ pub enum ServerFrame {
         members: Vec<MemberInfo>,
         /// Whether more follow (ask again with `after` = the last name).
         more: bool,
+    },
+    /// Answer to `ListPushers`.
+    Pushers {
+        /// The request's id.
+        request: u32,
+        /// The user's pushers.
+        pushers: Vec<Pusher>,
     },
 }
 
@@ -324,6 +331,17 @@ mod tests {
                     },
                 },
                 "08 08 08 02 09 04 02 61 6c",
+            ),
+            (
+                ServerFrame::Pushers {
+                    request: 3,
+                    pushers: vec![Pusher::WebPush {
+                        endpoint: "e".into(),
+                        p256dh: None,
+                        auth: None,
+                    }],
+                },
+                "08 0f 03 01 01 01 65 00 00",
             ),
             (
                 ServerFrame::MemberPage {

@@ -373,3 +373,38 @@ pub enum ServerDatagram {
         user: String,
     },
 }
+
+/// Where a device's push notifications go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pusher {
+    /// A push gateway speaking the Matrix Push Gateway API (as Sygnal does), which forwards to
+    /// APNs or FCM.
+    Gateway {
+        /// The gateway's base URL (`/_matrix/push/v1/notify` is appended unless present).
+        url: String,
+        /// The app id the gateway knows (which APNs/FCM credentials to use).
+        app_id: String,
+        /// The device's push key (its APNs or FCM token).
+        pushkey: String,
+    },
+    /// A UnifiedPush or Web Push endpoint: the notification is POSTed to it, encrypted per
+    /// RFC 8291 when the device gave its keys.
+    WebPush {
+        /// The endpoint URL.
+        endpoint: String,
+        /// The device's P-256 public key (uncompressed point, base64url), for RFC 8291.
+        p256dh: Option<String>,
+        /// The device's 16-byte authentication secret (base64url), for RFC 8291.
+        auth: Option<String>,
+    },
+}
+
+impl Pusher {
+    /// What identifies the pusher for unregistering: the push key or the endpoint.
+    pub fn key(&self) -> &str {
+        match self {
+            Pusher::Gateway { pushkey, .. } => pushkey,
+            Pusher::WebPush { endpoint, .. } => endpoint,
+        }
+    }
+}

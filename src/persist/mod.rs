@@ -20,6 +20,9 @@
 //! | `presence` | user | last seen, Unix ms |
 //! | `cleared` | conversation, user | the last seq the user hid from their own history |
 //! | `watermarks` | name, conversation | retention progress (`erased`, `swept`) |
+//! | `pushers` | user, 0, key | postcard `Pusher` |
+//! | `pending_push` | user, 0, first arrival | postcard [`PendingPush`] |
+//! | `push_content` | user, 0, conversation | empty: bodies go in this conversation's pushes |
 //! | `meta` | name | value (`next_conversation`) |
 
 mod keys;
@@ -95,6 +98,23 @@ pub struct MemberRecord {
     pub admin: bool,
     /// The first seq the member may read (their joining); earlier history is not served to them.
     pub since: u64,
+}
+
+/// A notification waiting to go out to a user's pushers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPush {
+    /// Messages it covers.
+    pub count: u64,
+    /// The latest message's conversation.
+    pub conversation: ConversationId,
+    /// The latest message's seq.
+    pub seq: u64,
+    /// The latest message's sender.
+    pub sender: String,
+    /// The latest message's body, when the user opted this conversation in.
+    pub body: Option<bytes::Bytes>,
+    /// When the first of them arrived, Unix ms.
+    pub first_ms: u64,
 }
 
 /// What the store knows about a conversation.
@@ -197,6 +217,9 @@ pub struct Store {
     presence: Keyspace,
     cleared: Keyspace,
     watermarks: Keyspace,
+    pushers: Keyspace,
+    pending_push: Keyspace,
+    push_content: Keyspace,
     meta: Keyspace,
     durability: Durability,
     poisoned: AtomicBool,
@@ -259,6 +282,9 @@ impl Store {
             presence: ks("presence")?,
             cleared: ks("cleared")?,
             watermarks: ks("watermarks")?,
+            pushers: ks("pushers")?,
+            pending_push: ks("pending_push")?,
+            push_content: ks("push_content")?,
             meta: ks("meta")?,
             db,
             durability,
@@ -636,7 +662,7 @@ impl Store {
         Ok(())
     }
 
-    fn keyspaces(&self) -> [&Keyspace; 13] {
+    fn keyspaces(&self) -> [&Keyspace; 16] {
         [
             &self.messages,
             &self.log,
@@ -650,8 +676,127 @@ impl Store {
             &self.presence,
             &self.cleared,
             &self.watermarks,
+            &self.pushers,
+            &self.pending_push,
+            &self.push_content,
             &self.meta,
         ]
+    }
+
+    // ----- push -----
+
+    /// Registers (or replaces) a pusher of `user`.
+    pub fn put_pusher(
+        &self,
+        user: &str,
+        pusher: &crate::framing::Pusher,
+    ) -> Result<(), StoreError> {
+        let mut b = self.batch();
+        b.batch.insert(
+            &self.pushers,
+            keys::device(user, pusher.key()),
+            encode(pusher),
+        );
+        b.commit()
+    }
+
+    /// Removes a pusher; returns whether it existed.
+    pub fn remove_pusher(&self, user: &str, key: &str) -> Result<bool, StoreError> {
+        let k = keys::device(user, key);
+        if !self.pushers.contains_key(&k)? {
+            return Ok(false);
+        }
+        let mut b = self.batch();
+        b.batch.remove(&self.pushers, k);
+        b.commit()?;
+        Ok(true)
+    }
+
+    /// A user's pushers.
+    pub fn pushers_of(&self, user: &str) -> Result<Vec<crate::framing::Pusher>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.pushers.prefix(keys::name_prefix(user)) {
+            out.push(decode("pushers", &guard.value()?)?);
+        }
+        Ok(out)
+    }
+
+    /// Every user with at least one pusher.
+    pub fn users_with_pushers(&self) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        for guard in self.pushers.iter() {
+            let key = guard.key()?;
+            let user = key.split(|b| *b == 0).next().unwrap_or_default();
+            let user = String::from_utf8_lossy(user).into_owned();
+            if out.last() != Some(&user) {
+                out.push(user);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores (or replaces) pending notifications in one durable batch. Each is keyed by its
+    /// user and `first_ms`, so a newer one never overwrites one being delivered.
+    pub fn put_pending_pushes(&self, pending: &[(String, PendingPush)]) -> Result<(), StoreError> {
+        let mut b = self.batch();
+        for (user, p) in pending {
+            b.batch
+                .insert(&self.pending_push, keys::log(user, p.first_ms), encode(p));
+        }
+        b.commit()
+    }
+
+    /// Removes a pending notification once it went out (or was given up).
+    pub fn remove_pending_push(&self, user: &str, first_ms: u64) -> Result<(), StoreError> {
+        let mut b = self.batch();
+        b.batch
+            .remove(&self.pending_push, keys::log(user, first_ms));
+        b.commit()
+    }
+
+    /// Every pending notification (at start).
+    pub fn pending_pushes(&self) -> Result<Vec<(String, PendingPush)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.pending_push.iter() {
+            let (k, v) = guard.into_inner()?;
+            let user = &k[..k.len().saturating_sub(9)];
+            out.push((
+                String::from_utf8_lossy(user).into_owned(),
+                decode("pending_push", &v)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Opts a conversation in or out of bodies in `user`'s notifications.
+    pub fn set_push_content(
+        &self,
+        user: &str,
+        conv: ConversationId,
+        include: bool,
+    ) -> Result<(), StoreError> {
+        let mut b = self.batch();
+        let key = keys::member_of(user, conv);
+        if include {
+            b.batch.insert(&self.push_content, key, []);
+        } else {
+            b.batch.remove(&self.push_content, key);
+        }
+        b.commit()
+    }
+
+    /// Every (user, conversation) opted in to bodies in notifications.
+    pub fn push_content_all(&self) -> Result<Vec<(String, ConversationId)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.push_content.iter() {
+            let key = guard.key()?;
+            let Some(conv) = keys::tail_u64(&key) else {
+                continue;
+            };
+            let user = &key[..key.len().saturating_sub(9)];
+            out.push((String::from_utf8_lossy(user).into_owned(), conv));
+        }
+        Ok(out)
     }
 
     // ----- sync logs and cursors -----

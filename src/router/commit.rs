@@ -102,6 +102,7 @@ type Fanout = (Arc<[String]>, Vec<u64>, Arc<Event>);
 pub(super) struct CommitThread {
     pub(super) store: Arc<Store>,
     pub(super) sessions: Arc<Sessions>,
+    pub(super) notifier: Arc<crate::push::Notifier>,
     pub(super) rx: Receiver<CommitItem>,
     pub(super) max_batch: usize,
 }
@@ -283,6 +284,11 @@ impl CommitThread {
                     let _ = reply.send(Ok(sent));
                 }
                 for (members, positions, event) in deliveries {
+                    if let Event::Message(msg) = &*event {
+                        for member in members.iter() {
+                            self.notifier.offer(member, msg);
+                        }
+                    }
                     for (member, pos) in members.iter().zip(positions) {
                         let delivery = Delivery {
                             pos,

@@ -29,11 +29,11 @@ pub use shard::MemberOp;
 
 use crate::auth::valid_name;
 use crate::config::Config;
-use crate::framing::Retention;
 use crate::framing::{
     ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, INLINE_MEMBERS,
     Marks, MemberInfo, Message, Target,
 };
+use crate::framing::{Pusher, Retention};
 use crate::persist::{ConversationRecord, MemberRecord};
 use crate::persist::{Store, StoreError};
 use commit::{CommitItem, CommitThread};
@@ -135,6 +135,7 @@ struct Inner {
     store: Arc<Store>,
     sessions: Arc<Sessions>,
     presence: Arc<Presence>,
+    notifier: Arc<crate::push::Notifier>,
     shards: Vec<mpsc::Sender<ShardRequest>>,
     commit: SyncSender<CommitItem>,
     /// Serialises check-and-create of direct conversations; held only around blocking store
@@ -169,12 +170,22 @@ async fn blocking<T: Send + 'static>(
 
 impl Router {
     /// Starts the shard threads and the commit thread over `store`.
+    ///
+    /// Must be called within a tokio runtime (the notifier's task starts here).
     pub fn start(store: Arc<Store>, config: &Config) -> Result<Self, RouterError> {
         let sessions = Arc::new(Sessions::default());
+        let presence = Arc::new(Presence::new(store.clone(), config.presence.debounce));
+        let online = presence.clone();
+        let notifier = crate::push::Notifier::start(
+            store.clone(),
+            config.push.clone(),
+            Box::new(move |user: &str| online.is_online(user)),
+        )?;
         let (commit_tx, commit_rx) = sync_channel(COMMIT_QUEUE);
         let commit = CommitThread {
             store: store.clone(),
             sessions: sessions.clone(),
+            notifier: notifier.clone(),
             rx: commit_rx,
             max_batch: config.store.commit_batch,
         };
@@ -207,7 +218,8 @@ impl Router {
         }
         Ok(Self {
             inner: Arc::new(Inner {
-                presence: Arc::new(Presence::new(store.clone(), config.presence.debounce)),
+                presence,
+                notifier,
                 store,
                 sessions,
                 shards,
@@ -235,6 +247,41 @@ impl Router {
     /// The presence registry.
     pub fn presence(&self) -> &Arc<Presence> {
         &self.inner.presence
+    }
+
+    /// Registers a pusher for `user`.
+    pub async fn register_pusher(&self, user: &str, pusher: Pusher) -> Result<(), RouterError> {
+        check_pusher(&pusher)?;
+        let notifier = self.inner.notifier.clone();
+        let user = user.to_owned();
+        blocking(move || Ok(notifier.register(&user, &pusher)?)).await
+    }
+
+    /// Removes a pusher by key; returns whether it existed.
+    pub async fn unregister_pusher(&self, user: &str, key: &str) -> Result<bool, RouterError> {
+        let notifier = self.inner.notifier.clone();
+        let (user, key) = (user.to_owned(), key.to_owned());
+        blocking(move || Ok(notifier.unregister(&user, &key)?)).await
+    }
+
+    /// A user's pushers.
+    pub async fn pushers(&self, user: &str) -> Result<Vec<Pusher>, RouterError> {
+        let notifier = self.inner.notifier.clone();
+        let user = user.to_owned();
+        blocking(move || Ok(notifier.pushers(&user)?)).await
+    }
+
+    /// Opts a conversation the user belongs to in or out of bodies in their notifications.
+    pub async fn push_content(
+        &self,
+        user: &str,
+        conversation: ConversationId,
+        include: bool,
+    ) -> Result<(), RouterError> {
+        self.members(user, conversation).await?;
+        let notifier = self.inner.notifier.clone();
+        let user = user.to_owned();
+        blocking(move || Ok(notifier.set_content(&user, conversation, include)?)).await
     }
 
     /// Records a user at their first authenticated connection.
@@ -701,6 +748,7 @@ impl Router {
     /// Stops the shards, commits what they queued, stops the commit thread and flushes the
     /// store. Blocking: call it from `spawn_blocking` or a plain thread.
     pub fn shutdown_blocking(&self) -> Result<(), RouterError> {
+        self.inner.notifier.stop();
         for shard in &self.inner.shards {
             let _ = shard.blocking_send(ShardRequest::Stop);
         }
@@ -729,5 +777,41 @@ impl Router {
             self.inner.store.flush()?;
         }
         Ok(())
+    }
+}
+
+/// Refuses pushers whose URLs are not http(s) or whose fields are absurdly long.
+fn check_pusher(pusher: &Pusher) -> Result<(), RouterError> {
+    let url_ok =
+        |u: &str| (u.starts_with("https://") || u.starts_with("http://")) && u.len() <= 2048;
+    let ok = match pusher {
+        Pusher::Gateway {
+            url,
+            app_id,
+            pushkey,
+        } => {
+            url_ok(url)
+                && !app_id.is_empty()
+                && app_id.len() <= 256
+                && !pushkey.is_empty()
+                && pushkey.len() <= 4096
+        }
+        Pusher::WebPush {
+            endpoint,
+            p256dh,
+            auth,
+        } => {
+            url_ok(endpoint)
+                && p256dh.is_some() == auth.is_some()
+                && p256dh.as_ref().is_none_or(|k| k.len() <= 256)
+                && auth.as_ref().is_none_or(|k| k.len() <= 64)
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(RouterError::Invalid(
+            "a pusher needs an http(s) URL (at most 2048 bytes), and for a gateway an app id and a push key; p256dh and auth go together".into(),
+        ))
     }
 }

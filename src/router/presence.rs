@@ -252,6 +252,11 @@ impl Presence {
         Ok((false, stored.unwrap_or(0)))
     }
 
+    /// Whether `user` has at least one connected device.
+    pub fn is_online(&self, user: &str) -> bool {
+        self.lock().get(user).is_some_and(|s| !s.conns.is_empty())
+    }
+
     /// Pushes to every connection of each user in `to` (never blocking; full queues drop).
     pub fn push_to(&self, to: &[String], except: &str, push: &Push) {
         let users = self.lock();

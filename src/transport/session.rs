@@ -308,6 +308,45 @@ impl Session {
                         },
                     }
                 }
+                ClientFrame::RegisterPusher { request, pusher } => answer(
+                    request,
+                    self.shared
+                        .router
+                        .register_pusher(&self.user, pusher)
+                        .await
+                        .map(|()| ServerFrame::Done { request, seq: 1 }),
+                ),
+                ClientFrame::UnregisterPusher { request, key } => answer(
+                    request,
+                    self.shared
+                        .router
+                        .unregister_pusher(&self.user, &key)
+                        .await
+                        .map(|removed| ServerFrame::Done {
+                            request,
+                            seq: u64::from(removed),
+                        }),
+                ),
+                ClientFrame::ListPushers { request } => answer(
+                    request,
+                    self.shared
+                        .router
+                        .pushers(&self.user)
+                        .await
+                        .map(|pushers| ServerFrame::Pushers { request, pushers }),
+                ),
+                ClientFrame::PushContent {
+                    request,
+                    conversation,
+                    include,
+                } => answer(
+                    request,
+                    self.shared
+                        .router
+                        .push_content(&self.user, conversation, include)
+                        .await
+                        .map(|()| ServerFrame::Done { request, seq: 1 }),
+                ),
                 ClientFrame::CreateGroup {
                     request,
                     title,
@@ -720,6 +759,15 @@ impl Session {
             Err(e) => failed(e.code(), e.to_string()),
         }
     }
+}
+
+/// The answer to a control request: its frame, or an `Error` naming the request.
+fn answer(request: u32, result: Result<ServerFrame, RouterError>) -> ServerFrame {
+    result.unwrap_or_else(|e| ServerFrame::Error {
+        code: e.code(),
+        message: e.to_string(),
+        request: Some(request),
+    })
 }
 
 /// A `Conversations` answer cut so that it fits in one frame; the client pages on from the
