@@ -280,3 +280,69 @@ async fn groups_from_the_command_line() {
     assert_eq!(v["read"], serde_json::json!(["bob"]));
     assert_eq!(v["read_by_all"], true);
 }
+
+#[tokio::test]
+async fn retention_deletion_and_push_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = spawn_server(dir.path()).await;
+    let d = dir.path().to_owned();
+    let (alice, bob) = (token(&d, "alice", &[]), token(&d, "bob", &[]));
+    let run = |token: &str, args: &[&str]| plover(&d, &addr, Some(token), args);
+    assert!(run(&bob, &["conversations"]).status.success());
+
+    let out = run(&alice, &["send", "--to", "bob", "regret"]);
+    assert_eq!(stdout(&out).trim(), "sent conversation=1 seq=1");
+    let out = run(&alice, &["delete", "--conversation", "1", "--seq", "1"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "done conversation=1 seq=1",
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&bob, &["history", "--with", "alice", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["type"], "erased");
+    assert_eq!(v["seq"], 1);
+
+    let out = run(&bob, &["retention", "1", "ttl=1h"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "done conversation=1 seq=2",
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&bob, &["retention", "1", "forever"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a retention policy"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&alice, &["conversations", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["retention"], "ttl=1h");
+
+    let out = run(
+        &bob,
+        &[
+            "push",
+            "register",
+            "--gateway",
+            "http://127.0.0.1:9/",
+            "--app-id",
+            "app",
+            "--pushkey",
+            "tok",
+        ],
+    );
+    assert_eq!(stdout(&out).trim(), "registered tok", "{}", stderr(&out));
+    let out = run(&bob, &["push", "register", "--endpoint", "not a url"]);
+    assert!(!out.status.success());
+    let out = run(&bob, &["push", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["kind"], "gateway");
+    assert_eq!(v["pushkey"], "tok");
+    let out = run(&bob, &["push", "unregister", "tok"]);
+    assert_eq!(stdout(&out).trim(), "unregistered tok");
+    assert!(stdout(&run(&bob, &["push", "list"])).is_empty());
+}
