@@ -1,5 +1,7 @@
 //! The `plover` binary: the server and its command-line client.
 
+#[path = "cli/bench.rs"]
+mod bench;
 #[path = "cli/chat.rs"]
 mod chat;
 
@@ -64,6 +66,8 @@ enum Command {
     /// Register where your notifications go while you are offline.
     #[command(subcommand)]
     Push(PushCommand),
+    /// Load-test a server (its own, by default) and verify every delivery.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -427,7 +431,7 @@ fn main() {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        _ => "warn",
+        _ => "error",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -470,6 +474,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Group(command) => group(command).await,
         Command::Receipts(args) => receipts(args).await,
         Command::Push(command) => push(command).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Retention(args) => {
             membership(
                 args.client,

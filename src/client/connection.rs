@@ -81,6 +81,8 @@ impl ControlWaiters {
 /// An authenticated connection.
 pub struct Connection {
     endpoint: quinn::Endpoint,
+    /// Whether the endpoint is this connection's own (then closing waits for it to go idle).
+    owns_endpoint: bool,
     conn: quinn::Connection,
     control: Arc<tokio::sync::Mutex<FrameWriter>>,
     waiters: Arc<Mutex<ControlWaiters>>,
@@ -154,8 +156,11 @@ impl Connection {
             .ok_or_else(|| {
                 ClientError::Connect(format!("{} resolves to nothing", config.server))
             })?;
-        let endpoint = crate::transport::client_endpoint(&config.roots, config.keep_alive)
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let endpoint = match &config.endpoint {
+            Some(shared) => shared.clone(),
+            None => crate::transport::client_endpoint(&config.roots, config.keep_alive)
+                .map_err(|e| ClientError::Connect(e.to_string()))?,
+        };
         let host = config.server_name();
         let connecting = endpoint
             .connect(addr, &host)
@@ -216,6 +221,7 @@ impl Connection {
         ));
         Ok(Self {
             endpoint,
+            owns_endpoint: config.endpoint.is_none(),
             conn,
             control,
             heartbeat,
@@ -539,7 +545,9 @@ impl Connection {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
         self.conn
             .close(quinn::VarInt::from(ErrorCode::NORMAL.0), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if self.owns_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        }
     }
 }
 

@@ -101,6 +101,9 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// How long connecting and authenticating may take.
     pub connect_timeout: Duration,
+    /// An endpoint (UDP socket) to share between connections, as a load generator does;
+    /// `None` gives each connection its own.
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 impl ClientConfig {
@@ -134,6 +137,7 @@ impl ClientConfig {
             device: device.into(),
             keep_alive: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            endpoint: None,
         }
     }
 

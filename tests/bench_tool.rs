@@ -1,0 +1,69 @@
+//! `plover bench` runs end to end against a server it spawns, verifies delivery, and prints
+//! one JSON object with `--json`.
+use std::process::Command;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_plover"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run plover bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "one JSON object on stdout: {stdout}"
+    );
+    serde_json::from_str(stdout.trim()).expect("JSON")
+}
+
+#[test]
+fn direct_delivers_every_message_exactly_once() {
+    let v = bench(&[
+        "direct",
+        "--users",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["duplicated"], 0);
+    assert_eq!(v["errors"], 0);
+    assert!(v["acked"].as_u64().expect("acked") >= 150, "{v}");
+    assert_eq!(v["received"], v["acked"]);
+    assert!(v["e2e"]["p50_us"].as_f64().expect("p50") > 0.0);
+    assert!(v["echo_floor"]["p50_us"].as_f64().expect("floor") > 0.0);
+}
+
+#[test]
+fn catchup_group_and_connections_report_their_figures() {
+    let v = bench(&["catchup", "--messages", "300"]);
+    assert_eq!(
+        (v["received"].as_u64(), v["lost"].as_u64()),
+        (Some(300), Some(0))
+    );
+    let v = bench(&[
+        "group",
+        "--members",
+        "12",
+        "--online",
+        "5",
+        "--rate",
+        "20",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(v["lost"], 0, "{v}");
+    assert_eq!(v["to_last_member"]["count"], v["acked"]);
+    let v = bench(&["connections", "--connections", "50"]);
+    assert_eq!(v["open"], 50);
+    assert!(v["bytes_per_connection"].is_u64(), "{v}");
+}
