@@ -74,6 +74,17 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// Push notifications.
     pub push: PushConfig,
+    /// Metrics and health endpoints.
+    pub metrics: MetricsConfig,
+}
+
+/// Metrics and health endpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// TCP address for `/metrics`, `/healthz` and `/readyz` over plain HTTP. Off by default;
+    /// keep it on loopback or a private network: it is not authenticated.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Push notifications.
@@ -304,6 +315,7 @@ impl Default for Config {
             presence: PresenceConfig::default(),
             retention: RetentionConfig::default(),
             push: PushConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

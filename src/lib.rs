@@ -13,6 +13,7 @@
 //! - [`auth`]: the signing secret and the JWTs minted by `plover token`.
 //! - [`config`]: the one typed configuration, read from TOML and overridden by flags.
 //! - [`server`]: wires the pieces together and runs until shutdown.
+//! - [`metrics`]: metric names, and `/metrics`, `/healthz`, `/readyz` over plain HTTP.
 //! - [`client`]: the client SDK the CLI, the tests and the load generator use.
 //!
 //! Arrows point one way: transport -> router -> persist; everything may use framing's types.
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod framing;
+pub mod metrics;
 pub mod persist;
 pub mod push;
 pub mod router;

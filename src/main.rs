@@ -305,6 +305,9 @@ struct ServeArgs {
     /// `sync` (ack after fsync) or `buffered` (ack before fsync).
     #[arg(long, value_parser = parse_durability)]
     durability: Option<Durability>,
+    /// Serve /metrics, /healthz and /readyz over plain HTTP on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -514,7 +517,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(durability) = args.durability {
         config.store.durability = durability;
     }
-    let server = plover::server::Server::bind(config).await?;
+    if let Some(metrics) = args.metrics {
+        config.metrics.listen = Some(metrics);
+    }
+    let with_metrics = config.metrics.listen.is_some();
+    let mut server = plover::server::Server::bind(config).await?;
+    if with_metrics {
+        // The global recorder belongs to the binary, not the library.
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(plover::metrics::LATENCY_BUCKETS)?
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    plover::metrics::names::COMMIT_BATCH.to_owned(),
+                ),
+                &[
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                ],
+            )?
+            .install_recorder()?;
+        server = server.with_metrics(std::sync::Arc::new(move || handle.render()));
+    }
     server.run(shutdown_signal()).await?;
     Ok(())
 }

@@ -32,12 +32,19 @@ pub enum ServerError {
 }
 
 /// A server that is bound and ready to run.
-#[derive(Debug)]
 pub struct Server {
     listener: Listener,
     router: Router,
     addr: SocketAddr,
     retention: crate::config::RetentionConfig,
+    metrics: Option<tokio::net::TcpListener>,
+    render: Option<crate::metrics::Render>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.addr).finish()
+    }
 }
 
 impl Server {
@@ -58,12 +65,33 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
+        let metrics = match config.metrics.listen {
+            Some(addr) => Some(
+                crate::metrics::bind(addr)
+                    .await
+                    .map_err(|source| TransportError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             listener,
             router,
             addr,
             retention: config.retention.clone(),
+            metrics,
+            render: None,
         })
+    }
+
+    /// Serves `/metrics` with this renderer (main.rs passes the Prometheus recorder's).
+    pub fn with_metrics(mut self, render: crate::metrics::Render) -> Self {
+        self.render = Some(render);
+        self
+    }
+
+    /// The metrics address, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound address.
@@ -81,8 +109,25 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         info!("listening on {}", self.addr);
         let sweeper = tokio::spawn(sweep(self.router.clone(), self.retention.clone()));
+        let metrics = self.metrics.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                info!("metrics on http://{addr}/metrics");
+            }
+            let render = self
+                .render
+                .unwrap_or_else(|| Arc::new(|| "# no metrics recorder installed\n".to_owned()));
+            let store = self.router.store().clone();
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                render,
+                Arc::new(move || !store.is_poisoned()),
+            ))
+        });
         self.listener.run(shutdown).await;
         sweeper.abort();
+        if let Some(m) = metrics {
+            m.abort();
+        }
         let router = self.router.clone();
         tokio::task::spawn_blocking(move || router.shutdown_blocking())
             .await

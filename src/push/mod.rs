@@ -214,6 +214,7 @@ impl Notifier {
                 }
                 _ = tick.tick() => {
                     self.persist(&mut dirty, &pending).await;
+                    metrics::gauge!(crate::metrics::names::PUSH_PENDING).set(pending.len() as f64);
                     let now = tokio::time::Instant::now();
                     let due: Vec<String> = pending
                         .iter()

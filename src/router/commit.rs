@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use super::RouterError;
 use super::sessions::{Delivery, Sessions};
 use crate::framing::{Event, Message, Receipt};
+use crate::metrics::names;
 use crate::persist::{LogEntry, Store};
 
 /// The answer to a send: the message's place in its conversation.
@@ -46,6 +47,8 @@ pub(super) enum CommitItem {
         recipients: Arc<[String]>,
         membership: Option<Box<MembershipWrite>>,
         reply: Reply,
+        /// When the send reached its shard (for the ack latency metric).
+        since: std::time::Instant,
     },
     /// A member's marks moved: store them and append the receipt to each recipient's log;
     /// under `until_delivered`, remove the bodies of the seq range everyone now has.
@@ -142,7 +145,11 @@ impl CommitThread {
     /// Commits one batch; returns whether a `Stop` was in it.
     fn commit(&self, items: &mut Vec<CommitItem>, heads: &mut HashMap<String, u64>) -> bool {
         let mut batch = self.store.batch();
+        let started = std::time::Instant::now();
+        metrics::histogram!(names::COMMIT_BATCH).record(items.len() as f64);
         let mut replies: Vec<(Reply, Sent)> = Vec::with_capacity(items.len());
+        let mut ack_since: Vec<std::time::Instant> = Vec::new();
+        let mut messages_in = 0u64;
         let mut barriers = Vec::new();
         // (members, their new log positions, the event): handed out once the batch is durable.
         let mut deliveries: Vec<Fanout> = Vec::new();
@@ -156,10 +163,15 @@ impl CommitThread {
                     recipients: members,
                     membership,
                     reply,
+                    since,
                 } => {
                     if failed.is_some() {
                         let _ = reply.send(Err(RouterError::Unavailable));
                         continue;
+                    }
+                    ack_since.push(since);
+                    if msg.change.is_none() {
+                        messages_in += 1;
                     }
                     batch.put_message(&msg);
                     match membership {
@@ -280,9 +292,17 @@ impl CommitThread {
         };
         match result {
             Ok(()) => {
+                metrics::histogram!(names::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::counter!(names::MESSAGES_IN).increment(messages_in);
                 for (reply, sent) in replies {
                     let _ = reply.send(Ok(sent));
                 }
+                let acked = std::time::Instant::now();
+                for since in ack_since {
+                    metrics::histogram!(names::ACK_SECONDS)
+                        .record(acked.duration_since(since).as_secs_f64());
+                }
+                let fanout = std::time::Instant::now();
                 for (members, positions, event) in deliveries {
                     if let Event::Message(msg) = &*event {
                         for member in members.iter() {
@@ -297,6 +317,7 @@ impl CommitThread {
                         self.sessions.deliver(member, &delivery);
                     }
                 }
+                metrics::histogram!(names::FANOUT_SECONDS).record(fanout.elapsed().as_secs_f64());
             }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed: nothing in it was acknowledged");

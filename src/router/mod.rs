@@ -384,6 +384,7 @@ impl Router {
             id,
             body,
             reply,
+            since: std::time::Instant::now(),
         };
         shard
             .send(ShardRequest::Send(request))

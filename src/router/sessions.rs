@@ -111,9 +111,14 @@ impl Sessions {
             if slot.lagging.load(Ordering::Acquire) {
                 continue;
             }
-            if let Err(mpsc::error::TrySendError::Full(_)) = slot.tx.try_send(delivery.clone()) {
-                slot.lagging.store(true, Ordering::Release);
-                self.switched_to_catch_up.fetch_add(1, Ordering::Relaxed);
+            match slot.tx.try_send(delivery.clone()) {
+                Ok(()) => metrics::counter!(crate::metrics::names::DELIVERIES).increment(1),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    slot.lagging.store(true, Ordering::Release);
+                    self.switched_to_catch_up.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::names::CATCH_UP).increment(1);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
     }

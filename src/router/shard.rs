@@ -44,6 +44,8 @@ pub(super) struct SendRequest {
     pub(super) id: ClientMsgId,
     pub(super) body: bytes::Bytes,
     pub(super) reply: Reply,
+    /// When the send was handed to the router.
+    pub(super) since: std::time::Instant,
 }
 
 /// A change to a group's membership.
@@ -255,6 +257,7 @@ impl Shard {
             recipients,
             membership: None,
             reply: req.reply,
+            since: req.since,
         })
     }
 
@@ -387,6 +390,7 @@ impl Shard {
                     recipients,
                     membership: Some(Box::new(write)),
                     reply: req.reply,
+                    since: std::time::Instant::now(),
                 })
             }
             Ok(None) => {

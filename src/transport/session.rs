@@ -121,12 +121,15 @@ pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shar
     info!(device = %session.device, "authenticated");
     let session = Arc::new(session);
     let (_presence, pushes) = shared.router.presence().connect(&session.user);
+    let gauge = metrics::gauge!(crate::metrics::names::CONNECTIONS);
+    gauge.increment(1.0);
     tokio::select! {
         () = session.clone().control_loop(reader, writer, pushes) => {}
         () = session.clone().accept_streams() => {}
         () = session.clone().datagrams() => {}
         _ = conn.closed() => {}
     }
+    gauge.decrement(1.0);
     debug!(reason = ?conn.close_reason(), "connection ended");
 }
 

@@ -1,0 +1,108 @@
+//! Metrics and health over plain HTTP on a separate address (off by default).
+//!
+//! The library records through the `metrics` facade (a no-op until a recorder is installed);
+//! `main.rs` installs the Prometheus recorder and hands its renderer to the server, which serves
+//! `/metrics` (Prometheus text), `/healthz` (the process is up) and `/readyz` (the store accepts
+//! writes) here. The HTTP side is deliberately tiny: GET only, one request per connection,
+//! requests larger than 8 KiB refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Renders the metrics as Prometheus text.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Metric names, in one place.
+pub mod names {
+    /// Gauge: authenticated connections.
+    pub const CONNECTIONS: &str = "plover_connections";
+    /// Counter: messages stored.
+    pub const MESSAGES_IN: &str = "plover_messages_in_total";
+    /// Counter: events handed to device queues.
+    pub const DELIVERIES: &str = "plover_deliveries_total";
+    /// Counter: devices switched from live delivery to catch-up from the store.
+    pub const CATCH_UP: &str = "plover_catch_up_switches_total";
+    /// Histogram: seconds from a send reaching its shard to its durable ack.
+    pub const ACK_SECONDS: &str = "plover_ack_seconds";
+    /// Histogram: seconds to hand one commit's events to the device queues.
+    pub const FANOUT_SECONDS: &str = "plover_fanout_seconds";
+    /// Histogram: items per group commit.
+    pub const COMMIT_BATCH: &str = "plover_commit_batch_size";
+    /// Histogram: seconds per group commit (write and fsync).
+    pub const COMMIT_SECONDS: &str = "plover_commit_seconds";
+    /// Gauge: notifications waiting to be sent.
+    pub const PUSH_PENDING: &str = "plover_push_pending";
+}
+
+/// Latency buckets, in seconds: 100 us to 5 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    render: Render,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+) {
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let (render, ready) = (render.clone(), ready.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            let head = loop {
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf[len..]))
+                        .await;
+                match read {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => return,
+                    Ok(Ok(n)) => len += n,
+                }
+                if let Some(end) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+                    break String::from_utf8_lossy(&buf[..end]).into_owned();
+                }
+                if len == buf.len() {
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
+            };
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, content_type, body) = match (method, path) {
+                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", render()),
+                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+                ("GET", "/readyz") if ready() => ("200 OK", "text/plain", "ready\n".to_owned()),
+                ("GET", "/readyz") => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: the store refuses writes\n".to_owned(),
+                ),
+                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_owned(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
