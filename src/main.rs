@@ -224,16 +224,8 @@ enum GroupCommand {
 struct ReceiptsArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The other user of a direct conversation.
-    #[arg(
-        long,
-        conflicts_with = "conversation",
-        required_unless_present = "conversation"
-    )]
-    with: Option<String>,
-    /// A conversation id.
-    #[arg(long)]
-    conversation: Option<u64>,
+    #[command(flatten)]
+    which: Which,
     /// One message: who has it and who read it [default: every member's marks].
     #[arg(long)]
     seq: Option<u64>,
@@ -246,16 +238,8 @@ struct ReceiptsArgs {
 struct ReadArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The other user of a direct conversation.
-    #[arg(
-        long,
-        conflicts_with = "conversation",
-        required_unless_present = "conversation"
-    )]
-    with: Option<String>,
-    /// A conversation id.
-    #[arg(long)]
-    conversation: Option<u64>,
+    #[command(flatten)]
+    which: Which,
     /// Mark read up to this sequence number [default: the latest message].
     #[arg(long)]
     up_to: Option<u64>,
@@ -276,16 +260,8 @@ struct PresenceArgs {
 struct ChatArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The other user of a direct conversation.
-    #[arg(
-        long,
-        conflicts_with = "conversation",
-        required_unless_present = "conversation"
-    )]
-    with: Option<String>,
-    /// A conversation id.
-    #[arg(long)]
-    conversation: Option<u64>,
+    #[command(flatten)]
+    which: Which,
 }
 
 #[derive(Args)]
@@ -334,6 +310,27 @@ struct TokenArgs {
     /// Configuration file (for `data` and `auth.secret`).
     #[arg(long)]
     config: Option<PathBuf>,
+}
+
+/// Which conversation: the direct one with a user, or one by id.
+#[derive(Args)]
+struct Which {
+    /// The other user of a direct conversation.
+    #[arg(
+        long,
+        conflicts_with = "conversation",
+        required_unless_present = "conversation"
+    )]
+    with: Option<String>,
+    /// A conversation id.
+    #[arg(long)]
+    conversation: Option<u64>,
+}
+
+impl Which {
+    fn target(self) -> Result<Target> {
+        target(self.with, self.conversation)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -397,16 +394,8 @@ struct ListenArgs {
 struct HistoryArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The other user of a direct conversation.
-    #[arg(
-        long,
-        conflicts_with = "conversation",
-        required_unless_present = "conversation"
-    )]
-    with: Option<String>,
-    /// A conversation id.
-    #[arg(long)]
-    conversation: Option<u64>,
+    #[command(flatten)]
+    which: Which,
     /// How many messages.
     #[arg(long, default_value_t = 50)]
     limit: u32,
@@ -494,7 +483,7 @@ async fn run(cli: Cli) -> Result<()> {
             membership(args.client, args.conversation, GroupOp::Clear(up_to)).await
         }
         Command::Chat(args) => {
-            let target = target(args.with, args.conversation)?;
+            let target = args.which.target()?;
             chat::run(args.client.config()?, target).await
         }
     }
@@ -810,7 +799,7 @@ async fn history(args: HistoryArgs) -> Result<()> {
         bail!("--limit must be at least 1");
     }
     let conn = Connection::connect(&args.client.config()?).await?;
-    let target = target(args.with, args.conversation)?;
+    let target = args.which.target()?;
     let result = async {
         let conv = conn.open(target, false).await?;
         // Pages of at most 500 (the server's default page limit), walked in the asked
@@ -913,7 +902,7 @@ async fn conversations(args: ConversationsArgs) -> Result<()> {
 
 async fn read(args: ReadArgs) -> Result<()> {
     let conn = Connection::connect(&args.client.config()?).await?;
-    let target = target(args.with, args.conversation)?;
+    let target = args.which.target()?;
     let result = async {
         let conv = conn.open(target, false).await?;
         let up_to = args.up_to.unwrap_or(conv.last_seq());
@@ -1039,7 +1028,7 @@ async fn membership(client: ClientArgs, id: u64, op: GroupOp) -> Result<()> {
 async fn receipts(args: ReceiptsArgs) -> Result<()> {
     let conn = Connection::connect(&args.client.config()?).await?;
     let me = conn.user().to_owned();
-    let target = target(args.with, args.conversation)?;
+    let target = args.which.target()?;
     let result = async {
         let conv = conn.open(target, false).await?;
         Ok::<_, anyhow::Error>((conv.id(), conv.all_members().await?))

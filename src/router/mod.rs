@@ -234,6 +234,11 @@ impl Router {
         })
     }
 
+    /// The shard that owns a conversation.
+    fn shard(&self, conversation: ConversationId) -> &mpsc::Sender<ShardRequest> {
+        &self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize]
+    }
+
     /// The store (for health checks and tools).
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
@@ -347,12 +352,7 @@ impl Router {
                 }
             }
         };
-        let record = store
-            .conversation(conversation)?
-            .ok_or(RouterError::NotMember(conversation))?;
-        if !record.is_member(user) {
-            return Err(RouterError::NotMember(conversation));
-        }
+        let record = member_record(store, conversation, user)?;
         let inline = record.members.len() <= INLINE_MEMBERS;
         Ok(Opened {
             conversation,
@@ -376,7 +376,7 @@ impl Router {
         body: bytes::Bytes,
     ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
         let (reply, rx) = oneshot::channel();
-        let shard = &self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize];
+        let shard = self.shard(conversation);
         let request = SendRequest {
             conversation,
             from: from.to_owned(),
@@ -404,12 +404,7 @@ impl Router {
         let store = self.inner.store.clone();
         let user = user.to_owned();
         blocking(move || {
-            let record = store
-                .conversation(conversation)?
-                .ok_or(RouterError::NotMember(conversation))?;
-            if !record.is_member(&user) {
-                return Err(RouterError::NotMember(conversation));
-            }
+            member_record(&store, conversation, &user)?;
             let up_to = up_to.min(store.last_seq(conversation)?);
             Ok(store.set_cleared(conversation, &user, up_to)?)
         })
@@ -432,7 +427,7 @@ impl Router {
         delivered: u64,
         read: u64,
     ) -> Result<(), RouterError> {
-        let shard = &self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize];
+        let shard = self.shard(conversation);
         shard
             .send(ShardRequest::Marks(MarksRequest {
                 conversation,
@@ -453,12 +448,7 @@ impl Router {
         let store = self.inner.store.clone();
         let user = user.to_owned();
         blocking(move || {
-            let record = store
-                .conversation(conversation)?
-                .ok_or(RouterError::NotMember(conversation))?;
-            if !record.is_member(&user) {
-                return Err(RouterError::NotMember(conversation));
-            }
+            let record = member_record(&store, conversation, &user)?;
             Ok(record.names().into())
         })
         .await
@@ -482,14 +472,9 @@ impl Router {
         let store = self.inner.store.clone();
         let user = user.to_owned();
         blocking(move || {
-            let record = store
-                .conversation(conversation)?
-                .ok_or(RouterError::NotMember(conversation))?;
+            let record = member_record(&store, conversation, &user)?;
             // A member reads from their joining on, and not what they cleared for themselves.
-            let since = record
-                .member(&user)
-                .ok_or(RouterError::NotMember(conversation))?
-                .since;
+            let since = record.member(&user).map_or(1, |m| m.since);
             let from = since.max(store.cleared(conversation, &user)? + 1);
             let (page, more) = store.history(conversation, before, after, limit as usize, from)?;
             let now = now_ms();
@@ -566,12 +551,7 @@ impl Router {
         let store = self.inner.store.clone();
         let (user, after) = (user.to_owned(), after.to_owned());
         blocking(move || {
-            let record = store
-                .conversation(conversation)?
-                .ok_or(RouterError::NotMember(conversation))?;
-            if !record.is_member(&user) {
-                return Err(RouterError::NotMember(conversation));
-            }
+            let record = member_record(&store, conversation, &user)?;
             let mut marks: HashMap<String, (u64, u64)> = store
                 .marks(conversation)?
                 .into_iter()
@@ -677,7 +657,7 @@ impl Router {
         op: MemberOp,
     ) -> Result<u64, RouterError> {
         let (reply, rx) = oneshot::channel();
-        let shard = &self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize];
+        let shard = self.shard(conversation);
         shard
             .send(ShardRequest::Membership(MembershipRequest {
                 conversation,
@@ -815,4 +795,17 @@ fn check_pusher(pusher: &Pusher) -> Result<(), RouterError> {
             "a pusher needs an http(s) URL (at most 2048 bytes), and for a gateway an app id and a push key; p256dh and auth go together".into(),
         ))
     }
+}
+
+/// A conversation's record, if `user` is a member (otherwise `NotMember`, whether or not the
+/// conversation exists, so ids cannot be probed).
+fn member_record(
+    store: &Store,
+    conversation: ConversationId,
+    user: &str,
+) -> Result<ConversationRecord, RouterError> {
+    store
+        .conversation(conversation)?
+        .filter(|r| r.is_member(user))
+        .ok_or(RouterError::NotMember(conversation))
 }
