@@ -2,17 +2,11 @@
 //! size limit, per-member receipts, and a 1000-member group.
 mod common;
 
-use common::{TestServer, next_event, next_receipt};
+use common::{TestServer, next_event, next_receipt, users};
 use plover::client::EventStream;
 use plover::framing::{ConversationChange, ErrorCode, Event, Target};
 use std::sync::Arc;
 use std::time::Duration;
-
-async fn users(server: &TestServer, names: &[&str]) {
-    for n in names {
-        server.router.ensure_user(n).await.expect("user");
-    }
-}
 
 /// Drains `events` until `n` messages (or membership events) have come; returns (seq, from,
 /// body or change).

@@ -1,19 +1,13 @@
 //! Retention policies, tombstones, deleting for everyone and clearing one's own history.
 mod common;
 
-use common::{TestServer, next_event, next_log};
+use common::{TestServer, next_event, next_log, users};
 use plover::client::EventStream;
 use plover::framing::{ConversationChange, ErrorCode, Event, Message, Retention, Target};
 use std::time::Duration;
 
 fn erased(m: &Message) -> bool {
     m.body.is_empty() && m.change == Some(ConversationChange::Erased)
-}
-
-async fn users(server: &TestServer, names: &[&str]) {
-    for n in names {
-        server.router.ensure_user(n).await.expect("user");
-    }
 }
 
 #[tokio::test]

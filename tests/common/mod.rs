@@ -218,3 +218,10 @@ pub async fn spawn_server(dir: &Path) -> (Child, String) {
         .expect("listening line");
     (child, addr)
 }
+
+/// Makes users known to the server, as their first connection would.
+pub async fn users(server: &TestServer, names: &[&str]) {
+    for n in names {
+        server.router.ensure_user(n).await.expect("user");
+    }
+}
