@@ -339,13 +339,36 @@ async fn run_connection(
     }
 }
 
-/// Reads one delivery stream; reports `Delivered` on it as events arrive (once per burst:
-/// when no further frame is already waiting).
+/// How long `Delivered` reports are gathered on a delivery stream: one report covers every
+/// message that arrived within it, so a busy conversation costs the server a few receipts a
+/// second rather than one per message, and a quiet one is acknowledged within this delay.
+pub const DELIVERED_DELAY: Duration = Duration::from_millis(50);
+
+/// Reads one delivery stream; reports `Delivered` on it, at most once per [`DELIVERED_DELAY`].
 async fn read_deliveries(mut reader: FrameReader, mut writer: FrameWriter, tx: mpsc::Sender<Item>) {
     let mut received = 0;
     let mut reported = 0;
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
-        match reader.next::<ServerFrame>().await {
+        // `FrameReader::next` keeps partial frames in the reader: losing the race to the
+        // timer loses nothing.
+        let next = match due {
+            Some(at) => tokio::select! {
+                next = reader.next::<ServerFrame>() => next,
+                () = tokio::time::sleep_until(at) => {
+                    due = None;
+                    if received > reported {
+                        if writer.send(&ClientFrame::Delivered { up_to: received }).await.is_err() {
+                            return;
+                        }
+                        reported = received;
+                    }
+                    continue;
+                }
+            },
+            None => reader.next::<ServerFrame>().await,
+        };
+        match next {
             Ok(Some(ServerFrame::Event { log, event })) => {
                 if let Event::Message(m) = &event {
                     received = received.max(m.seq);
@@ -357,15 +380,8 @@ async fn read_deliveries(mut reader: FrameReader, mut writer: FrameWriter, tx: m
                 {
                     return;
                 }
-                if received > reported && !reader.has_frame() {
-                    if writer
-                        .send(&ClientFrame::Delivered { up_to: received })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    reported = received;
+                if received > reported && due.is_none() {
+                    due = Some(tokio::time::Instant::now() + DELIVERED_DELAY);
                 }
             }
             Ok(Some(other)) => {
@@ -373,6 +389,11 @@ async fn read_deliveries(mut reader: FrameReader, mut writer: FrameWriter, tx: m
                 return;
             }
             Ok(None) | Err(_) => {
+                if received > reported {
+                    let _ = writer
+                        .send(&ClientFrame::Delivered { up_to: received })
+                        .await;
+                }
                 writer.finish(Duration::from_millis(100)).await;
                 return;
             }

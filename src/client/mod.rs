@@ -10,7 +10,9 @@ mod connection;
 mod events;
 
 pub use connection::{Ack, Connection, ControlPush, Conversation, Welcome};
-pub use events::{CursorTracker, EventStream, Incoming, LogEvent, TYPING_REPEAT, TYPING_TTL};
+pub use events::{
+    CursorTracker, DELIVERED_DELAY, EventStream, Incoming, LogEvent, TYPING_REPEAT, TYPING_TTL,
+};
 
 use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
