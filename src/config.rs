@@ -223,6 +223,10 @@ pub struct Limits {
     pub inflight_sends: usize,
     /// Most messages one history page may hold.
     pub history_page: u32,
+    /// Messages a user may send per second, across their devices, with bursts of twice that;
+    /// past it a send is refused with `limit`. Far above any person's typing, low enough that
+    /// a runaway client cannot take a node's whole write capacity.
+    pub sends_per_second: u32,
     /// Most members a group may have. WhatsApp's figure: large enough for a community, small
     /// enough that one message's fan-out (a log entry per member) stays a few milliseconds.
     pub max_group: usize,
@@ -243,6 +247,7 @@ impl Default for Limits {
             outbound_queue: 1024,
             inflight_sends: 256,
             history_page: 500,
+            sends_per_second: 200,
             max_group: 1024,
             receipt_fanout: 32,
         }
@@ -352,6 +357,9 @@ impl Config {
         }
         if self.limits.max_delivery_streams == 0 || self.limits.history_page == 0 {
             return invalid("limits.max_delivery_streams and limits.history_page must be positive");
+        }
+        if self.limits.sends_per_second == 0 {
+            return invalid("limits.sends_per_second must be positive");
         }
         if self.limits.max_group < 2 {
             return invalid("limits.max_group must be at least 2");

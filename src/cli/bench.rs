@@ -172,8 +172,13 @@ impl Server {
 
 async fn spawn_server(dir: &Path, durability: &str) -> Result<(tokio::process::Child, String)> {
     let exe = std::env::current_exe()?;
+    // A load generator sends faster than any person: lift the per-user rate limit.
+    let config = dir.join("bench.toml");
+    std::fs::write(&config, "[limits]\nsends_per_second = 1000000\n")?;
     let mut child = tokio::process::Command::new(exe)
         .arg("serve")
+        .arg("--config")
+        .arg(&config)
         .args(["--listen", "127.0.0.1:0", "--durability", durability])
         .arg("--data")
         .arg(dir.join("data"))

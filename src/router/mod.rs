@@ -10,6 +10,7 @@
 
 mod commit;
 mod feed;
+mod limiter;
 mod presence;
 mod retention;
 mod sessions;
@@ -146,6 +147,7 @@ struct Inner {
     outbound_queue: usize,
     history_page: u32,
     max_group: usize,
+    limiter: limiter::SendLimiter,
 }
 
 /// The router handle; cheap to clone.
@@ -230,6 +232,7 @@ impl Router {
                 outbound_queue: config.limits.outbound_queue,
                 history_page: config.limits.history_page,
                 max_group: config.limits.max_group,
+                limiter: limiter::SendLimiter::new(config.limits.sends_per_second),
             }),
         })
     }
@@ -375,6 +378,12 @@ impl Router {
         id: ClientMsgId,
         body: bytes::Bytes,
     ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
+        if !self.inner.limiter.allow(from) {
+            return Err(RouterError::Limit(format!(
+                "sending faster than {} messages a second; slow down and retry with the same id",
+                self.inner.limiter.rate()
+            )));
+        }
         let (reply, rx) = oneshot::channel();
         let shard = self.shard(conversation);
         let request = SendRequest {

@@ -185,8 +185,13 @@ pub async fn assert_quiet(events: &mut EventStream, wait: Duration) {
 
 /// Starts `plover serve` as a child process and returns it with its address.
 pub async fn spawn_server(dir: &Path) -> (Child, String) {
+    // Tests send faster than a person: lift the per-user rate limit.
+    let config = dir.join("test.toml");
+    std::fs::write(&config, "[limits]\nsends_per_second = 1000000\n").expect("config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_plover"))
         .arg("serve")
+        .arg("--config")
+        .arg(&config)
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data")
