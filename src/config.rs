@@ -269,6 +269,10 @@ pub struct TransportSettings {
     pub stream_window: u32,
     /// Bytes one connection may have unread across its streams: bounds per-connection memory.
     pub connection_window: u32,
+    /// Handshakes under way past which new, unvalidated addresses must first answer a QUIC
+    /// Retry (address validation). 0 = always. 256 is more than a node sees in normal churn
+    /// and well below what a handshake flood reaches.
+    pub retry_above: usize,
 }
 
 impl Default for TransportSettings {
@@ -278,6 +282,7 @@ impl Default for TransportSettings {
             heartbeat: Duration::from_secs(10),
             stream_window: 128 * 1024,
             connection_window: 1024 * 1024,
+            retry_above: 256,
         }
     }
 }

@@ -102,3 +102,15 @@ async fn an_event_stream_rides_through_a_restart_without_gap_or_duplicate() {
     alice.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn with_retry_always_on_clients_still_connect_after_validating_their_address() {
+    // retry_above = 0: every new address must answer a QUIC Retry first.
+    let server = TestServer::start_with(|c| c.transport.retry_above = 0).await;
+    for i in 0..5 {
+        let conn = server.connect(&format!("u{i}"), "d").await;
+        assert!(conn.ping().await.is_ok());
+        conn.close().await;
+    }
+    server.stop().await;
+}

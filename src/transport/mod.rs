@@ -76,6 +76,10 @@ pub struct Listener {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
+    /// Handshakes under way (accepted, not yet authenticated or failed).
+    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Past this many handshakes under way, unvalidated addresses get a Retry.
+    retry_above: usize,
 }
 
 impl std::fmt::Debug for Listener {
@@ -115,6 +119,8 @@ impl Listener {
         });
         Ok(Self {
             endpoint,
+            handshakes: Arc::default(),
+            retry_above: config.transport.retry_above,
             permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             shared: Arc::new(Shared {
                 router,
@@ -146,11 +152,26 @@ impl Listener {
                     None => break,
                 },
             };
+            // Under a flood of new connections, make unvalidated addresses prove they can
+            // receive (a Retry round trip) before any handshake work; quinn never sends an
+            // unvalidated address more than three times what it received from it.
+            if !incoming.remote_address_validated()
+                && self.handshakes.load(Ordering::Relaxed) >= self.retry_above
+            {
+                if incoming.may_retry() {
+                    let _ = incoming.retry();
+                } else {
+                    incoming.refuse();
+                }
+                continue;
+            }
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 debug!(remote = %incoming.remote_address(), "connection limit reached; refusing");
                 incoming.refuse();
                 continue;
             };
+            let handshakes = self.handshakes.clone();
+            handshakes.fetch_add(1, Ordering::Relaxed);
             let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
             let span = info_span!(
                 "conn",
@@ -161,7 +182,7 @@ impl Listener {
             let shared = self.shared.clone();
             tokio::spawn(
                 async move {
-                    session::serve_connection(incoming, shared).await;
+                    session::serve_connection(incoming, shared, handshakes).await;
                     drop(permit);
                 }
                 .instrument(span),

@@ -107,9 +107,15 @@ impl Drop for AbortOnDrop {
 }
 
 /// Runs one connection from the handshake to its end.
-pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+pub(crate) async fn serve_connection(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+) {
     let deadline = Instant::now() + shared.auth_timeout;
-    let conn = match timeout_at(deadline, incoming).await {
+    let handshake = timeout_at(deadline, incoming).await;
+    handshakes.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
         Err(_) => return debug!("handshake timed out"),
