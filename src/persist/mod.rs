@@ -51,6 +51,19 @@ pub enum StoreError {
         /// What.
         message: String,
     },
+    /// The journal is damaged before its last batch: starting would silently drop
+    /// acknowledged writes, so the store refuses to open.
+    #[error(
+        "the journal in {path} is damaged before its end ({reason}); refusing to start rather \
+         than silently drop acknowledged messages. Restore the data directory from a backup, or \
+         move the damaged journal aside if losing what it holds is acceptable"
+    )]
+    CorruptJournal {
+        /// The data directory.
+        path: String,
+        /// What fjall found.
+        reason: String,
+    },
     /// An earlier write or fsync failed; the store refuses writes until the server restarts.
     #[error("store is read-only after a failed write; restart the server once the disk is healthy")]
     Poisoned,
@@ -267,7 +280,16 @@ impl Store {
             // We decide when the journal is synced (group commit), not fjall's background timer.
             .manual_journal_persist(true)
             .max_journaling_size(journal_size)
-            .open()?;
+            .open()
+            .map_err(|e| match e {
+                // A torn last batch is dropped by fjall without error (it was never
+                // acknowledged); anything else wrong in the journal is damage.
+                fjall::Error::JournalRecovery(reason) => StoreError::CorruptJournal {
+                    path: path.display().to_string(),
+                    reason: reason.to_string(),
+                },
+                other => StoreError::Fjall(other),
+            })?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         Ok(Self {
             messages: ks("messages")?,
