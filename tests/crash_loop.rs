@@ -1,0 +1,127 @@
+//! The long crash-durability run: senders under load, the server killed with SIGKILL at a
+//! random moment and restarted, many times. Every acknowledged message must be in history
+//! exactly once, at the seq it was acknowledged with; sequences have no gap and no reuse.
+//!
+//! `cargo test --release --test crash_loop -- --ignored` (PLOVER_CRASH_CYCLES, default 100).
+mod common;
+
+use bytes::Bytes;
+use common::spawn_server;
+use plover::auth::{TokenKeys, load_or_create_secret};
+use plover::client::{ClientConfig, Connection};
+use plover::framing::{ClientMsgId, Target};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn config(dir: &Path, addr: &str, keys: &TokenKeys, user: &str, device: &str) -> ClientConfig {
+    let token = keys
+        .mint(user, None, Duration::from_secs(3600))
+        .expect("mint");
+    ClientConfig::new(addr, &dir.join("certs").join("cert.pem"), token, device).expect("config")
+}
+
+#[tokio::test]
+#[ignore = "long: run explicitly (see RELIABILITY.md)"]
+async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
+    let cycles: u32 = std::env::var("PLOVER_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let acked: Arc<Mutex<HashMap<ClientMsgId, u64>>> = Arc::default();
+    for cycle in 0..cycles {
+        let (mut child, addr) = spawn_server(dir.path()).await;
+        let keys =
+            TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
+        if cycle == 0 {
+            Connection::connect(&config(dir.path(), &addr, &keys, "bob", "setup"))
+                .await
+                .expect("bob")
+                .close()
+                .await;
+        }
+        let mut senders = tokio::task::JoinSet::new();
+        for s in 0..3 {
+            let cfg = config(dir.path(), &addr, &keys, "alice", &format!("d{s}"));
+            let acked = acked.clone();
+            senders.spawn(async move {
+                let Ok(conn) = Connection::connect(&cfg).await else {
+                    return 0;
+                };
+                let Ok(conv) = conn.open(Target::Direct("bob".into()), true).await else {
+                    return 0;
+                };
+                let conv = Arc::new(conv);
+                let mut inflight = tokio::task::JoinSet::new();
+                loop {
+                    let id = ClientMsgId::random();
+                    let (conv, acked) = (conv.clone(), acked.clone());
+                    inflight.spawn(async move {
+                        if let Ok(ack) = conv.send_with_id(id, Bytes::from_static(b"x")).await {
+                            acked.lock().expect("lock").insert(id, ack.seq);
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    if inflight.len() >= 16 && matches!(inflight.join_next().await, Some(Ok(false)))
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        // A random moment between 50 and 550 ms into the load.
+        let wait = 50 + u64::from(ClientMsgId::random().0[0]) * 2;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        child.start_kill().expect("SIGKILL");
+        child.wait().await.expect("reaped");
+        senders.abort_all();
+        while senders.join_next().await.is_some() {}
+    }
+
+    let (_child, addr) = spawn_server(dir.path()).await;
+    let keys = TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
+    let alice = Connection::connect(&config(dir.path(), &addr, &keys, "alice", "check"))
+        .await
+        .expect("alice");
+    let conv = alice
+        .open(Target::Direct("bob".into()), false)
+        .await
+        .expect("open");
+    let mut history = Vec::new();
+    let mut after = 0;
+    loop {
+        let (page, more) = conv.history(None, Some(after), 500).await.expect("history");
+        after = page.last().map_or(after, |m| m.seq);
+        history.extend(page);
+        if !more {
+            break;
+        }
+    }
+    let seqs: Vec<u64> = history.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=history.len() as u64).collect::<Vec<_>>(),
+        "no gap, no reuse"
+    );
+    let by_id: HashMap<ClientMsgId, u64> = history.iter().map(|m| (m.id, m.seq)).collect();
+    assert_eq!(by_id.len(), history.len(), "nothing stored twice");
+    let acked = acked.lock().expect("lock").clone();
+    for (id, seq) in &acked {
+        assert_eq!(
+            by_id.get(id),
+            Some(seq),
+            "acknowledged {id:?} kept at {seq}"
+        );
+    }
+    eprintln!(
+        "crash loop: {cycles} SIGKILLs, {} acknowledged, {} stored (the rest were in flight), 0 lost",
+        acked.len(),
+        history.len()
+    );
+    drop(conv);
+    alice.close().await;
+}
