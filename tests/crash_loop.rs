@@ -48,10 +48,10 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             let acked = acked.clone();
             senders.spawn(async move {
                 let Ok(conn) = Connection::connect(&cfg).await else {
-                    return 0;
+                    return;
                 };
                 let Ok(conv) = conn.open(Target::Direct("bob".into()), true).await else {
-                    return 0;
+                    return;
                 };
                 let conv = Arc::new(conv);
                 let mut inflight = tokio::task::JoinSet::new();
