@@ -65,3 +65,38 @@ async fn retries_with_one_id_store_one_message() {
     alice.close().await;
     server.stop().await;
 }
+
+async fn retries(n: usize) {
+    let server = TestServer::start_with(|c| c.limits.sends_per_second = 1_000_000).await;
+    server.register("bob").await;
+    let alice = server.connect("alice", "phone").await;
+    let conv = alice
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    let id = ClientMsgId::random();
+    let body = Bytes::from_static(b"once");
+    let first = conv.send_with_id(id, body.clone()).await.expect("send");
+    for _ in 0..n {
+        assert_eq!(
+            conv.send_with_id(id, body.clone()).await.expect("retry"),
+            first
+        );
+    }
+    let (history, _) = conv.history(None, None, 10).await.expect("history");
+    assert_eq!(history.len(), 1);
+    drop(conv);
+    alice.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_retries_store_one_message() {
+    retries(1_000).await;
+}
+
+#[tokio::test]
+#[ignore = "long: run explicitly (see RELIABILITY.md)"]
+async fn ten_thousand_retries_store_one_message() {
+    retries(10_000).await;
+}
