@@ -107,3 +107,45 @@ async fn history_pages_by_sequence() {
     alice.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_history_page_of_large_messages_is_cut_to_fit_one_frame() {
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let alice = server.connect("alice", "d").await;
+    let conv = alice
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    for i in 0..6u8 {
+        conv.send(Bytes::from(vec![b'a' + i; 30_000]))
+            .await
+            .expect("send");
+    }
+    // Newest first when going back: the page keeps the newest that fit, and says more.
+    let (page, more) = conv.history(None, None, 10).await.expect("history");
+    assert!(more && page.len() < 6, "{} messages", page.len());
+    assert_eq!(page.last().expect("newest").seq, 6);
+    // Paging on collects everything, once, in order.
+    let mut all = page;
+    loop {
+        let before = all.first().expect("page").seq;
+        let (page, more) = conv.history(Some(before), None, 10).await.expect("history");
+        let mut page = page;
+        page.extend(all);
+        all = page;
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(
+        all.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    // Forward from the start: the oldest that fit.
+    let (page, more) = conv.history(None, Some(0), 10).await.expect("history");
+    assert!(more && page[0].seq == 1);
+    drop(conv);
+    alice.close().await;
+    server.stop().await;
+}

@@ -592,11 +592,16 @@ impl Session {
                         .history(&self.user, conversation, before, after, limit)
                         .await
                     {
-                        Ok((messages, more)) => ServerFrame::HistoryPage {
-                            request,
-                            messages,
-                            more,
-                        },
+                        Ok((messages, more)) => {
+                            let forward = after.is_some() && before.is_none();
+                            let (messages, more) =
+                                fit_history(messages, more, forward, limits.max_frame);
+                            ServerFrame::HistoryPage {
+                                request,
+                                messages,
+                                more,
+                            }
+                        }
                         Err(e) => ServerFrame::Error {
                             code: e.code(),
                             message: e.to_string(),
@@ -800,6 +805,43 @@ fn fit_page(request: u32, items: Vec<ConversationInfo>, more: bool, max_frame: u
         items: kept,
         more,
     }
+}
+
+/// A history page cut so that it fits in one frame. Going forward the newest messages are
+/// left for the next page; going back, the oldest. Either way `more` then says so.
+fn fit_history(
+    mut messages: Vec<crate::framing::Message>,
+    more: bool,
+    forward: bool,
+    max_frame: u32,
+) -> (Vec<crate::framing::Message>, bool) {
+    // Room for the frame's own fields and each message's encoding overhead.
+    let budget = max_frame as usize - 64;
+    let size = |m: &crate::framing::Message| postcard::to_stdvec(m).map_or(usize::MAX, |v| v.len());
+    let mut total = 0usize;
+    let mut keep = 0usize;
+    let order: Box<dyn Iterator<Item = &crate::framing::Message>> = if forward {
+        Box::new(messages.iter())
+    } else {
+        Box::new(messages.iter().rev())
+    };
+    for m in order {
+        let s = size(m);
+        if total + s > budget && keep > 0 {
+            break;
+        }
+        total = total.saturating_add(s);
+        keep += 1;
+    }
+    if keep == messages.len() {
+        return (messages, more);
+    }
+    if forward {
+        messages.truncate(keep);
+    } else {
+        messages.drain(..messages.len() - keep);
+    }
+    (messages, true)
 }
 
 /// An answer owed on a conversation stream.
