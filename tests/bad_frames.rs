@@ -17,13 +17,7 @@ async fn raw(
     quinn::SendStream,
     FrameReader,
 ) {
-    let roots = plover::transport::tls::load_certs(&server.ca()).expect("ca");
-    let endpoint = plover::transport::client_endpoint(&roots, Duration::from_secs(5)).expect("ep");
-    let conn = endpoint
-        .connect(server.addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (endpoint, conn) = handshake(server).await;
     let (mut send, recv) = conn.open_bi().await.expect("bi");
     let hello = codec::encode_to_vec(
         &ClientFrame::Hello {
@@ -42,6 +36,18 @@ async fn raw(
         "{welcome:?}"
     );
     (endpoint, conn, send, reader)
+}
+
+/// A QUIC connection to the server, handshake done, nothing sent yet.
+async fn handshake(server: &TestServer) -> (quinn::Endpoint, quinn::Connection) {
+    let roots = plover::transport::tls::load_certs(&server.ca()).expect("ca");
+    let endpoint = plover::transport::client_endpoint(&roots, Duration::from_secs(5)).expect("ep");
+    let conn = endpoint
+        .connect(server.addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (endpoint, conn)
 }
 
 /// Waits for the connection to be closed by the server and returns the close code.
@@ -108,13 +114,7 @@ async fn garbage_and_truncated_frames_close_with_bad_frame() {
     assert_eq!(close_code(&conn).await, ErrorCode::BAD_FRAME.0);
 
     // A garbage Hello before authentication.
-    let roots = plover::transport::tls::load_certs(&server.ca()).expect("ca");
-    let endpoint = plover::transport::client_endpoint(&roots, Duration::from_secs(5)).expect("ep");
-    let conn = endpoint
-        .connect(server.addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (_endpoint, conn) = handshake(&server).await;
     let (mut send, _recv) = conn.open_bi().await.expect("bi");
     send.write_all(b"GET / HTTP/1.1\r\n\r\n")
         .await
@@ -189,13 +189,7 @@ async fn frames_in_the_wrong_place_get_unexpected_frame() {
 #[tokio::test]
 async fn a_silent_connection_is_closed_after_the_auth_timeout() {
     let server = TestServer::start_with(|c| c.auth.timeout = Duration::from_millis(300)).await;
-    let roots = plover::transport::tls::load_certs(&server.ca()).expect("ca");
-    let endpoint = plover::transport::client_endpoint(&roots, Duration::from_secs(5)).expect("ep");
-    let conn = endpoint
-        .connect(server.addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (_endpoint, conn) = handshake(&server).await;
     assert_eq!(close_code(&conn).await, ErrorCode::AUTH_TIMEOUT.0);
     server.stop().await;
 }
@@ -203,13 +197,7 @@ async fn a_silent_connection_is_closed_after_the_auth_timeout() {
 #[tokio::test]
 async fn a_wrong_protocol_version_is_refused() {
     let server = TestServer::start().await;
-    let roots = plover::transport::tls::load_certs(&server.ca()).expect("ca");
-    let endpoint = plover::transport::client_endpoint(&roots, Duration::from_secs(5)).expect("ep");
-    let conn = endpoint
-        .connect(server.addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (_endpoint, conn) = handshake(&server).await;
     let (mut send, recv) = conn.open_bi().await.expect("bi");
     let hello = codec::encode_to_vec(
         &ClientFrame::Hello {

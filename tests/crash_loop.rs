@@ -91,16 +91,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         .open(Target::Direct("bob".into()), false)
         .await
         .expect("open");
-    let mut history = Vec::new();
-    let mut after = 0;
-    loop {
-        let (page, more) = conv.history(None, Some(after), 500).await.expect("history");
-        after = page.last().map_or(after, |m| m.seq);
-        history.extend(page);
-        if !more {
-            break;
-        }
-    }
+    let history = common::all_history(&conv).await;
     let seqs: Vec<u64> = history.iter().map(|m| m.seq).collect();
     assert_eq!(
         seqs,

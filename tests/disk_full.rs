@@ -87,16 +87,11 @@ async fn a_full_disk_stops_acks_and_loses_nothing_acknowledged() {
         .open(Target::Direct("bob".into()), false)
         .await
         .expect("open");
-    let mut have = Vec::new();
-    let mut after = 0;
-    loop {
-        let (page, more) = conv.history(None, Some(after), 500).await.expect("history");
-        after = page.last().map_or(after, |m| m.seq);
-        have.extend(page.into_iter().map(|m| m.seq));
-        if !more {
-            break;
-        }
-    }
+    let have: Vec<u64> = common::all_history(&conv)
+        .await
+        .into_iter()
+        .map(|m| m.seq)
+        .collect();
     for seq in &acked {
         assert!(have.contains(seq), "acknowledged #{seq} kept");
     }

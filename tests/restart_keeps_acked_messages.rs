@@ -97,16 +97,7 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
         .expect("conversation survived");
 
     // Every message in history, in order, with contiguous sequence numbers.
-    let mut history = Vec::new();
-    let mut after = 0;
-    loop {
-        let (page, more) = conv.history(None, Some(after), 500).await.expect("history");
-        after = page.last().map_or(after, |m| m.seq);
-        history.extend(page);
-        if !more {
-            break;
-        }
-    }
+    let history = common::all_history(&conv).await;
     let seqs: Vec<u64> = history.iter().map(|m| m.seq).collect();
     assert_eq!(
         seqs,

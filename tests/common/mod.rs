@@ -230,3 +230,17 @@ pub async fn users(server: &TestServer, names: &[&str]) {
         server.router.ensure_user(n).await.expect("user");
     }
 }
+
+/// Every message of a conversation, oldest first, paging forward.
+pub async fn all_history(conv: &plover::client::Conversation) -> Vec<plover::framing::Message> {
+    let mut history = Vec::new();
+    let mut after = 0;
+    loop {
+        let (page, more) = conv.history(None, Some(after), 500).await.expect("history");
+        after = page.last().map_or(after, |m| m.seq);
+        history.extend(page);
+        if !more {
+            return history;
+        }
+    }
+}
