@@ -5,6 +5,9 @@
 //! the handshake) and moves the permit into the connection's own task, where the handshake,
 //! `Hello` and everything after run.
 
+#[doc(hidden)]
+pub mod fuzzing;
+mod requests;
 mod session;
 pub mod stream;
 pub mod tls;
@@ -21,7 +24,7 @@ use crate::auth::TokenKeys;
 use crate::config::Config;
 use crate::framing::ErrorCode;
 use crate::router::Router;
-use session::Shared;
+use requests::Shared;
 
 /// Errors setting up the transport.
 #[derive(Debug, thiserror::Error)]

@@ -5,57 +5,24 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, debug_span, info, warn};
 
+use super::requests::{Actor, Control, Pending, Refusal, Shared, Step};
 use super::stream::{FrameReader, FrameWriter, StreamError};
-use crate::auth::{AuthError, TokenKeys, valid_name};
-use crate::config::Limits;
-use crate::framing::ConversationInfo;
+use crate::auth::{AuthError, valid_name};
 use crate::framing::{
-    ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ErrorCode, FrameError,
-    PROTOCOL_VERSION, ServerDatagram, ServerFrame,
+    ClientDatagram, ClientFrame, ConversationId, ErrorCode, FrameError, PROTOCOL_VERSION,
+    ServerDatagram, ServerFrame,
 };
-use crate::router::{DeviceFeed, MemberOp, Push, Router, RouterError, Sent};
+use crate::router::{DeviceFeed, Push};
 
 /// How long a closing stream or connection waits for its last frames to reach the peer.
 const LINGER: Duration = Duration::from_secs(1);
 /// Encoded frames queued towards one delivery stream before the dispatcher waits for it.
 const DELIVERY_STREAM_QUEUE: usize = 64;
-
-/// What every connection task shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) router: Router,
-    pub(crate) keys: TokenKeys,
-    pub(crate) limits: Limits,
-    pub(crate) heartbeat: Duration,
-    pub(crate) auth_timeout: Duration,
-    pub(crate) server_id: String,
-    pub(crate) typing_per_second: u32,
-}
-
-/// Why a connection or stream is being closed with an error.
-#[derive(Debug)]
-struct Refusal {
-    code: ErrorCode,
-    message: String,
-}
-
-impl Refusal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn frame(&self) -> ServerFrame {
-        ServerFrame::error(self.code, self.message.clone())
-    }
-}
 
 impl From<AuthError> for Refusal {
     fn from(e: AuthError) -> Self {
@@ -123,10 +90,10 @@ pub(crate) async fn serve_connection(
     let Some((session, reader, writer)) = authenticate(&conn, &shared, deadline).await else {
         return;
     };
-    tracing::Span::current().record("user", session.user.as_str());
-    info!(device = %session.device, "authenticated");
+    tracing::Span::current().record("user", session.actor.user.as_str());
+    info!(device = %session.actor.device, "authenticated");
     let session = Arc::new(session);
-    let (_presence, pushes) = shared.router.presence().connect(&session.user);
+    let (_presence, pushes) = shared.router.presence().connect(&session.actor.user);
     let gauge = metrics::gauge!(crate::metrics::names::CONNECTIONS);
     gauge.increment(1.0);
     tokio::select! {
@@ -141,9 +108,7 @@ pub(crate) async fn serve_connection(
 
 struct Session {
     conn: quinn::Connection,
-    user: String,
-    device: String,
-    shared: Arc<Shared>,
+    actor: Actor,
 }
 
 async fn authenticate(
@@ -208,9 +173,11 @@ async fn authenticate(
     }
     let session = Session {
         conn: conn.clone(),
-        user,
-        device,
-        shared: shared.clone(),
+        actor: Actor {
+            user,
+            device,
+            shared: shared.clone(),
+        },
     };
     Some((session, reader, writer))
 }
@@ -274,141 +241,20 @@ impl Session {
                     return;
                 }
             };
-            let reply = match frame {
-                ClientFrame::Ping { nonce } => ServerFrame::Pong { nonce },
-                ClientFrame::Ack { cursor } => {
-                    self.shared.router.ack(&self.user, &self.device, cursor);
-                    continue;
-                }
-                ClientFrame::Presence { request, user } => {
-                    match self.shared.router.presence().query(&self.user, &user).await {
-                        Ok((online, last_seen)) => ServerFrame::PresenceInfo {
-                            request,
-                            user,
-                            online,
-                            last_seen,
-                        },
-                        Err(e) => ServerFrame::Error {
-                            code: e.code(),
-                            message: e.to_string(),
-                            request: Some(request),
-                        },
+            let reply = match self.actor.control(frame, delivery.is_some()).await {
+                Control::Reply(reply) => reply,
+                Control::Quiet => continue,
+                Control::Subscribed(sub) => {
+                    let span = debug_span!("delivery", cursor = sub.cursor);
+                    let task = tokio::spawn(self.clone().deliver(sub.feed).instrument(span));
+                    delivery = Some(AbortOnDrop(task));
+                    ServerFrame::SyncStarted {
+                        cursor: sub.cursor,
+                        head: sub.head,
                     }
                 }
-                ClientFrame::ListConversations {
-                    request,
-                    after,
-                    limit,
-                } => {
-                    let limit = limit.clamp(1, 100) as usize;
-                    match self
-                        .shared
-                        .router
-                        .conversations(&self.user, after, limit)
-                        .await
-                    {
-                        Ok((items, more)) => {
-                            fit_page(request, items, more, self.shared.limits.max_frame)
-                        }
-                        Err(e) => ServerFrame::Error {
-                            code: e.code(),
-                            message: e.to_string(),
-                            request: Some(request),
-                        },
-                    }
-                }
-                ClientFrame::RegisterPusher { request, pusher } => answer(
-                    request,
-                    self.shared
-                        .router
-                        .register_pusher(&self.user, pusher)
-                        .await
-                        .map(|()| ServerFrame::Done { request, seq: 1 }),
-                ),
-                ClientFrame::UnregisterPusher { request, key } => answer(
-                    request,
-                    self.shared
-                        .router
-                        .unregister_pusher(&self.user, &key)
-                        .await
-                        .map(|removed| ServerFrame::Done {
-                            request,
-                            seq: u64::from(removed),
-                        }),
-                ),
-                ClientFrame::ListPushers { request } => answer(
-                    request,
-                    self.shared
-                        .router
-                        .pushers(&self.user)
-                        .await
-                        .map(|pushers| ServerFrame::Pushers { request, pushers }),
-                ),
-                ClientFrame::PushContent {
-                    request,
-                    conversation,
-                    include,
-                } => answer(
-                    request,
-                    self.shared
-                        .router
-                        .push_content(&self.user, conversation, include)
-                        .await
-                        .map(|()| ServerFrame::Done { request, seq: 1 }),
-                ),
-                ClientFrame::CreateGroup {
-                    request,
-                    title,
-                    members,
-                    retention,
-                } => match self
-                    .shared
-                    .router
-                    .create_group(&self.user, &self.device, &title, &members, retention)
-                    .await
-                {
-                    Ok(conversation) => ServerFrame::GroupCreated {
-                        request,
-                        conversation,
-                    },
-                    Err(e) => ServerFrame::Error {
-                        code: e.code(),
-                        message: e.to_string(),
-                        request: Some(request),
-                    },
-                },
-                ClientFrame::Sync { cursor } if delivery.is_none() => {
-                    match self
-                        .shared
-                        .router
-                        .subscribe(&self.user, &self.device, cursor)
-                        .await
-                    {
-                        Ok(sub) => {
-                            let span = debug_span!("delivery", cursor = sub.cursor);
-                            let task =
-                                tokio::spawn(self.clone().deliver(sub.feed).instrument(span));
-                            delivery = Some(AbortOnDrop(task));
-                            ServerFrame::SyncStarted {
-                                cursor: sub.cursor,
-                                head: sub.head,
-                            }
-                        }
-                        Err(e) => ServerFrame::error(e.code(), e.to_string()),
-                    }
-                }
-                other => {
-                    let message = match other {
-                        ClientFrame::Sync { .. } => "already syncing".to_owned(),
-                        ClientFrame::Hello { .. } => "already authenticated".to_owned(),
-                        f => format!("{} belongs on a conversation stream", f.name()),
-                    };
-                    refuse(
-                        &self.conn,
-                        &mut writer,
-                        Refusal::new(ErrorCode::UNEXPECTED_FRAME, message),
-                    )
-                    .await;
+                Control::Refuse(refusal) => {
+                    refuse(&self.conn, &mut writer, refusal).await;
                     return;
                 }
             };
@@ -448,7 +294,7 @@ impl Session {
 
     /// Reads the client's datagrams: typing indicators, rate-limited, for members only.
     async fn datagrams(self: Arc<Self>) {
-        let rate = f64::from(self.shared.typing_per_second);
+        let rate = f64::from(self.actor.shared.typing_per_second);
         let mut tokens = rate;
         let mut last = Instant::now();
         let mut members: HashMap<ConversationId, Arc<[String]>> = HashMap::new();
@@ -472,7 +318,13 @@ impl Session {
             tokens -= 1.0;
             let list = match members.get(&conversation) {
                 Some(list) => list.clone(),
-                None => match self.shared.router.members(&self.user, conversation).await {
+                None => match self
+                    .actor
+                    .shared
+                    .router
+                    .members(&self.actor.user, conversation)
+                    .await
+                {
                     Ok(list) => {
                         // A small cache: membership of a conversation one types in rarely
                         // changes; bounded so a client cannot grow it without limit.
@@ -487,12 +339,13 @@ impl Session {
             };
             let push = Push::Typing {
                 conversation,
-                user: self.user.clone(),
+                user: self.actor.user.clone(),
             };
-            self.shared
+            self.actor
+                .shared
                 .router
                 .presence()
-                .push_to(&list, &self.user, &push);
+                .push_to(&list, &self.actor.user, &push);
         }
     }
 
@@ -518,50 +371,23 @@ impl Session {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        let limits = &self.shared.limits;
-        let router = &self.shared.router;
+        let limits = &self.actor.shared.limits;
         let mut reader = FrameReader::new(recv, limits.max_frame);
         let mut writer = FrameWriter::new(send, limits.max_frame);
         let conversation = match reader.next::<ClientFrame>().await {
-            Ok(Some(ClientFrame::Open { target, create })) => {
-                match router.open(&self.user, target, create).await {
-                    Ok(opened) => {
-                        let frame = ServerFrame::Opened {
-                            conversation: opened.conversation,
-                            kind: opened.kind,
-                            title: opened.title,
-                            member_count: opened.member_count,
-                            members: opened.members,
-                            admins: opened.admins,
-                            last_seq: opened.last_seq,
-                        };
-                        if writer.send(&frame).await.is_err() {
-                            return;
-                        }
-                        opened.conversation
-                    }
-                    Err(e) => {
-                        let _ = writer
-                            .send(&ServerFrame::error(e.code(), e.to_string()))
-                            .await;
-                        writer.finish(LINGER).await;
+            Ok(Some(frame)) => match self.actor.open(frame).await {
+                Ok((conversation, opened)) => {
+                    if writer.send(&opened).await.is_err() {
                         return;
                     }
+                    conversation
                 }
-            }
-            Ok(Some(other)) => {
-                let _ = writer
-                    .send(&ServerFrame::error(
-                        ErrorCode::UNEXPECTED_FRAME,
-                        format!(
-                            "a conversation stream starts with Open, not {}",
-                            other.name()
-                        ),
-                    ))
-                    .await;
-                writer.finish(LINGER).await;
-                return;
-            }
+                Err(error) => {
+                    let _ = writer.send(&error).await;
+                    writer.finish(LINGER).await;
+                    return;
+                }
+            },
             Ok(None) => return,
             Err(e) => {
                 if let Some(refusal) = protocol_violation(&e) {
@@ -579,114 +405,15 @@ impl Session {
         let mut violation = None;
         loop {
             let pending = match reader.next::<ClientFrame>().await {
-                Ok(Some(ClientFrame::Send { id, body })) => {
-                    self.accept_send(conversation, id, body).await
-                }
-                Ok(Some(ClientFrame::History {
-                    request,
-                    before,
-                    after,
-                    limit,
-                })) => Pending::Frame(
-                    match router
-                        .history(&self.user, conversation, before, after, limit)
-                        .await
-                    {
-                        Ok((messages, more)) => {
-                            let forward = after.is_some() && before.is_none();
-                            let (messages, more) =
-                                fit_history(messages, more, forward, limits.max_frame);
-                            ServerFrame::HistoryPage {
-                                request,
-                                messages,
-                                more,
-                            }
-                        }
-                        Err(e) => ServerFrame::Error {
-                            code: e.code(),
-                            message: e.to_string(),
-                            request: Some(request),
-                        },
-                    },
-                ),
-                Ok(Some(ClientFrame::Delivered { up_to })) => {
-                    self.marks(conversation, up_to, 0).await;
-                    continue;
-                }
-                Ok(Some(ClientFrame::AddMember { request, user })) => {
-                    self.membership(conversation, request, MemberOp::Add(user))
-                        .await
-                }
-                Ok(Some(ClientFrame::RemoveMember { request, user })) => {
-                    self.membership(conversation, request, MemberOp::Remove(user))
-                        .await
-                }
-                Ok(Some(ClientFrame::Leave { request })) => {
-                    self.membership(conversation, request, MemberOp::Leave)
-                        .await
-                }
-                Ok(Some(ClientFrame::Promote { request, user })) => {
-                    self.membership(conversation, request, MemberOp::Promote(user))
-                        .await
-                }
-                Ok(Some(ClientFrame::SetRetention { request, policy })) => {
-                    self.membership(conversation, request, MemberOp::Retention(policy))
-                        .await
-                }
-                Ok(Some(ClientFrame::Delete { request, seq })) => {
-                    self.membership(conversation, request, MemberOp::Delete(seq))
-                        .await
-                }
-                Ok(Some(ClientFrame::ClearHistory { request, up_to })) => Pending::Frame(
-                    match router.clear_history(&self.user, conversation, up_to).await {
-                        Ok(seq) => ServerFrame::Done { request, seq },
-                        Err(e) => ServerFrame::Error {
-                            code: e.code(),
-                            message: e.to_string(),
-                            request: Some(request),
-                        },
-                    },
-                ),
-                Ok(Some(ClientFrame::Members {
-                    request,
-                    after,
-                    limit,
-                })) => Pending::Frame(
-                    match router
-                        .members_page(
-                            &self.user,
-                            conversation,
-                            &after,
-                            limit.clamp(1, 200) as usize,
-                        )
-                        .await
-                    {
-                        Ok((members, more)) => ServerFrame::MemberPage {
-                            request,
-                            members,
-                            more,
-                        },
-                        Err(e) => ServerFrame::Error {
-                            code: e.code(),
-                            message: e.to_string(),
-                            request: Some(request),
-                        },
-                    },
-                ),
-                Ok(Some(ClientFrame::Read { up_to })) => {
-                    self.marks(conversation, 0, up_to).await;
-                    continue;
-                }
-                Ok(Some(other)) => {
-                    let _ = pending_tx
-                        .send(Pending::Frame(ServerFrame::error(
-                            ErrorCode::UNEXPECTED_FRAME,
-                            format!("{} is not allowed on a conversation stream", other.name()),
-                        )))
-                        .await;
-                    reader.stop(ErrorCode::UNEXPECTED_FRAME.0);
-                    break;
-                }
+                Ok(Some(frame)) => match self.actor.conversation(conversation, frame).await {
+                    Step::Answer(pending) => pending,
+                    Step::Quiet => continue,
+                    Step::Stop(error) => {
+                        let _ = pending_tx.send(Pending::Frame(error)).await;
+                        reader.stop(ErrorCode::UNEXPECTED_FRAME.0);
+                        break;
+                    }
+                },
                 Ok(None) => break,
                 Err(e) => {
                     violation = protocol_violation(&e);
@@ -707,177 +434,11 @@ impl Session {
             close(&self.conn, &refusal);
         }
     }
-
-    async fn membership(
-        &self,
-        conversation: ConversationId,
-        request: u32,
-        op: MemberOp,
-    ) -> Pending {
-        Pending::Frame(
-            match self
-                .shared
-                .router
-                .membership(conversation, &self.user, &self.device, op)
-                .await
-            {
-                Ok(seq) => ServerFrame::Done { request, seq },
-                Err(e) => ServerFrame::Error {
-                    code: e.code(),
-                    message: e.to_string(),
-                    request: Some(request),
-                },
-            },
-        )
-    }
-
-    async fn marks(&self, conversation: ConversationId, delivered: u64, read: u64) {
-        if let Err(e) = self
-            .shared
-            .router
-            .marks(conversation, &self.user, delivered, read)
-            .await
-        {
-            debug!(error = %e, "marks not recorded");
-        }
-    }
-
-    async fn accept_send(
-        &self,
-        conversation: ConversationId,
-        id: ClientMsgId,
-        body: Bytes,
-    ) -> Pending {
-        let max = self.shared.limits.max_body as usize;
-        let failed =
-            |code, message: String| Pending::Frame(ServerFrame::SendFailed { id, code, message });
-        if body.is_empty() {
-            return failed(ErrorCode::INVALID_REQUEST, "empty message body".into());
-        }
-        if body.len() > max {
-            return failed(
-                ErrorCode::INVALID_REQUEST,
-                format!(
-                    "message body of {} bytes exceeds the limit of {max}",
-                    body.len()
-                ),
-            );
-        }
-        match self
-            .shared
-            .router
-            .send(conversation, &self.user, &self.device, id, body)
-            .await
-        {
-            Ok(rx) => Pending::Ack { id, rx },
-            Err(e) => failed(e.code(), e.to_string()),
-        }
-    }
-}
-
-/// The answer to a control request: its frame, or an `Error` naming the request.
-fn answer(request: u32, result: Result<ServerFrame, RouterError>) -> ServerFrame {
-    result.unwrap_or_else(|e| ServerFrame::Error {
-        code: e.code(),
-        message: e.to_string(),
-        request: Some(request),
-    })
-}
-
-/// A `Conversations` answer cut so that it fits in one frame; the client pages on from the
-/// last id it got.
-fn fit_page(request: u32, items: Vec<ConversationInfo>, more: bool, max_frame: u32) -> ServerFrame {
-    // Room for the frame's own fields around the items.
-    let mut budget = max_frame as usize - 64;
-    let total = items.len();
-    let mut kept = Vec::with_capacity(total);
-    for item in items {
-        let size = postcard::to_stdvec(&item).map_or(usize::MAX, |v| v.len());
-        if size > budget && !kept.is_empty() {
-            break;
-        }
-        budget = budget.saturating_sub(size);
-        kept.push(item);
-    }
-    let more = more || kept.len() < total;
-    ServerFrame::Conversations {
-        request,
-        items: kept,
-        more,
-    }
-}
-
-/// A history page cut so that it fits in one frame. Going forward the newest messages are
-/// left for the next page; going back, the oldest. Either way `more` then says so.
-fn fit_history(
-    mut messages: Vec<crate::framing::Message>,
-    more: bool,
-    forward: bool,
-    max_frame: u32,
-) -> (Vec<crate::framing::Message>, bool) {
-    // Room for the frame's own fields and each message's encoding overhead.
-    let budget = max_frame as usize - 64;
-    let size = |m: &crate::framing::Message| postcard::to_stdvec(m).map_or(usize::MAX, |v| v.len());
-    let mut total = 0usize;
-    let mut keep = 0usize;
-    let order: Box<dyn Iterator<Item = &crate::framing::Message>> = if forward {
-        Box::new(messages.iter())
-    } else {
-        Box::new(messages.iter().rev())
-    };
-    for m in order {
-        let s = size(m);
-        if total + s > budget && keep > 0 {
-            break;
-        }
-        total = total.saturating_add(s);
-        keep += 1;
-    }
-    if keep == messages.len() {
-        return (messages, more);
-    }
-    if forward {
-        messages.truncate(keep);
-    } else {
-        messages.drain(..messages.len() - keep);
-    }
-    (messages, true)
-}
-
-/// An answer owed on a conversation stream.
-enum Pending {
-    /// Ready to send.
-    Frame(ServerFrame),
-    /// Sent once the message is durable (or refused).
-    Ack {
-        id: ClientMsgId,
-        rx: oneshot::Receiver<Result<Sent, RouterError>>,
-    },
 }
 
 async fn write_answers(mut writer: FrameWriter, mut pending: mpsc::Receiver<Pending>) {
     while let Some(p) = pending.recv().await {
-        let frame = match p {
-            Pending::Frame(frame) => frame,
-            Pending::Ack { id, rx } => match rx.await {
-                Ok(Ok(sent)) => ServerFrame::Sent {
-                    id,
-                    seq: sent.seq,
-                    ts: sent.ts,
-                },
-                Ok(Err(e)) => ServerFrame::SendFailed {
-                    id,
-                    code: e.code(),
-                    message: e.to_string(),
-                },
-                Err(_) => ServerFrame::SendFailed {
-                    id,
-                    code: ErrorCode::SHUTDOWN,
-                    message: "the server is shutting down; retry with the same id".into(),
-                },
-            },
-        };
-        if writer.send(&frame).await.is_err() {
+        if writer.send(&p.resolve().await).await.is_err() {
             return;
         }
     }
@@ -896,7 +457,7 @@ impl Session {
     /// stream is stalled (loss, flow control) does not hold up the frames of another.
     async fn deliver(self: Arc<Self>, mut feed: DeviceFeed) {
         let conn = &self.conn;
-        let limits = &self.shared.limits;
+        let limits = &self.actor.shared.limits;
         let mut streams: HashMap<ConversationId, DeliveryStream> = HashMap::new();
         let mut closing: HashMap<ConversationId, JoinHandle<()>> = HashMap::new();
         let mut tick: u64 = 0;
@@ -979,7 +540,7 @@ impl Session {
         conversation: ConversationId,
         mut rx: mpsc::Receiver<Bytes>,
     ) {
-        let max = self.shared.limits.max_frame;
+        let max = self.actor.shared.limits.max_frame;
         let (send, recv) = match self.conn.open_bi().await {
             Ok(s) => s,
             Err(e) => return debug!(error = %e, "cannot open delivery stream"),
@@ -1012,9 +573,11 @@ impl Session {
         loop {
             match reader.next::<ClientFrame>().await {
                 Ok(Some(ClientFrame::Delivered { up_to })) => {
-                    self.marks(conversation, up_to, 0).await
+                    self.actor.marks(conversation, up_to, 0).await
                 }
-                Ok(Some(ClientFrame::Read { up_to })) => self.marks(conversation, 0, up_to).await,
+                Ok(Some(ClientFrame::Read { up_to })) => {
+                    self.actor.marks(conversation, 0, up_to).await
+                }
                 Ok(Some(other)) => {
                     debug!(
                         frame = other.name(),

@@ -1,0 +1,108 @@
+//! The network-free session harness behind the `session_frames` fuzz target: its seed inputs
+//! go through the real request code, router and store, and get the answers a client would.
+
+use plover::framing::{ClientFrame, ErrorCode, ServerFrame};
+use plover::transport::fuzzing::{Harness, record, seeds};
+
+#[test]
+fn seeds_get_real_answers() {
+    let mut harness = Harness::new();
+    let [direct, group, delete] = &seeds()[..] else {
+        panic!("three seeds");
+    };
+
+    let answers = harness.run(direct);
+    let sent: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| match a {
+            ServerFrame::Sent { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, [1, 1], "a retried id gets its first seq: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a, ServerFrame::Pong { nonce: 9 }))
+    );
+    // History is read when asked, while the sends before it may still be committing.
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a, ServerFrame::HistoryPage { messages, .. } if messages.len() <= 1))
+    );
+    // The sync feed carries the message once.
+    let events = answers
+        .iter()
+        .filter(|a| matches!(a, ServerFrame::Event { .. }))
+        .count();
+    assert_eq!(events, 1, "{answers:?}");
+
+    let answers = harness.run(group);
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a, ServerFrame::GroupCreated { .. })),
+        "{answers:?}"
+    );
+    let done = answers
+        .iter()
+        .filter(|a| matches!(a, ServerFrame::Done { .. }))
+        .count();
+    assert_eq!(done, 1, "the member is added: {answers:?}");
+
+    let answers = harness.run(delete);
+    assert!(
+        matches!(
+            &answers[..],
+            [
+                ServerFrame::Opened { .. },
+                ServerFrame::Done { .. },
+                ServerFrame::Done { .. }
+            ]
+        ),
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn misplaced_and_undecodable_frames_end_the_input() {
+    let mut harness = Harness::new();
+    // A Send on the control stream is refused and nothing after it runs.
+    let send = ClientFrame::Send {
+        id: plover::framing::ClientMsgId([1; 16]),
+        body: bytes::Bytes::from_static(b"x"),
+    };
+    let input = [
+        vec![1],
+        record(0, &send),
+        record(0, &ClientFrame::Ping { nonce: 1 }),
+    ]
+    .concat();
+    let answers = harness.run(&input);
+    assert!(
+        matches!(&answers[..], [ServerFrame::Error { code, .. }] if *code == ErrorCode::UNEXPECTED_FRAME),
+        "{answers:?}"
+    );
+    // Garbage after a good frame: the good one is answered, then the input ends.
+    let mut input = [vec![2], record(0, &ClientFrame::Ping { nonce: 2 })].concat();
+    input.extend([0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    input.extend(record(0, &ClientFrame::Ping { nonce: 3 }));
+    let answers = harness.run(&input);
+    assert!(
+        matches!(&answers[..], [ServerFrame::Pong { nonce: 2 }]),
+        "{answers:?}"
+    );
+}
+
+/// Writes the seeds where the fuzzer's corpus starts:
+/// `cargo test --test session_harness -- --ignored write_fuzz_seeds`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/session_frames");
+    std::fs::create_dir_all(&dir).expect("the seed directory");
+    for (i, seed) in seeds().iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i}")), seed).expect("a seed file");
+    }
+}
