@@ -13,6 +13,7 @@
 //! - [`auth`]: the signing secret and the JWTs minted by `plover token`.
 //! - [`config`]: the one typed configuration, read from TOML and overridden by flags.
 //! - [`server`]: wires the pieces together and runs until shutdown.
+//! - [`clock`]: the server's wall clock (timestamps only, never order), with a test hook.
 //! - [`metrics`]: metric names, and `/metrics`, `/healthz`, `/readyz` over plain HTTP.
 //! - [`client`]: the client SDK the CLI, the tests and the load generator use.
 //!
@@ -20,6 +21,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod framing;
 pub mod metrics;

@@ -10,7 +10,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use super::RouterError;
@@ -109,13 +108,7 @@ pub(super) struct Shard {
     pub(super) limits: ShardLimits,
 }
 
-/// Unix milliseconds now.
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
+pub(super) use crate::clock::now_ms;
 
 /// The shard's state.
 #[derive(Default)]
