@@ -1,12 +1,16 @@
-//! The long crash-durability run: senders under load, the server killed with SIGKILL at a
-//! random moment and restarted, many times. Every acknowledged message must be in history
-//! exactly once, at the seq it was acknowledged with; sequences have no gap and no reuse.
+//! Crash durability: senders under load, the server killed with SIGKILL at a random moment and
+//! restarted, many times. Every acknowledged message must be in history exactly once, at the
+//! seq it was acknowledged with; sequences have no gap and no reuse. In `durability = "sync"`
+//! (the default) and in `"buffered"`, whose acks wait for the page cache only: a SIGKILL of
+//! plover leaves the page cache to the kernel, so buffered mode loses nothing here either (a
+//! power cut is another matter; RELIABILITY.md, row 2).
 //!
-//! `cargo test --release --test crash_loop -- --ignored` (PLOVER_CRASH_CYCLES, default 100).
+//! Long runs: `cargo test --release --test crash_loop -- --ignored` (PLOVER_CRASH_CYCLES,
+//! default 100); the buffered fast version runs in the default suite.
 mod common;
 
 use bytes::Bytes;
-use common::spawn_server;
+use common::spawn_server_with;
 use plover::auth::{TokenKeys, load_or_create_secret};
 use plover::client::{ClientConfig, Connection};
 use plover::framing::{ClientMsgId, Target};
@@ -22,17 +26,38 @@ fn config(dir: &Path, addr: &str, keys: &TokenKeys, user: &str, device: &str) ->
     ClientConfig::new(addr, &dir.join("certs").join("cert.pem"), token, device).expect("config")
 }
 
+fn cycles() -> u32 {
+    std::env::var("PLOVER_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
 #[tokio::test]
 #[ignore = "long: run explicitly (see RELIABILITY.md)"]
 async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
-    let cycles: u32 = std::env::var("PLOVER_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    crash_loop(cycles(), "").await;
+}
+
+#[tokio::test]
+#[ignore = "long: run explicitly (see RELIABILITY.md)"]
+async fn sigkill_at_random_moments_in_buffered_mode_loses_nothing_acknowledged() {
+    crash_loop(cycles(), BUFFERED).await;
+}
+
+#[tokio::test]
+async fn buffered_mode_survives_a_few_sigkills() {
+    crash_loop(4, BUFFERED).await;
+}
+
+const BUFFERED: &str = "[store]\ndurability = \"buffered\"\n";
+
+/// `cycles` SIGKILLs of a server run with the extra configuration `extra`.
+async fn crash_loop(cycles: u32, extra: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let acked: Arc<Mutex<HashMap<ClientMsgId, u64>>> = Arc::default();
     for cycle in 0..cycles {
-        let (mut child, addr) = spawn_server(dir.path()).await;
+        let (mut child, addr) = spawn_server_with(dir.path(), extra).await;
         let keys =
             TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
         if cycle == 0 {
@@ -82,7 +107,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         while senders.join_next().await.is_some() {}
     }
 
-    let (_child, addr) = spawn_server(dir.path()).await;
+    let (_child, addr) = spawn_server_with(dir.path(), extra).await;
     let keys = TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
     let alice = Connection::connect(&config(dir.path(), &addr, &keys, "alice", "check"))
         .await
@@ -109,7 +134,8 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         );
     }
     eprintln!(
-        "crash loop: {cycles} SIGKILLs, {} acknowledged, {} stored (the rest were in flight), 0 lost",
+        "crash loop ({}): {cycles} SIGKILLs, {} acknowledged, {} stored (the rest were in flight), 0 lost",
+        if extra.is_empty() { "sync" } else { "buffered" },
         acked.len(),
         history.len()
     );

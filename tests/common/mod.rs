@@ -185,9 +185,18 @@ pub async fn assert_quiet(events: &mut EventStream, wait: Duration) {
 
 /// Starts `plover serve` as a child process and returns it with its address.
 pub async fn spawn_server(dir: &Path) -> (Child, String) {
+    spawn_server_with(dir, "").await
+}
+
+/// [`spawn_server`] with more configuration (TOML tables after `[limits]`).
+pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
     // Tests send faster than a person: lift the per-user rate limit.
     let config = dir.join("test.toml");
-    std::fs::write(&config, "[limits]\nsends_per_second = 1000000\n").expect("config");
+    std::fs::write(
+        &config,
+        format!("[limits]\nsends_per_second = 1000000\n{extra}"),
+    )
+    .expect("config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_plover"))
         .arg("serve")
         .arg("--config")
