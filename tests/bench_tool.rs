@@ -67,3 +67,30 @@ fn catchup_group_and_connections_report_their_figures() {
     assert_eq!(v["open"], 50);
     assert!(v["bytes_per_connection"].is_u64(), "{v}");
 }
+
+#[test]
+fn flood_holds_the_limits_of_a_hostile_client() {
+    let v = bench(&[
+        "flood",
+        "--users",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+        "--flood-rate",
+        "2000",
+    ]);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["duplicated"], 0);
+    // The stream limit (16 conversation streams) held the client back.
+    assert_eq!(v["hostile_stream_limit_held"], true, "{v}");
+    assert_eq!(v["hostile_streams_opened"], 16, "{v}");
+    // Far past its send limit: most sends refused with `limit`, and each one answered.
+    let sent = v["hostile_sends"].as_u64().expect("sends");
+    let refused = v["hostile_refused_limit"].as_u64().expect("refused");
+    let accepted = v["hostile_accepted"].as_u64().expect("accepted");
+    assert!(refused > sent / 2, "{v}");
+    assert_eq!(refused + accepted, sent, "every send answered: {v}");
+    assert!(v["p99_flooded_over_quiet"].as_f64().is_some(), "{v}");
+}
