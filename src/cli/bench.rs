@@ -59,6 +59,10 @@ pub(crate) struct BenchArgs {
     /// With --server: its data directory (the token secret is read from it).
     #[arg(long, default_value = "./plover-data")]
     data: PathBuf,
+    /// Spawned server: more configuration, a TOML file whose tables are added to the bench's
+    /// own (for comparing settings).
+    #[arg(long)]
+    server_config: Option<PathBuf>,
     /// Spawned server's durability: sync (fsync per batch) or buffered.
     #[arg(long, default_value = "sync")]
     durability: String,
@@ -143,7 +147,13 @@ impl Server {
                 // A load generator sends faster than any person: the per-user rate limit is
                 // lifted, except where the scenario is about that limit.
                 let lift = !matches!(args.scenario, Scenario::Flood);
-                let (child, addr) = spawn_server(dir.path(), &args.durability, lift).await?;
+                let extra = match &args.server_config {
+                    Some(path) => std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                    None => String::new(),
+                };
+                let (child, addr) =
+                    spawn_server(dir.path(), &args.durability, lift, &extra).await?;
                 let ca = dir.path().join("certs").join("cert.pem");
                 let data = dir.path().join("data");
                 (addr, ca, data, Some(child), Some(dir))
@@ -188,15 +198,22 @@ async fn spawn_server(
     dir: &Path,
     durability: &str,
     lift_send_limit: bool,
+    extra: &str,
 ) -> Result<(tokio::process::Child, String)> {
     let exe = std::env::current_exe()?;
     let config = dir.join("bench.toml");
-    let limits = if lift_send_limit {
-        "[limits]\nsends_per_second = 1000000\n"
-    } else {
-        ""
-    };
-    std::fs::write(&config, limits)?;
+    let mut toml: toml::Table = extra.parse().context("--server-config is not valid TOML")?;
+    if lift_send_limit {
+        let limits = toml
+            .entry("limits")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(limits) = limits.as_table_mut() {
+            limits
+                .entry("sends_per_second")
+                .or_insert(toml::Value::Integer(1_000_000));
+        }
+    }
+    std::fs::write(&config, toml.to_string())?;
     let mut child = tokio::process::Command::new(exe)
         .arg("serve")
         .arg("--config")

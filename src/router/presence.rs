@@ -48,7 +48,9 @@ pub const PUSH_QUEUE: usize = 64;
 
 struct Conn {
     id: u64,
-    tx: mpsc::Sender<Push>,
+    /// Shared pushes: one allocation per push however many connections get it, and a small
+    /// queue block per connection (tokio allocates 32 slots up front).
+    tx: mpsc::Sender<Arc<Push>>,
 }
 
 #[derive(Default)]
@@ -113,7 +115,7 @@ impl Presence {
     }
 
     /// Registers a connection of `user`. Must be called inside a tokio runtime.
-    pub fn connect(self: &Arc<Self>, user: &str) -> (PresenceGuard, mpsc::Receiver<Push>) {
+    pub fn connect(self: &Arc<Self>, user: &str) -> (PresenceGuard, mpsc::Receiver<Arc<Push>>) {
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let publish = {
@@ -200,11 +202,11 @@ impl Presence {
             let Ok(Ok(peers)) = peers else {
                 return;
             };
-            let push = Push::Presence {
+            let push = Arc::new(Push::Presence {
                 user,
                 online,
                 last_seen,
-            };
+            });
             let users = self.lock();
             for peer in peers {
                 if let Some(state) = users.get(&peer) {
@@ -258,7 +260,8 @@ impl Presence {
     }
 
     /// Pushes to every connection of each user in `to` (never blocking; full queues drop).
-    pub fn push_to(&self, to: &[String], except: &str, push: &Push) {
+    pub fn push_to(&self, to: &[String], except: &str, push: Push) {
+        let push = Arc::new(push);
         let users = self.lock();
         for user in to.iter().filter(|u| u.as_str() != except) {
             if let Some(state) = users.get(user) {
