@@ -1,11 +1,11 @@
 //! A device that reads one message a second while its peer sends a thousand a second, for
-//! minutes (RELIABILITY.md, row 11): the server's memory levels off once the store's memtables
-//! are full (the device's backlog lives in the store, not in queues) and stays there, the
+//! minutes (RELIABILITY.md, row 11): the server's memory stays under the bound its store
+//! settings give (the device's backlog lives in the store, not in queues), the
 //! device is switched to catch-up, and when it finally reads everything, it has every message
 //! once, in order.
 //!
 //! `cargo test --release --test slow_reader -- --ignored --nocapture` (PLOVER_SLOW_SECS,
-//! default 180).
+//! default 300).
 mod common;
 
 use bytes::Bytes;
@@ -56,7 +56,7 @@ async fn a_device_reading_one_message_a_second_costs_the_server_nothing() {
     let secs: u64 = std::env::var("PLOVER_SLOW_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(180);
+        .unwrap_or(300);
     let dir = tempfile::tempdir().expect("tempdir");
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -160,30 +160,23 @@ async fn a_device_reading_one_message_a_second_costs_the_server_nothing() {
             .expect("no error");
         take(e, &mut next_seq);
     }
-    // The store's memtables fill for the first minute or so (8 MiB per keyspace before a
-    // flush); from then on the resident memory must stay level however long the device lags.
-    let settled_at = samples
-        .iter()
-        .find(|(t, _)| *t >= 90)
-        .copied()
-        .unwrap_or(samples[samples.len() - 1]);
-    let later_peak = samples
-        .iter()
-        .filter(|(t, _)| *t >= settled_at.0)
-        .map(|s| s.1)
-        .max()
-        .unwrap_or(settled_at.1);
+    // What the server may hold: its baseline, the store's memtables (8 MiB per keyspace
+    // before a flush) and fjall's 32 MiB block cache; nothing that grows with the backlog.
+    // (Before memtables were capped the resident memory grew by 0.6 MB/s here, past 190 MB
+    // at 300 s.)
+    let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let at = |secs: u64| samples.iter().find(|(t, _)| *t >= secs).map_or(0, |s| s.1);
     eprintln!(
-        "slow reader: {total} messages over {secs} s; server RSS {:.1} MB at {} s, at most \
-         {:.1} MB after; {switches} switch(es) to catch-up; backlog read in {:.1} s",
-        settled_at.1 as f64 / 1e6,
-        settled_at.0,
-        later_peak as f64 / 1e6,
+        "slow reader: {total} messages over {secs} s; server RSS {:.1} MB at 60 s, {:.1} MB \
+         at 120 s, peak {:.1} MB; {switches} switch(es) to catch-up; backlog read in {:.1} s",
+        at(60) as f64 / 1e6,
+        at(120) as f64 / 1e6,
+        peak as f64 / 1e6,
         drain.elapsed().as_secs_f64()
     );
     assert!(
-        later_peak <= settled_at.1 + 16_000_000,
-        "server memory kept growing: {samples:?}"
+        peak <= 128_000_000,
+        "server memory grew past its bound: {samples:?}"
     );
     assert!(switches >= 1.0, "the slow device was switched to catch-up");
     slow.close().await;
