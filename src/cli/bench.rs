@@ -184,6 +184,11 @@ impl Server {
         Ok(Connection::connect(&self.config(user, device)?).await?)
     }
 
+    /// The spawned server's CPU seconds so far, from /proc.
+    fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(&self.child.as_ref()?.id()?.to_string())
+    }
+
     /// The spawned server's resident memory, from /proc.
     fn server_rss(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id()?;
@@ -257,31 +262,30 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     let floor = echo(2000).await?;
     let report = match args.scenario {
         Scenario::Echo => json!({"scenario": "echo", "rtt": floor.json()}),
-        Scenario::Direct => {
+        _ => {
             let target = Server::new(&args).await?;
-            if args.rate == 0 {
-                find_max(&target, &args, &floor).await?
-            } else {
-                direct(&target, args.users, args.rate, args.duration, &floor)
-                    .await?
-                    .0
+            let before = (target.cpu_seconds(), cpu_seconds("self"));
+            let wall = Instant::now();
+            let mut report = scenario(&target, &args, &floor).await?;
+            let wall = wall.elapsed().as_secs_f64();
+            // Where the two cores went: the server against the load generator, over the whole
+            // scenario (setup included).
+            if let (Some(s0), Some(b0), Some(s1), Some(b1)) = (
+                before.0,
+                before.1,
+                target.cpu_seconds(),
+                cpu_seconds("self"),
+            ) {
+                let round = |v: f64| (v * 100.0).round() / 100.0;
+                report["cpu"] = json!({
+                    "wall_seconds": round(wall),
+                    "server_seconds": round(s1 - s0),
+                    "bench_seconds": round(b1 - b0),
+                    "server_cores": round((s1 - s0) / wall),
+                    "bench_cores": round((b1 - b0) / wall),
+                });
             }
-        }
-        Scenario::Group => {
-            let target = Server::new(&args).await?;
-            group(&target, &args, &floor).await?
-        }
-        Scenario::Catchup => {
-            let target = Server::new(&args).await?;
-            catchup(&target, args.messages).await?
-        }
-        Scenario::Connections => {
-            let target = Server::new(&args).await?;
-            connections(&target, args.connections).await?
-        }
-        Scenario::Flood => {
-            let target = Server::new(&args).await?;
-            flood(&target, &args, &floor).await?
+            report
         }
     };
     if args.json {
@@ -295,6 +299,33 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         bail!("delivery check failed: {lost} lost, {duplicated} duplicated");
     }
     Ok(())
+}
+
+/// Runs a scenario against a server.
+async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value> {
+    Ok(match args.scenario {
+        Scenario::Echo => json!({"scenario": "echo", "rtt": floor.json()}),
+        Scenario::Direct if args.rate == 0 => find_max(target, args, floor).await?,
+        Scenario::Direct => {
+            direct(target, args.users, args.rate, args.duration, floor)
+                .await?
+                .0
+        }
+        Scenario::Group => group(target, args, floor).await?,
+        Scenario::Catchup => catchup(target, args.messages).await?,
+        Scenario::Connections => connections(target, args.connections).await?,
+        Scenario::Flood => flood(target, args, floor).await?,
+    })
+}
+
+/// CPU seconds (user + system) a process has used: `pid` or "self", from /proc.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces): utime and stime are the 12th
+    // and 13th from there, in clock ticks of 1/100 s (USER_HZ on Linux).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn print_table(report: &Value) {
