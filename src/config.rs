@@ -223,9 +223,11 @@ pub struct Limits {
     pub inflight_sends: usize,
     /// Most messages one history page may hold.
     pub history_page: u32,
-    /// Messages a user may send per second, across their devices, with bursts of twice that;
-    /// past it a send is refused with `limit`. Far above any person's typing, low enough that
-    /// a runaway client cannot take a node's whole write capacity.
+    /// Writes a user may make per second, across their devices, with bursts of twice that:
+    /// messages, and also new conversations, group and retention changes, deletions, history
+    /// clearing and pusher changes. Past it the request is refused with `limit`. Far above
+    /// any person's typing, low enough that a runaway client cannot take a node's whole write
+    /// capacity whatever it floods with.
     pub sends_per_second: u32,
     /// Most members a group may have. WhatsApp's figure: large enough for a community, small
     /// enough that one message's fan-out (a log entry per member) stays a few milliseconds.

@@ -258,8 +258,22 @@ impl Router {
     }
 
     /// Registers a pusher for `user`.
+    /// Takes one write from `user`'s budget (`limits.sends_per_second`, bursts of twice that):
+    /// messages, new conversations, group changes, pushers and history clearing all write to
+    /// the store, so a runaway or hostile client is held back whichever it floods with.
+    fn charge(&self, user: &str, doing: &str) -> Result<(), RouterError> {
+        if self.inner.limiter.allow(user) {
+            return Ok(());
+        }
+        Err(RouterError::Limit(format!(
+            "{doing} faster than {} writes a second; slow down and retry (a send with the same id)",
+            self.inner.limiter.rate()
+        )))
+    }
+
     pub async fn register_pusher(&self, user: &str, pusher: Pusher) -> Result<(), RouterError> {
         check_pusher(&pusher)?;
+        self.charge(user, "registering pushers")?;
         let notifier = self.inner.notifier.clone();
         let user = user.to_owned();
         blocking(move || Ok(notifier.register(&user, &pusher)?)).await
@@ -286,6 +300,7 @@ impl Router {
         conversation: ConversationId,
         include: bool,
     ) -> Result<(), RouterError> {
+        self.charge(user, "changing push settings")?;
         self.members(user, conversation).await?;
         let notifier = self.inner.notifier.clone();
         let user = user.to_owned();
@@ -349,7 +364,10 @@ impl Router {
                             .unwrap_or_else(|poisoned| poisoned.into_inner());
                         match store.direct_between(user, &peer)? {
                             Some(id) => id,
-                            None => store.create_direct(user, &peer, now_ms())?,
+                            None => {
+                                self.charge(user, "starting conversations")?;
+                                store.create_direct(user, &peer, now_ms())?
+                            }
                         }
                     }
                 }
@@ -378,12 +396,7 @@ impl Router {
         id: ClientMsgId,
         body: bytes::Bytes,
     ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
-        if !self.inner.limiter.allow(from) {
-            return Err(RouterError::Limit(format!(
-                "sending faster than {} messages a second; slow down and retry with the same id",
-                self.inner.limiter.rate()
-            )));
-        }
+        self.charge(from, "sending")?;
         let (reply, rx) = oneshot::channel();
         let shard = self.shard(conversation);
         let request = SendRequest {
@@ -410,6 +423,7 @@ impl Router {
         conversation: ConversationId,
         up_to: u64,
     ) -> Result<u64, RouterError> {
+        self.charge(user, "clearing history")?;
         let store = self.inner.store.clone();
         let user = user.to_owned();
         blocking(move || {
@@ -600,6 +614,7 @@ impl Router {
         members: &[String],
         retention: Retention,
     ) -> Result<ConversationId, RouterError> {
+        self.charge(creator, "creating groups")?;
         if title.is_empty() || title.len() > 200 {
             return Err(RouterError::Invalid(
                 "a group title is 1 to 200 bytes".into(),
@@ -651,7 +666,7 @@ impl Router {
             Ok(store.allocate_conversation()?)
         })
         .await?;
-        self.membership(conversation, creator, device, MemberOp::Create(record))
+        self.change(conversation, creator, device, MemberOp::Create(record))
             .await?;
         Ok(conversation)
     }
@@ -659,6 +674,18 @@ impl Router {
     /// Carries out a membership change in a group; returns the seq of its event, or 0 when it
     /// changed nothing (already a member, not a member, already an admin).
     pub async fn membership(
+        &self,
+        conversation: ConversationId,
+        by: &str,
+        device: &str,
+        op: MemberOp,
+    ) -> Result<u64, RouterError> {
+        self.charge(by, "changing the conversation")?;
+        self.change(conversation, by, device, op).await
+    }
+
+    /// A membership change through the conversation's shard, already charged for.
+    async fn change(
         &self,
         conversation: ConversationId,
         by: &str,
