@@ -257,7 +257,6 @@ impl Router {
         &self.inner.presence
     }
 
-    /// Registers a pusher for `user`.
     /// Takes one write from `user`'s budget (`limits.sends_per_second`, bursts of twice that):
     /// messages, new conversations, group changes, pushers and history clearing all write to
     /// the store, so a runaway or hostile client is held back whichever it floods with.
@@ -271,6 +270,7 @@ impl Router {
         )))
     }
 
+    /// Registers a pusher for `user`.
     pub async fn register_pusher(&self, user: &str, pusher: Pusher) -> Result<(), RouterError> {
         check_pusher(&pusher)?;
         self.charge(user, "registering pushers")?;
