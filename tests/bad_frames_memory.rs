@@ -4,23 +4,12 @@
 //! conversation that is not theirs; its resident memory must grow by less than 10 MB.
 mod common;
 
-use common::spawn_server;
+use common::{rss, spawn_server};
 use plover::auth::{TokenKeys, load_or_create_secret};
 use plover::framing::{ClientFrame, DEFAULT_MAX_FRAME, PROTOCOL_VERSION, Target, codec};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-
-/// The resident set of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
-}
 
 fn frame(f: &ClientFrame) -> Vec<u8> {
     codec::encode_to_vec(f, DEFAULT_MAX_FRAME).expect("encode")

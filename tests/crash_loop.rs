@@ -10,21 +10,13 @@
 mod common;
 
 use bytes::Bytes;
-use common::spawn_server_with;
+use common::{spawn_server_with, spawned_client};
 use plover::auth::{TokenKeys, load_or_create_secret};
-use plover::client::{ClientConfig, Connection};
+use plover::client::Connection;
 use plover::framing::{ClientMsgId, Target};
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn config(dir: &Path, addr: &str, keys: &TokenKeys, user: &str, device: &str) -> ClientConfig {
-    let token = keys
-        .mint(user, None, Duration::from_secs(3600))
-        .expect("mint");
-    ClientConfig::new(addr, &dir.join("certs").join("cert.pem"), token, device).expect("config")
-}
 
 fn cycles() -> u32 {
     std::env::var("PLOVER_CRASH_CYCLES")
@@ -61,7 +53,7 @@ async fn crash_loop(cycles: u32, extra: &str) {
         let keys =
             TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
         if cycle == 0 {
-            Connection::connect(&config(dir.path(), &addr, &keys, "bob", "setup"))
+            Connection::connect(&spawned_client(dir.path(), &addr, &keys, "bob", "setup"))
                 .await
                 .expect("bob")
                 .close()
@@ -69,7 +61,7 @@ async fn crash_loop(cycles: u32, extra: &str) {
         }
         let mut senders = tokio::task::JoinSet::new();
         for s in 0..3 {
-            let cfg = config(dir.path(), &addr, &keys, "alice", &format!("d{s}"));
+            let cfg = spawned_client(dir.path(), &addr, &keys, "alice", &format!("d{s}"));
             let acked = acked.clone();
             senders.spawn(async move {
                 let Ok(conn) = Connection::connect(&cfg).await else {
@@ -109,7 +101,7 @@ async fn crash_loop(cycles: u32, extra: &str) {
 
     let (_child, addr) = spawn_server_with(dir.path(), extra).await;
     let keys = TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
-    let alice = Connection::connect(&config(dir.path(), &addr, &keys, "alice", "check"))
+    let alice = Connection::connect(&spawned_client(dir.path(), &addr, &keys, "alice", "check"))
         .await
         .expect("alice");
     let conv = alice

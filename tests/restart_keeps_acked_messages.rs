@@ -3,21 +3,13 @@
 mod common;
 
 use bytes::Bytes;
-use common::{next_event, spawn_server};
+use common::{next_event, spawn_server, spawned_client};
 use plover::auth::{TokenKeys, load_or_create_secret};
-use plover::client::{ClientConfig, Connection, EventStream};
+use plover::client::{Connection, EventStream};
 use plover::framing::{ClientMsgId, Event, Target};
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn config(dir: &Path, addr: &str, keys: &TokenKeys, user: &str, device: &str) -> ClientConfig {
-    let token = keys
-        .mint(user, None, Duration::from_secs(3600))
-        .expect("mint");
-    ClientConfig::new(addr, &dir.join("certs").join("cert.pem"), token, device).expect("config")
-}
 
 #[tokio::test]
 async fn sigkill_under_load_loses_no_acknowledged_message() {
@@ -25,7 +17,7 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
     let (mut child, addr) = spawn_server(dir.path()).await;
     let keys = TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
 
-    Connection::connect(&config(dir.path(), &addr, &keys, "bob", "setup"))
+    Connection::connect(&spawned_client(dir.path(), &addr, &keys, "bob", "setup"))
         .await
         .expect("bob")
         .close()
@@ -36,10 +28,15 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
     let tried: Arc<Mutex<Vec<ClientMsgId>>> = Arc::default();
     let mut senders = tokio::task::JoinSet::new();
     for s in 0..4 {
-        let conn =
-            Connection::connect(&config(dir.path(), &addr, &keys, "alice", &format!("d{s}")))
-                .await
-                .expect("alice");
+        let conn = Connection::connect(&spawned_client(
+            dir.path(),
+            &addr,
+            &keys,
+            "alice",
+            &format!("d{s}"),
+        ))
+        .await
+        .expect("alice");
         let conv = Arc::new(
             conn.open(Target::Direct("bob".into()), true)
                 .await
@@ -88,7 +85,7 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
 
     // Restart on the same data.
     let (_child, addr) = spawn_server(dir.path()).await;
-    let alice = Connection::connect(&config(dir.path(), &addr, &keys, "alice", "check"))
+    let alice = Connection::connect(&spawned_client(dir.path(), &addr, &keys, "alice", "check"))
         .await
         .expect("alice after restart");
     let conv = alice
@@ -135,7 +132,10 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
     assert_eq!(fresh.seq, next + 1);
 
     // Bob, offline through all of it, gets everything in order.
-    let mut bob = EventStream::start(config(dir.path(), &addr, &keys, "bob", "phone"), None);
+    let mut bob = EventStream::start(
+        spawned_client(dir.path(), &addr, &keys, "bob", "phone"),
+        None,
+    );
     for expected in 1..=fresh.seq {
         let e = next_event(&mut bob).await;
         let Event::Message(m) = &e.event else {

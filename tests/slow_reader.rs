@@ -9,34 +9,16 @@
 mod common;
 
 use bytes::Bytes;
-use common::spawn_server_with;
+use common::{rss, spawn_server_with, spawned_client};
 use plover::auth::{TokenKeys, load_or_create_secret};
-use plover::client::{ClientConfig, Connection, EventStream, Incoming};
+use plover::client::{Connection, EventStream, Incoming};
 use plover::framing::{Event, Target};
 use std::io::{Read, Write};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const RATE: u64 = 1000;
-
-fn config(dir: &Path, addr: &str, keys: &TokenKeys, user: &str, device: &str) -> ClientConfig {
-    let token = keys
-        .mint(user, None, Duration::from_secs(3600))
-        .expect("mint");
-    ClientConfig::new(addr, &dir.join("certs").join("cert.pem"), token, device).expect("config")
-}
-
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
 
 /// A counter's value from the server's `/metrics`.
 fn metric(addr: &str, name: &str) -> f64 {
@@ -66,15 +48,18 @@ async fn a_device_reading_one_message_a_second_costs_the_server_nothing() {
         spawn_server_with(dir.path(), &format!("[metrics]\nlisten = \"{metrics}\"\n")).await;
     let pid = child.id().expect("pid");
     let keys = TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
-    Connection::connect(&config(dir.path(), &addr, &keys, "bob", "setup"))
+    Connection::connect(&spawned_client(dir.path(), &addr, &keys, "bob", "setup"))
         .await
         .expect("bob")
         .close()
         .await;
 
-    let mut slow = EventStream::start(config(dir.path(), &addr, &keys, "bob", "slow"), Some(0));
+    let mut slow = EventStream::start(
+        spawned_client(dir.path(), &addr, &keys, "bob", "slow"),
+        Some(0),
+    );
     assert!(slow.synced().await, "the slow device is online");
-    let alice = Connection::connect(&config(dir.path(), &addr, &keys, "alice", "fast"))
+    let alice = Connection::connect(&spawned_client(dir.path(), &addr, &keys, "alice", "fast"))
         .await
         .expect("alice");
     let conv = Arc::new(

@@ -233,6 +233,31 @@ pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
     (child, addr)
 }
 
+/// A client of a server spawned by [`spawn_server`] in `dir` (its secret and certificate).
+pub fn spawned_client(
+    dir: &Path,
+    addr: &str,
+    keys: &TokenKeys,
+    user: &str,
+    device: &str,
+) -> ClientConfig {
+    let token = keys
+        .mint(user, None, Duration::from_secs(3600))
+        .expect("mint");
+    ClientConfig::new(addr, &dir.join("certs").join("cert.pem"), token, device).expect("config")
+}
+
+/// The resident set of a process, in bytes, from /proc.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
 /// Makes users known to the server, as their first connection would.
 pub async fn users(server: &TestServer, names: &[&str]) {
     for n in names {
