@@ -103,7 +103,8 @@ pub struct PushConfig {
     /// The first retry's delay, doubled at each further attempt.
     #[serde(with = "humantime_serde")]
     pub retry_base: Duration,
-    /// Notifications being sent at once; the rest wait their turn.
+    /// HTTP requests to gateways in flight at once; the rest wait their turn. At most 4 of
+    /// them go to one host, so a dead gateway cannot take them all.
     pub concurrency: usize,
     /// Offers queued between the commit thread and the notifier before new ones are dropped.
     pub queue: usize,

@@ -260,3 +260,60 @@ async fn web_push_is_encrypted_per_rfc_8291_and_decrypts_with_the_device_keys() 
     drop(conv);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_gateway_does_not_hold_up_everyone_elses_notifications() {
+    let server = TestServer::start_with(|c| {
+        c.push.coalesce = Duration::from_millis(100);
+        c.push.concurrency = 8;
+        c.push.timeout = Duration::from_secs(6);
+        c.push.retries = 1;
+    })
+    .await;
+    // A gateway that accepts connections and never answers.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in dead.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let alice = server.connect("alice", "phone").await;
+    // Twelve offline users on the dead gateway: more than all eight request slots.
+    for i in 0..12 {
+        let name = format!("stuck{i}");
+        let user = server.connect(&name, "phone").await;
+        user.register_pusher(gateway(&dead_url, &format!("k{i}")))
+            .await
+            .expect("register");
+        user.close().await;
+        alice
+            .open(Target::Direct(name), true)
+            .await
+            .expect("open")
+            .send("hello")
+            .await
+            .expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Bob's gateway works: his notification goes out while the dead one's requests hang.
+    let receiver = Receiver::start(vec![]);
+    let conv = setup(&server, gateway(&receiver.url, "bob-key")).await;
+    conv.send("for bob").await.expect("send");
+    let sent = std::time::Instant::now();
+    for _ in 0..60 {
+        if !receiver.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(receiver.requests().len(), 1, "bob was notified");
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "bob waited {:?} behind the dead gateway's 6 s timeouts",
+        sent.elapsed()
+    );
+    alice.close().await;
+    server.stop().await;
+}

@@ -5,8 +5,9 @@
 //! through a bounded queue to the notifier's task, which coalesces them per user (one
 //! notification with a count after `push.coalesce`), writes what is pending to the store every
 //! 100 ms (so it survives a restart), and hands due notifications to delivery tasks: at most
-//! `push.concurrency` at once, each HTTP request with a timeout, failures retried with
-//! exponential backoff up to `push.retries` attempts. A gateway that rejects a push key, or a
+//! `push.concurrency` HTTP requests at once and at most [`PER_HOST`] to one host, each with a
+//! timeout, failures retried with exponential backoff up to `push.retries` attempts (a request
+//! slot is held for the request only, never through the backoff). A gateway that rejects a push key, or a
 //! Web Push endpoint that answers 404 or 410, loses its registration. Nothing here can slow
 //! message delivery: the commit thread only `try_send`s, and a full queue drops the offer (and
 //! says so in the log).
@@ -26,6 +27,14 @@ use crate::persist::{PendingPush, Store, StoreError};
 
 /// How often pending notifications are written to the store and due ones sent.
 const TICK: Duration = Duration::from_millis(100);
+
+/// Requests in flight to one host at most: a dead or slow gateway (or a hostile pusher URL)
+/// can hold only this many of the `push.concurrency` slots, and everyone else's notifications
+/// go on through the rest.
+pub const PER_HOST: usize = 4;
+
+/// Hosts remembered with their request limits before idle ones are forgotten.
+const HOSTS_KEPT: usize = 1024;
 
 /// One message for one offline user.
 #[derive(Debug)]
@@ -48,6 +57,10 @@ pub struct Notifier {
     offers: mpsc::Sender<Offer>,
     online: Box<dyn Fn(&str) -> bool + Send + Sync>,
     stop: tokio::sync::watch::Sender<bool>,
+    /// HTTP requests in flight, all hosts together (`push.concurrency`).
+    slots: Arc<Semaphore>,
+    /// HTTP requests in flight per host ([`PER_HOST`]).
+    hosts: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -83,6 +96,8 @@ impl Notifier {
             with_pushers: RwLock::new(store.users_with_pushers()?.into_iter().collect()),
             content: RwLock::new(store.push_content_all()?.into_iter().collect()),
             store,
+            slots: Arc::new(Semaphore::new(config.concurrency)),
+            hosts: std::sync::Mutex::default(),
             config,
             offers: tx,
             online,
@@ -174,7 +189,6 @@ impl Notifier {
             .map(|(user, p)| (user, (p, start)))
             .collect();
         let mut dirty: HashSet<String> = HashSet::new();
-        let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut sending = tokio::task::JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -218,12 +232,7 @@ impl Notifier {
                         .collect();
                     for user in due {
                         let Some((p, _)) = pending.remove(&user) else { continue };
-                        let notifier = self.clone();
-                        let slots = slots.clone();
-                        sending.spawn(async move {
-                            let Ok(_slot) = slots.acquire_owned().await else { return };
-                            notifier.deliver(user, p).await;
-                        });
+                        sending.spawn(self.clone().deliver(user, p));
                     }
                 }
             }
@@ -271,14 +280,49 @@ impl Notifier {
         let _ = tokio::task::spawn_blocking(move || store.remove_pending_push(&user, first)).await;
     }
 
+    /// The request limit of the host a pusher posts to.
+    fn host_slots(&self, pusher: &Pusher) -> Arc<Semaphore> {
+        let url = match pusher {
+            Pusher::Gateway { url, .. } => url,
+            Pusher::WebPush { endpoint, .. } => endpoint,
+        };
+        let host = url
+            .split_once("://")
+            .map_or(url.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let mut hosts = self
+            .hosts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if hosts.len() >= HOSTS_KEPT && !hosts.contains_key(&host) {
+            // Forget the hosts nobody is sending to (only the map holds their limit).
+            hosts.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        hosts
+            .entry(host)
+            .or_insert_with(|| Arc::new(Semaphore::new(PER_HOST)))
+            .clone()
+    }
+
     async fn send_with_retries(&self, user: &str, pusher: &Pusher, pending: &PendingPush) {
         let mut backoff = self.config.retry_base;
         for attempt in 1..=self.config.retries {
             let (p, n, timeout) = (pusher.clone(), pending.clone(), self.config.timeout);
             let u = user.to_owned();
-            let outcome = tokio::task::spawn_blocking(move || http::send(&u, &p, &n, timeout))
-                .await
-                .unwrap_or_else(|e| http::Outcome::Retry(e.to_string()));
+            let outcome = {
+                // The host's slot first, so that waiting for a busy host holds no global one.
+                let host = self.host_slots(pusher);
+                let (Ok(_host), Ok(_slot)) = (host.acquire().await, self.slots.acquire().await)
+                else {
+                    return;
+                };
+                tokio::task::spawn_blocking(move || http::send(&u, &p, &n, timeout))
+                    .await
+                    .unwrap_or_else(|e| http::Outcome::Retry(e.to_string()))
+            };
             match outcome {
                 http::Outcome::Delivered => {
                     debug!(user, pusher = pusher.key(), "notification delivered");
