@@ -58,15 +58,73 @@ enum Awaiting {
 type ControlWaiter = oneshot::Sender<Result<ServerFrame, ClientError>>;
 
 /// Requests in flight on the control stream, answered by the control reader task.
-#[derive(Default)]
 struct ControlWaiters {
     by_id: HashMap<Awaiting, ControlWaiter>,
     /// `SyncStarted` carries no request id: at most one `Sync` is ever in flight.
     sync: Option<ControlWaiter>,
     failed: Option<ClientError>,
+    /// Presence changes, for the application (dropped when it does not keep up).
+    pushes: mpsc::Sender<ControlPush>,
 }
 
-impl ControlWaiters {
+/// The waiters of one stream's answers, served by [`read_answers`].
+trait Answers {
+    /// Hands one frame to whoever waits for it; an error ends the stream for everyone.
+    fn answer(&mut self, frame: ServerFrame) -> Result<(), ClientError>;
+    /// Fails every waiter, and every later request, with `e`.
+    fn fail_all(&mut self, e: &ClientError);
+}
+
+impl Answers for ControlWaiters {
+    fn answer(&mut self, frame: ServerFrame) -> Result<(), ClientError> {
+        let (key, answer) = match frame {
+            ServerFrame::PresenceChanged {
+                user,
+                online,
+                last_seen,
+            } => {
+                let _ = self.pushes.try_send(ControlPush::Presence {
+                    user,
+                    online,
+                    last_seen,
+                });
+                return Ok(());
+            }
+            ServerFrame::Pong { nonce } => (Some(Awaiting::Pong(nonce)), Ok(frame)),
+            ServerFrame::Conversations { request, .. }
+            | ServerFrame::PresenceInfo { request, .. }
+            | ServerFrame::GroupCreated { request, .. }
+            | ServerFrame::Pushers { request, .. }
+            | ServerFrame::Done { request, .. } => (Some(Awaiting::Request(request)), Ok(frame)),
+            ServerFrame::SyncStarted { .. } => (None, Ok(frame)),
+            ServerFrame::Error {
+                code,
+                message,
+                request: Some(request),
+            } => (
+                Some(Awaiting::Request(request)),
+                Err(refused(code, message)),
+            ),
+            ServerFrame::Error { code, message, .. } if self.sync.is_some() => {
+                (None, Err(refused(code, message)))
+            }
+            ServerFrame::Error { code, message, .. } => return Err(refused(code, message)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected frame on the control stream: {other:?}"
+                )));
+            }
+        };
+        let waiter = match key {
+            Some(key) => self.by_id.remove(&key),
+            None => self.sync.take(),
+        };
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(answer);
+        }
+        Ok(())
+    }
+
     fn fail_all(&mut self, e: &ClientError) {
         for (_, w) in self.by_id.drain() {
             let _ = w.send(Err(e.clone()));
@@ -210,10 +268,14 @@ impl Connection {
             }
             None => return Err(closed_reason(&conn)),
         };
-        let waiters = Arc::new(Mutex::new(ControlWaiters::default()));
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
-        let control_reader =
-            tokio::spawn(read_control(reader, waiters.clone(), push_tx, conn.clone()));
+        let waiters = Arc::new(Mutex::new(ControlWaiters {
+            by_id: HashMap::new(),
+            sync: None,
+            failed: None,
+            pushes: push_tx,
+        }));
+        let control_reader = tokio::spawn(read_answers(reader, waiters.clone(), conn.clone()));
         let control = Arc::new(tokio::sync::Mutex::new(writer));
         let heartbeat = tokio::spawn(heartbeat(
             control.clone(),
@@ -567,78 +629,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Reads the control stream and hands each answer to its waiter, pushes to the application.
-async fn read_control(
-    mut reader: FrameReader,
-    waiters: Arc<Mutex<ControlWaiters>>,
-    pushes: mpsc::Sender<ControlPush>,
-    conn: quinn::Connection,
-) {
-    loop {
-        let frame = match reader.next::<ServerFrame>().await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
-                lock(&waiters).fail_all(&closed_reason(&conn));
-                return;
-            }
-            Err(e) => {
-                lock(&waiters).fail_all(&stream_failure(&conn, e));
-                return;
-            }
-        };
-        let mut w = lock(&waiters);
-        let (key, answer) = match frame {
-            ServerFrame::PresenceChanged {
-                user,
-                online,
-                last_seen,
-            } => {
-                let _ = pushes.try_send(ControlPush::Presence {
-                    user,
-                    online,
-                    last_seen,
-                });
-                continue;
-            }
-            ServerFrame::Pong { nonce } => (Some(Awaiting::Pong(nonce)), Ok(frame)),
-            ServerFrame::Conversations { request, .. }
-            | ServerFrame::PresenceInfo { request, .. }
-            | ServerFrame::GroupCreated { request, .. }
-            | ServerFrame::Pushers { request, .. }
-            | ServerFrame::Done { request, .. } => (Some(Awaiting::Request(request)), Ok(frame)),
-            ServerFrame::SyncStarted { .. } => (None, Ok(frame)),
-            ServerFrame::Error {
-                code,
-                message,
-                request: Some(request),
-            } => (
-                Some(Awaiting::Request(request)),
-                Err(refused(code, message)),
-            ),
-            ServerFrame::Error { code, message, .. } if w.sync.is_some() => {
-                (None, Err(refused(code, message)))
-            }
-            ServerFrame::Error { code, message, .. } => {
-                w.fail_all(&refused(code, message));
-                return;
-            }
-            other => {
-                w.fail_all(&ClientError::Protocol(format!(
-                    "unexpected frame on the control stream: {other:?}"
-                )));
-                return;
-            }
-        };
-        let waiter = match key {
-            Some(key) => w.by_id.remove(&key),
-            None => w.sync.take(),
-        };
-        if let Some(waiter) = waiter {
-            let _ = waiter.send(answer);
-        }
-    }
-}
-
 fn closed_reason(conn: &quinn::Connection) -> ClientError {
     match conn.close_reason() {
         Some(reason) => ClientError::from(reason),
@@ -657,7 +647,45 @@ struct Waiters {
     failed: Option<ClientError>,
 }
 
-impl Waiters {
+impl Answers for Waiters {
+    fn answer(&mut self, frame: ServerFrame) -> Result<(), ClientError> {
+        match frame {
+            ServerFrame::Sent { id, seq, ts } => {
+                for waiter in self.sends.remove(&id).unwrap_or_default() {
+                    let _ = waiter.send(Ok((seq, ts)));
+                }
+            }
+            ServerFrame::SendFailed { id, code, message } => {
+                for waiter in self.sends.remove(&id).unwrap_or_default() {
+                    let _ = waiter.send(Err(refused(code, message.clone())));
+                }
+            }
+            ServerFrame::HistoryPage { request, .. }
+            | ServerFrame::Done { request, .. }
+            | ServerFrame::MemberPage { request, .. } => {
+                if let Some(waiter) = self.requests.remove(&request) {
+                    let _ = waiter.send(Ok(frame));
+                }
+            }
+            ServerFrame::Error {
+                code,
+                message,
+                request: Some(request),
+            } => {
+                if let Some(waiter) = self.requests.remove(&request) {
+                    let _ = waiter.send(Err(refused(code, message)));
+                }
+            }
+            ServerFrame::Error { code, message, .. } => return Err(refused(code, message)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected frame on a conversation stream: {other:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn fail_all(&mut self, e: &ClientError) {
         for (_, list) in self.sends.drain() {
             for w in list {
@@ -671,70 +699,31 @@ impl Waiters {
     }
 }
 
-async fn read_answers(
+/// Reads a stream's answers (the control stream's or a conversation's) and hands each to its
+/// waiter until the stream ends, then fails whoever still waits.
+async fn read_answers<W: Answers>(
     mut reader: FrameReader,
-    waiters: Arc<Mutex<Waiters>>,
+    waiters: Arc<Mutex<W>>,
     conn: quinn::Connection,
 ) {
     loop {
         let frame = match reader.next::<ServerFrame>().await {
             Ok(Some(frame)) => frame,
             Ok(None) => {
-                let e = closed_reason(&conn);
-                lock_waiters(&waiters).fail_all(&e);
+                lock(&waiters).fail_all(&closed_reason(&conn));
                 return;
             }
             Err(e) => {
-                let e = stream_failure(&conn, e);
-                lock_waiters(&waiters).fail_all(&e);
+                lock(&waiters).fail_all(&stream_failure(&conn, e));
                 return;
             }
         };
-        let mut w = lock_waiters(&waiters);
-        match frame {
-            ServerFrame::Sent { id, seq, ts } => {
-                for waiter in w.sends.remove(&id).unwrap_or_default() {
-                    let _ = waiter.send(Ok((seq, ts)));
-                }
-            }
-            ServerFrame::SendFailed { id, code, message } => {
-                for waiter in w.sends.remove(&id).unwrap_or_default() {
-                    let _ = waiter.send(Err(refused(code, message.clone())));
-                }
-            }
-            ServerFrame::HistoryPage { request, .. }
-            | ServerFrame::Done { request, .. }
-            | ServerFrame::MemberPage { request, .. } => {
-                if let Some(waiter) = w.requests.remove(&request) {
-                    let _ = waiter.send(Ok(frame));
-                }
-            }
-            ServerFrame::Error {
-                code,
-                message,
-                request: Some(request),
-            } => {
-                if let Some(waiter) = w.requests.remove(&request) {
-                    let _ = waiter.send(Err(refused(code, message)));
-                }
-            }
-            ServerFrame::Error { code, message, .. } => {
-                w.fail_all(&refused(code, message));
-                return;
-            }
-            other => {
-                w.fail_all(&ClientError::Protocol(format!(
-                    "unexpected frame on a conversation stream: {other:?}"
-                )));
-                return;
-            }
+        let mut w = lock(&waiters);
+        if let Err(e) = w.answer(frame) {
+            w.fail_all(&e);
+            return;
         }
     }
-}
-
-/// Only map operations happen under this lock, never an await.
-fn lock_waiters(w: &Mutex<Waiters>) -> std::sync::MutexGuard<'_, Waiters> {
-    w.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What `Opened` said.
@@ -924,7 +913,7 @@ impl Conversation {
     async fn request(&self, request: u32, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
         let (tx, rx) = oneshot::channel();
         {
-            let mut w = lock_waiters(&self.waiters);
+            let mut w = lock(&self.waiters);
             if let Some(e) = &w.failed {
                 return Err(e.clone());
             }
@@ -958,7 +947,7 @@ impl Conversation {
     }
 
     async fn write(&self, frame: &ClientFrame) -> Result<(), ClientError> {
-        if let Some(e) = &lock_waiters(&self.waiters).failed {
+        if let Some(e) = &lock(&self.waiters).failed {
             return Err(e.clone());
         }
         self.writer
@@ -984,7 +973,7 @@ impl Conversation {
 
     /// Whether the stream has failed (the connection is gone or the server refused it).
     pub fn is_broken(&self) -> bool {
-        lock_waiters(&self.waiters).failed.is_some()
+        lock(&self.waiters).failed.is_some()
     }
 
     /// Sends a message with a fresh id and waits until it is durable.
@@ -996,7 +985,7 @@ impl Conversation {
     pub async fn send_with_id(&self, id: ClientMsgId, body: Bytes) -> Result<Ack, ClientError> {
         let (tx, rx) = oneshot::channel();
         {
-            let mut w = lock_waiters(&self.waiters);
+            let mut w = lock(&self.waiters);
             if let Some(e) = &w.failed {
                 return Err(e.clone());
             }
