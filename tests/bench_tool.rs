@@ -41,6 +41,15 @@ fn direct_delivers_every_message_exactly_once() {
     assert_eq!(v["received"], v["acked"]);
     assert!(v["e2e"]["p50_us"].as_f64().expect("p50") > 0.0);
     assert!(v["echo_floor"]["p50_us"].as_f64().expect("floor") > 0.0);
+    // Where the CPU went: the spawned server and the load generator both did some work.
+    assert!(
+        v["cpu"]["server_seconds"].as_f64().expect("server cpu") > 0.0,
+        "{v}"
+    );
+    assert!(
+        v["cpu"]["bench_seconds"].as_f64().expect("bench cpu") > 0.0,
+        "{v}"
+    );
 }
 
 #[test]
