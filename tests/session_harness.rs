@@ -106,3 +106,40 @@ fn write_fuzz_seeds() {
         std::fs::write(dir.join(format!("seed-{i}")), seed).expect("a seed file");
     }
 }
+
+/// A few thousand mutations of the seeds (byte flips, cuts, splices) through the harness, in
+/// the default suite: a small, deterministic version of the `session_frames` fuzz run.
+#[test]
+fn mutated_frame_sequences_break_no_invariant() {
+    let seeds = seeds();
+    let mut harness = Harness::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut answered = 0;
+    for _ in 0..3000 {
+        let mut input = seeds[(next() % seeds.len() as u64) as usize].clone();
+        for _ in 0..(next() % 4 + 1) {
+            let at = (next() % input.len().max(1) as u64) as usize;
+            match next() % 4 {
+                0 if !input.is_empty() => input[at] ^= 1 << (next() % 8),
+                1 if !input.is_empty() => input[at] = next() as u8,
+                2 => input.truncate(at.max(1)),
+                _ => {
+                    let other = &seeds[(next() % seeds.len() as u64) as usize];
+                    let from = (next() % other.len() as u64) as usize;
+                    input.extend_from_slice(&other[from..]);
+                }
+            }
+        }
+        answered += harness.run(&input).len();
+    }
+    assert!(
+        answered > 3000,
+        "the mutations still reach the server: {answered} answers"
+    );
+}
