@@ -1,6 +1,7 @@
 //! Crash durability: senders under load, the server killed with SIGKILL at a random moment and
 //! restarted, many times. Every acknowledged message must be in history exactly once, at the
-//! seq it was acknowledged with; sequences have no gap and no reuse. In `durability = "sync"`
+//! seq it was acknowledged with; sequences have no gap and no reuse; a group's messages are
+//! in every member's sync log. In `durability = "sync"`
 //! (the default) and in `"buffered"`, whose acks wait for the page cache only: a SIGKILL of
 //! plover leaves the page cache to the kernel, so buffered mode loses nothing here either (a
 //! power cut is another matter; RELIABILITY.md, row 2).
@@ -12,8 +13,8 @@ mod common;
 use bytes::Bytes;
 use common::{spawn_server_with, spawned_client};
 use plover::auth::{TokenKeys, load_or_create_secret};
-use plover::client::Connection;
-use plover::framing::{ClientMsgId, Target};
+use plover::client::{ClientConfig, Connection, EventStream, Incoming, LogEvent};
+use plover::framing::{ClientMsgId, ConversationId, Event, Target};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,52 +45,73 @@ async fn buffered_mode_survives_a_few_sigkills() {
 
 const BUFFERED: &str = "[store]\ndurability = \"buffered\"\n";
 
-/// `cycles` SIGKILLs of a server run with the extra configuration `extra`.
+/// Acknowledged sends: (conversation, id) -> seq.
+type Acked = Arc<Mutex<HashMap<(ConversationId, ClientMsgId), u64>>>;
+
+/// One sender: pipelines sends (16 in flight) to `target` until the server dies under it.
+async fn sender(cfg: ClientConfig, target: Target, acked: Acked) {
+    let Ok(conn) = Connection::connect(&cfg).await else {
+        return;
+    };
+    let Ok(conv) = conn.open(target, true).await else {
+        return;
+    };
+    let conv = Arc::new(conv);
+    let mut inflight = tokio::task::JoinSet::new();
+    loop {
+        let id = ClientMsgId::random();
+        let (conv, acked) = (conv.clone(), acked.clone());
+        inflight.spawn(async move {
+            match conv.send_with_id(id, Bytes::from_static(b"x")).await {
+                Ok(ack) => {
+                    acked.lock().expect("lock").insert((conv.id(), id), ack.seq);
+                    true
+                }
+                Err(_) => false,
+            }
+        });
+        if inflight.len() >= 16 && matches!(inflight.join_next().await, Some(Ok(false))) {
+            return;
+        }
+    }
+}
+
+/// `cycles` SIGKILLs of a server run with the extra configuration `extra`, under three senders
+/// to a direct conversation and one to a group of three.
 async fn crash_loop(cycles: u32, extra: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let acked: Arc<Mutex<HashMap<ClientMsgId, u64>>> = Arc::default();
+    let acked: Acked = Arc::default();
+    let mut group = 0;
     for cycle in 0..cycles {
         let (mut child, addr) = spawn_server_with(dir.path(), extra).await;
         let keys =
             TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
+        let client =
+            |user: &str, device: &str| spawned_client(dir.path(), &addr, &keys, user, device);
         if cycle == 0 {
-            Connection::connect(&spawned_client(dir.path(), &addr, &keys, "bob", "setup"))
+            for user in ["bob", "carol"] {
+                Connection::connect(&client(user, "setup"))
+                    .await
+                    .expect("setup")
+                    .close()
+                    .await;
+            }
+            let alice = Connection::connect(&client("alice", "setup"))
                 .await
-                .expect("bob")
-                .close()
-                .await;
+                .expect("alice");
+            group = alice
+                .create_group("crash", &["bob".into(), "carol".into()])
+                .await
+                .expect("group");
+            alice.close().await;
         }
         let mut senders = tokio::task::JoinSet::new();
         for s in 0..3 {
-            let cfg = spawned_client(dir.path(), &addr, &keys, "alice", &format!("d{s}"));
-            let acked = acked.clone();
-            senders.spawn(async move {
-                let Ok(conn) = Connection::connect(&cfg).await else {
-                    return;
-                };
-                let Ok(conv) = conn.open(Target::Direct("bob".into()), true).await else {
-                    return;
-                };
-                let conv = Arc::new(conv);
-                let mut inflight = tokio::task::JoinSet::new();
-                loop {
-                    let id = ClientMsgId::random();
-                    let (conv, acked) = (conv.clone(), acked.clone());
-                    inflight.spawn(async move {
-                        if let Ok(ack) = conv.send_with_id(id, Bytes::from_static(b"x")).await {
-                            acked.lock().expect("lock").insert(id, ack.seq);
-                            true
-                        } else {
-                            false
-                        }
-                    });
-                    if inflight.len() >= 16 && matches!(inflight.join_next().await, Some(Ok(false)))
-                    {
-                        return;
-                    }
-                }
-            });
+            let cfg = client("alice", &format!("d{s}"));
+            senders.spawn(sender(cfg, Target::Direct("bob".into()), acked.clone()));
         }
+        let cfg = client("bob", "g");
+        senders.spawn(sender(cfg, Target::Conversation(group), acked.clone()));
         // A random moment between 50 and 550 ms into the load.
         let wait = 50 + u64::from(ClientMsgId::random().0[0]) * 2;
         tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -104,33 +126,66 @@ async fn crash_loop(cycles: u32, extra: &str) {
     let alice = Connection::connect(&spawned_client(dir.path(), &addr, &keys, "alice", "check"))
         .await
         .expect("alice");
-    let conv = alice
-        .open(Target::Direct("bob".into()), false)
-        .await
-        .expect("open");
-    let history = common::all_history(&conv).await;
-    let seqs: Vec<u64> = history.iter().map(|m| m.seq).collect();
-    assert_eq!(
-        seqs,
-        (1..=history.len() as u64).collect::<Vec<_>>(),
-        "no gap, no reuse"
-    );
-    let by_id: HashMap<ClientMsgId, u64> = history.iter().map(|m| (m.id, m.seq)).collect();
-    assert_eq!(by_id.len(), history.len(), "nothing stored twice");
     let acked = acked.lock().expect("lock").clone();
-    for (id, seq) in &acked {
+    let mut stored = 0;
+    let mut in_group = 0;
+    for target in [Target::Direct("bob".into()), Target::Conversation(group)] {
+        let conv = alice.open(target, false).await.expect("open");
+        let history = common::all_history(&conv).await;
+        let seqs: Vec<u64> = history.iter().map(|m| m.seq).collect();
         assert_eq!(
-            by_id.get(id),
-            Some(seq),
-            "acknowledged {id:?} kept at {seq}"
+            seqs,
+            (1..=history.len() as u64).collect::<Vec<_>>(),
+            "no gap, no reuse"
         );
+        let by_id: HashMap<ClientMsgId, u64> = history.iter().map(|m| (m.id, m.seq)).collect();
+        assert_eq!(by_id.len(), history.len(), "nothing stored twice");
+        for ((c, id), seq) in &acked {
+            if *c == conv.id() {
+                assert_eq!(
+                    by_id.get(id),
+                    Some(seq),
+                    "acknowledged {id:?} kept at {seq}"
+                );
+            }
+        }
+        stored += history.len();
+        if conv.id() == group {
+            in_group = history.len();
+        }
     }
+    // The group's fan-out was committed with each message: carol's sync log has every one of
+    // them, once, in order.
+    let mut carol = EventStream::start(
+        spawned_client(dir.path(), &addr, &keys, "carol", "check"),
+        Some(0),
+    );
+    let mut next = 1;
+    while next <= in_group as u64 {
+        let e = tokio::time::timeout(Duration::from_secs(30), carol.next())
+            .await
+            .expect("carol's log keeps coming")
+            .expect("open")
+            .expect("no error");
+        if let Incoming::Log(LogEvent {
+            event: Event::Message(m),
+            ..
+        }) = e
+        {
+            assert_eq!(
+                (m.conversation, m.seq),
+                (group, next),
+                "carol's log in order"
+            );
+            next += 1;
+        }
+    }
+    carol.close().await;
     eprintln!(
-        "crash loop ({}): {cycles} SIGKILLs, {} acknowledged, {} stored (the rest were in flight), 0 lost",
+        "crash loop ({}): {cycles} SIGKILLs, {} acknowledged, {stored} stored (the rest were in \
+         flight; {in_group} in the group, all in carol's log), 0 lost",
         if extra.is_empty() { "sync" } else { "buffered" },
         acked.len(),
-        history.len()
     );
-    drop(conv);
     alice.close().await;
 }
