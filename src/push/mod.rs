@@ -261,11 +261,15 @@ impl Notifier {
 
     /// Sends one notification to each of the user's pushers (unless a device came online
     /// meanwhile), then forgets it.
+    ///
+    /// Every due user gets a task at once (a few hundred bytes each, one per pending user);
+    /// what they do on blocking threads, store reads and writes and HTTP, runs under the
+    /// `push.concurrency` slots, so thousands of due users never flood the blocking pool.
     async fn deliver(self: Arc<Self>, user: String, pending: PendingPush) {
         let store = self.store.clone();
         let u = user.clone();
-        let pushers = match tokio::task::spawn_blocking(move || store.pushers_of(&u)).await {
-            Ok(Ok(p)) => p,
+        let pushers = match self.blocking(move || store.pushers_of(&u)).await {
+            Some(Ok(p)) => p,
             _ => Vec::new(),
         };
         if (self.online)(&user) {
@@ -277,7 +281,19 @@ impl Notifier {
         }
         let store = self.store.clone();
         let first = pending.first_ms;
-        let _ = tokio::task::spawn_blocking(move || store.remove_pending_push(&user, first)).await;
+        let _ = self
+            .blocking(move || store.remove_pending_push(&user, first))
+            .await;
+    }
+
+    /// Runs `f` on a blocking thread while holding one of the `push.concurrency` slots; `None`
+    /// if it panicked.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let _slot = self.slots.acquire().await.ok()?;
+        tokio::task::spawn_blocking(f).await.ok()
     }
 
     /// The request limit of the host a pusher posts to.
@@ -315,13 +331,13 @@ impl Notifier {
             let outcome = {
                 // The host's slot first, so that waiting for a busy host holds no global one.
                 let host = self.host_slots(pusher);
-                let (Ok(_host), Ok(_slot)) = (host.acquire().await, self.slots.acquire().await)
-                else {
+                let Ok(_host) = host.acquire().await else {
                     return;
                 };
-                tokio::task::spawn_blocking(move || http::send(&u, &p, &n, timeout))
-                    .await
-                    .unwrap_or_else(|e| http::Outcome::Retry(e.to_string()))
+                match self.blocking(move || http::send(&u, &p, &n, timeout)).await {
+                    Some(outcome) => outcome,
+                    None => http::Outcome::Retry("the request task failed".into()),
+                }
             };
             match outcome {
                 http::Outcome::Delivered => {
