@@ -496,6 +496,7 @@ async fn direct(
     let errors = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let cpu_before = (target.cpu_seconds(), cpu_seconds("self"));
     let start = Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -556,6 +557,15 @@ async fn direct(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // CPU per acknowledged message over sending and draining only (no connection setup).
+    let per_message = |before: Option<f64>, after: Option<f64>| {
+        let used = after? - before?;
+        Some((used * 1e6 / acked.len().max(1) as f64).round())
+    };
+    let cpu_per_message = json!({
+        "server_us": per_message(cpu_before.0, target.cpu_seconds()),
+        "bench_us": per_message(cpu_before.1, cpu_seconds("self")),
+    });
     let _ = stop_tx.send(true);
     for r in receivers {
         let _ = r.await;
@@ -586,6 +596,7 @@ async fn direct(
         "ack": ack.json(),
         "echo_floor": floor.json(),
         "e2e_p50_over_floor_p50": (p50.as_secs_f64() / floor_p50.as_secs_f64().max(1e-9) * 100.0).round() / 100.0,
+        "cpu_per_message": cpu_per_message,
     });
     Ok((report, seen.e2e.pct(99.0)))
 }
