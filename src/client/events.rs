@@ -307,6 +307,7 @@ async fn run_connection(
                         FrameReader::new(recv, max),
                         FrameWriter::new(send, max),
                         tx.clone(),
+                        Arc::from(conn.user()),
                     ));
                 }
                 Err(e) => {
@@ -345,7 +346,14 @@ async fn run_connection(
 pub const DELIVERED_DELAY: Duration = Duration::from_millis(50);
 
 /// Reads one delivery stream; reports `Delivered` on it, at most once per [`DELIVERED_DELAY`].
-async fn read_deliveries(mut reader: FrameReader, mut writer: FrameWriter, tx: mpsc::Sender<Item>) {
+/// The user's own messages are not reported (membership changes are): sending already moved
+/// the sender's marks past them.
+async fn read_deliveries(
+    mut reader: FrameReader,
+    mut writer: FrameWriter,
+    tx: mpsc::Sender<Item>,
+    me: Arc<str>,
+) {
     let mut received = 0;
     let mut reported = 0;
     let mut due: Option<tokio::time::Instant> = None;
@@ -370,7 +378,9 @@ async fn read_deliveries(mut reader: FrameReader, mut writer: FrameWriter, tx: m
         };
         match next {
             Ok(Some(ServerFrame::Event { log, event })) => {
-                if let Event::Message(m) = &event {
+                if let Event::Message(m) = &event
+                    && (*m.from != *me || m.change.is_some())
+                {
                     received = received.max(m.seq);
                 }
                 if tx
