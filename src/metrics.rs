@@ -29,6 +29,8 @@ pub mod names {
     pub const ACK_SECONDS: &str = "plover_ack_seconds";
     /// Histogram: seconds to hand one commit's events to the device queues.
     pub const FANOUT_SECONDS: &str = "plover_fanout_seconds";
+    /// Counter: items committed, by `kind` (message, marks, deleted, wait, cursor, barrier).
+    pub const COMMIT_ITEMS: &str = "plover_commit_items_total";
     /// Histogram: items per group commit.
     pub const COMMIT_BATCH: &str = "plover_commit_batch_size";
     /// Histogram: seconds per group commit (write and fsync).

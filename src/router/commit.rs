@@ -8,8 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvError};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::RouterError;
 use super::sessions::{Delivery, Sessions};
@@ -82,7 +81,22 @@ pub(super) enum CommitItem {
 /// Writes a batch may hold per item of `commit_batch`: a direct message costs about five.
 const WRITES_PER_ITEM: usize = 4;
 
+/// The `kind` labels of [`names::COMMIT_ITEMS`], indexed by [`CommitItem::kind`].
+const KINDS: [&str; 6] = ["message", "marks", "deleted", "wait", "cursor", "barrier"];
+
 impl CommitItem {
+    /// Which of [`KINDS`] the item is (`Stop` counts as a barrier).
+    fn kind(&self) -> usize {
+        match self {
+            CommitItem::Message { .. } => 0,
+            CommitItem::Marks { .. } => 1,
+            CommitItem::Deleted { .. } => 2,
+            CommitItem::Wait { .. } => 3,
+            CommitItem::Cursor { .. } => 4,
+            CommitItem::Barrier(_) | CommitItem::Stop => 5,
+        }
+    }
+
     /// About how many writes the item costs.
     fn work(&self) -> usize {
         match self {
@@ -106,22 +120,22 @@ pub(super) struct CommitThread {
     pub(super) store: Arc<Store>,
     pub(super) sessions: Arc<Sessions>,
     pub(super) notifier: Arc<crate::push::Notifier>,
-    pub(super) rx: Receiver<CommitItem>,
+    pub(super) rx: mpsc::Receiver<CommitItem>,
     pub(super) max_batch: usize,
 }
 
 impl CommitThread {
-    pub(super) fn run(self) {
+    pub(super) fn run(mut self) {
         let mut heads: HashMap<String, u64> = HashMap::new();
         let mut items = Vec::with_capacity(self.max_batch);
         loop {
-            let mut work = match self.rx.recv() {
-                Ok(item) => {
+            let mut work = match self.rx.blocking_recv() {
+                Some(item) => {
                     let w = item.work();
                     items.push(item);
                     w
                 }
-                Err(RecvError) => return,
+                None => return,
             };
             // A batch is bounded in items and in writes: a message to a large group writes a
             // log entry per member, and the conversations queued behind it should wait for one
@@ -147,6 +161,15 @@ impl CommitThread {
         let mut batch = self.store.batch();
         let started = std::time::Instant::now();
         metrics::histogram!(names::COMMIT_BATCH).record(items.len() as f64);
+        let mut kinds = [0u64; KINDS.len()];
+        for item in items.iter() {
+            kinds[item.kind()] += 1;
+        }
+        for (kind, n) in KINDS.iter().zip(kinds) {
+            if n > 0 {
+                metrics::counter!(names::COMMIT_ITEMS, "kind" => *kind).increment(n);
+            }
+        }
         let mut replies: Vec<(Reply, Sent)> = Vec::with_capacity(items.len());
         let mut ack_since: Vec<std::time::Instant> = Vec::new();
         let mut messages_in = 0u64;
