@@ -100,3 +100,36 @@ async fn the_direct_conversation_is_the_same_whichever_side_starts_it() {
     bob.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_device_sends_on_the_connection_its_events_arrive_on() {
+    let server = TestServer::start().await;
+    server.register("alice").await;
+    server.register("bob").await;
+    let mut alice = EventStream::start(server.config("alice", "phone"), Some(0));
+    let mut bob = EventStream::start(server.config("bob", "phone"), Some(0));
+    assert!(alice.synced().await && bob.synced().await);
+
+    let conn = alice.connection().expect("synced, so connected");
+    let conv = conn
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    for i in 1..=3 {
+        let ack = conv.send(format!("m{i}")).await.expect("send");
+        assert_eq!(ack.seq, i);
+    }
+    // Bob gets them; Alice's device gets its own copies on the same connection, in order.
+    for stream in [&mut bob, &mut alice] {
+        for i in 1..=3 {
+            let e = next_event(stream).await;
+            assert_eq!(text(&e), format!("m{i}"));
+        }
+    }
+    drop(conv);
+    drop(conn);
+    assert_quiet(&mut alice, Duration::from_millis(200)).await;
+    alice.close().await;
+    bob.close().await;
+    server.stop().await;
+}

@@ -473,22 +473,26 @@ async fn direct(
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     progress(&format!("direct: connecting {users} users..."));
-    let mut receivers = Vec::new();
+    // One device per user, one connection per device: it receives the user's events and
+    // sends on the same connection, as an app does.
+    let mut streams = Vec::new();
     for i in 0..users {
         let name = format!("d{run}-{i}");
-        let mut events = EventStream::start(target.config(&name, "bench-rx")?, Some(u64::MAX));
+        let mut events = EventStream::start(target.config(&name, "bench")?, Some(u64::MAX));
         if !events.synced().await {
             bail!("user {name} could not sync");
         }
-        receivers.push(receive(events, name, epoch, seen.clone(), stop_rx.clone()));
+        streams.push((name, events));
     }
     let mut convs: Vec<Arc<Conversation>> = Vec::new();
-    let mut conns = Vec::new();
-    for i in 0..users {
-        let conn = target.connect(&format!("d{run}-{i}"), "bench-tx").await?;
+    let mut receivers = Vec::new();
+    for (i, (name, events)) in streams.into_iter().enumerate() {
+        let conn = events
+            .connection()
+            .ok_or_else(|| anyhow::anyhow!("user {name} lost its connection"))?;
         let peer = format!("d{run}-{}", i ^ 1);
         convs.push(Arc::new(conn.open(Target::Direct(peer), true).await?));
-        conns.push(conn);
+        receivers.push(receive(events, name, epoch, seen.clone(), stop_rx.clone()));
     }
     progress(&format!("direct: {rate} msgs/s for {duration:?}"));
     let acked: Arc<Mutex<Vec<(u32, u64)>>> = Arc::default();
@@ -570,12 +574,7 @@ async fn direct(
     for r in receivers {
         let _ = r.await;
     }
-    for conv in convs {
-        drop(conv);
-    }
-    for conn in conns {
-        conn.close().await;
-    }
+    drop(convs);
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
     let lost = acked.iter().filter(|k| !seen.unique.contains(k)).count() as u64;
     let ack = ack_hist.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -115,6 +115,7 @@ pub struct EventStream {
     ack: watch::Sender<u64>,
     stop: watch::Sender<bool>,
     synced: watch::Receiver<u64>,
+    current: watch::Receiver<Option<Arc<Connection>>>,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -140,6 +141,7 @@ impl EventStream {
         let (ack, ack_rx) = watch::channel(cursor.unwrap_or(0));
         let (stop, stop_rx) = watch::channel(false);
         let (synced_tx, synced) = watch::channel(0);
+        let (current_tx, current) = watch::channel(None);
         let driver = tokio::spawn(drive(
             config,
             cursor.is_some(),
@@ -149,6 +151,7 @@ impl EventStream {
                 ack: ack_rx,
                 stop: stop_rx,
                 synced: synced_tx,
+                current: current_tx,
             },
         ));
         Self {
@@ -157,6 +160,7 @@ impl EventStream {
             ack,
             stop,
             synced,
+            current,
             driver,
         }
     }
@@ -165,6 +169,16 @@ impl EventStream {
     /// sent from now on will reach this stream). Returns false if the stream ended first.
     pub async fn synced(&mut self) -> bool {
         self.synced.wait_for(|n| *n > 0).await.is_ok()
+    }
+
+    /// The connection events arrive on, once synced (`None` while reconnecting). Open
+    /// conversations on it to send over the device's one connection rather than a second one:
+    /// the server then spends one connection per device, and a send's ack and its copy for
+    /// this device's log travel together. After a reconnect, conversations opened on the old
+    /// connection fail with a retryable error; open them again on the new one. Drop it before
+    /// [`EventStream::close`] for a clean close (the last cursor acknowledged).
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.current.borrow().clone()
     }
 
     /// The next new event, or an error that ends the stream (the server refused the token,
@@ -207,6 +221,8 @@ struct Signals {
     stop: watch::Receiver<bool>,
     /// Counts successful syncs.
     synced: watch::Sender<u64>,
+    /// The synced connection, for [`EventStream::connection`].
+    current: watch::Sender<Option<Arc<Connection>>>,
 }
 
 /// Connects, syncs and forwards events until stopped; reconnects with backoff on failure.
@@ -221,6 +237,7 @@ async fn drive(
         ack: mut ack_rx,
         mut stop,
         synced,
+        current,
     } = signals;
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
@@ -230,7 +247,7 @@ async fn drive(
             _ = stop.changed() => return,
         };
         let conn = match conn {
-            Ok(c) => c,
+            Ok(c) => Arc::new(c),
             Err(e) if e.is_retryable() => {
                 debug!(error = %e, "connect failed; retrying");
                 tokio::select! {
@@ -270,12 +287,21 @@ async fn drive(
             }
         }
         backoff = Duration::from_millis(100);
+        current.send_replace(Some(conn.clone()));
         synced.send_modify(|n| *n += 1);
         let stopped = run_connection(&conn, &tx, &mut ack_rx, &mut stop).await;
+        current.send_replace(None);
         if stopped {
             let cursor = *ack_rx.borrow_and_update();
             let _ = conn.control_send(ClientFrame::Ack { cursor }).await;
-            conn.close().await;
+            match Arc::try_unwrap(conn) {
+                Ok(conn) => conn.close().await,
+                // The application still holds it: close without waiting for the control stream.
+                Err(shared) => shared.quic().close(
+                    quinn::VarInt::from(crate::framing::ErrorCode::NORMAL.0),
+                    b"bye",
+                ),
+            }
             return;
         }
         if tx.is_closed() {
