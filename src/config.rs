@@ -299,8 +299,7 @@ pub struct StoreConfig {
     /// Most writes in one group commit: large enough to amortise an fsync over many messages,
     /// small enough that one batch is a fraction of a millisecond of work.
     pub commit_batch: usize,
-    /// Sequencer shards: conversations are spread over this many locks (each shard's steps run
-    /// on the worker that received the request).
+    /// Sequencer shards (threads). One per core is the sensible most.
     pub shards: usize,
 }
 

@@ -6,7 +6,7 @@
 //! - [`transport`]: the quinn endpoint, TLS and certificates, one task per connection and per
 //!   stream, frames in and out, limits, and the mapping of errors to close codes.
 //! - [`router`]: sessions (user -> devices -> outbound queues), the conversation sequencers
-//!   (sharded, one owner per shard, run under its lock), group commit, fan-out and catch-up.
+//!   (sharded, one owner thread per shard), group commit, fan-out and catch-up.
 //! - [`persist`]: the fjall store: messages, sync logs, conversations, members, cursors,
 //!   idempotency keys. Blocking; used only from the router's threads and `spawn_blocking`.
 //! - [`push`]: notifications to offline users through push gateways and Web Push endpoints.

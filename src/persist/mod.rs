@@ -1,10 +1,8 @@
 //! The store: fjall keyspaces for messages, sync logs, conversations, members, device cursors
 //! and idempotency keys.
 //!
-//! Everything here is blocking. The router calls it from the commit thread and from
-//! `spawn_blocking`; the one exception is the send path's idempotency lookup
-//! ([`Store::idempotent`]), a point read that memtables and the `idempotency` keyspace's pinned
-//! filters answer without I/O unless the id was seen before (see `router/shard.rs`). Writes that must be durable go
+//! Everything here is blocking. The router calls it from its own threads (shards and the commit
+//! thread) and from `spawn_blocking`, never from an async worker. Writes that must be durable go
 //! through [`StoreBatch::commit`], which writes the batch to the journal and fsyncs it once (group
 //! commit); a failed write or fsync poisons the store and every later write is refused.
 //!
@@ -220,11 +218,16 @@ pub const DEFAULT_JOURNAL_SIZE: u64 = 64 * 1024 * 1024;
 /// Memtable size past which a keyspace's memtable is flushed to disk. fjall's default, 64 MiB
 /// per keyspace, let a server under sustained writing hold every keyspace's recent writes in
 /// memory up to that size each (found by `tests/slow_reader.rs`: resident memory grew by
-/// 0.6 MB/s at 1,000 msgs/s with no flush in sight after 270,000 messages). At 8 MiB the hot
-/// keyspaces flush every few thousand messages and the journal (rotated by fjall after
-/// 64 MB) can be dropped once they have. Recorded by fjall when a keyspace is created: stores
-/// created before this setting keep 64 MiB.
-pub const MEMTABLE_SIZE: u64 = 8 * 1024 * 1024;
+/// 0.6 MB/s at 1,000 msgs/s with no flush in sight after 270,000 messages).
+///
+/// It is also a tail-latency setting: when a keyspace rotates its memtable, fjall frees the
+/// versions it no longer needs, and with them the last flushed memtable (a skiplist node per
+/// record), while it holds the keyspace's version lock, which every write and read of that
+/// keyspace waits for. The stall grows with the memtable: at 8 MiB it held the commit thread
+/// for 40 ms and more (e2e max 80-90 ms at 8,000 msgs/s; BENCHMARKS.md, "Memtable size"), at
+/// 2 MiB about 10-25 ms; at 512 KiB no better than 2 MiB, with four times the flushes.
+/// Recorded by fjall when a keyspace is created: stores created before keep their size.
+pub const MEMTABLE_SIZE: u64 = 2 * 1024 * 1024;
 
 /// The store.
 pub struct Store {
@@ -312,13 +315,7 @@ impl Store {
             conversations: ks("conversations")?,
             member_of: ks("member_of")?,
             direct: ks("direct")?,
-            // Every new message's id is looked up here on the send path (an async worker): with
-            // every level's filter in memory, a miss costs no I/O (about 1.25 bytes per id).
-            idempotency: db.keyspace("idempotency", || {
-                KeyspaceCreateOptions::default()
-                    .max_memtable_size(MEMTABLE_SIZE)
-                    .filter_block_pinning_policy(fjall::config::PinningPolicy::all(true))
-            })?,
+            idempotency: ks("idempotency")?,
             devices: ks("devices")?,
             users: ks("users")?,
             receipts: ks("receipts")?,

@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc::{Receiver, RecvError};
+use tokio::sync::oneshot;
 
 use super::RouterError;
 use super::sessions::{Delivery, Sessions};
@@ -120,22 +121,22 @@ pub(super) struct CommitThread {
     pub(super) store: Arc<Store>,
     pub(super) sessions: Arc<Sessions>,
     pub(super) notifier: Arc<crate::push::Notifier>,
-    pub(super) rx: mpsc::Receiver<CommitItem>,
+    pub(super) rx: Receiver<CommitItem>,
     pub(super) max_batch: usize,
 }
 
 impl CommitThread {
-    pub(super) fn run(mut self) {
+    pub(super) fn run(self) {
         let mut heads: HashMap<String, u64> = HashMap::new();
         let mut items = Vec::with_capacity(self.max_batch);
         loop {
-            let mut work = match self.rx.blocking_recv() {
-                Some(item) => {
+            let mut work = match self.rx.recv() {
+                Ok(item) => {
                     let w = item.work();
                     items.push(item);
                     w
                 }
-                None => return,
+                Err(RecvError) => return,
             };
             // A batch is bounded in items and in writes: a message to a large group writes a
             // log entry per member, and the conversations queued behind it should wait for one

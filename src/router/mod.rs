@@ -1,8 +1,7 @@
 //! Sessions, sequencing, group commit, fan-out and catch-up. Knows nothing of QUIC.
 //!
 //! ```text
-//! connection task --send--> shard (locked on the caller's thread; owns its conversations:
-//!                            membership, retries, seq)
+//! connection task --send--> shard (thread, owns its conversations: membership, retries, seq)
 //!                                 --> commit thread (one batch, one fsync, log positions)
 //!                                        --> sender's ack
 //!                                        --> Sessions::deliver -> each device's bounded queue
@@ -18,7 +17,8 @@ mod sessions;
 mod shard;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -39,9 +39,14 @@ use crate::persist::{ConversationRecord, MemberRecord};
 use crate::persist::{Store, StoreError};
 use commit::{CommitItem, CommitThread};
 pub(crate) use retention::expire;
-use shard::{MarksRequest, MembershipRequest, SendRequest, Shard, ShardLimits, now_ms};
+use shard::{
+    MarksRequest, MembershipRequest, SendRequest, Shard, ShardLimits, ShardRequest, now_ms,
+};
 
-/// Items the commit channel holds before senders wait (backpressure on every write).
+/// Requests a shard's channel holds before senders wait: enough to keep the shard busy while
+/// the connection tasks refill it, small enough to be a real bound.
+const SHARD_QUEUE: usize = 4096;
+/// Items the commit channel holds before shards wait.
 const COMMIT_QUEUE: usize = 8192;
 
 /// Errors of the router, each mapped to a wire code by [`RouterError::code`].
@@ -132,11 +137,12 @@ struct Inner {
     sessions: Arc<Sessions>,
     presence: Arc<Presence>,
     notifier: Arc<crate::push::Notifier>,
-    shards: Vec<Mutex<Shard>>,
-    commit: mpsc::Sender<CommitItem>,
+    shards: Vec<mpsc::Sender<ShardRequest>>,
+    commit: SyncSender<CommitItem>,
     /// Serialises check-and-create of direct conversations; held only around blocking store
     /// calls on a `spawn_blocking` thread, never across an await.
     directory: Mutex<()>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     commit_thread: Mutex<Option<JoinHandle<()>>>,
     outbound_queue: usize,
     history_page: u32,
@@ -165,7 +171,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Router {
-    /// Starts the commit thread over `store`.
+    /// Starts the shard threads and the commit thread over `store`.
     ///
     /// Must be called within a tokio runtime (the notifier's task starts here).
     pub fn start(store: Arc<Store>, config: &Config) -> Result<Self, RouterError> {
@@ -177,7 +183,7 @@ impl Router {
             config.push.clone(),
             Box::new(move |user: &str| online.is_online(user)),
         )?;
-        let (commit_tx, commit_rx) = mpsc::channel(COMMIT_QUEUE);
+        let (commit_tx, commit_rx) = sync_channel(COMMIT_QUEUE);
         let commit = CommitThread {
             store: store.clone(),
             sessions: sessions.clone(),
@@ -185,18 +191,33 @@ impl Router {
             rx: commit_rx,
             max_batch: config.store.commit_batch,
         };
-        let commit_thread = std::thread::Builder::new()
-            .name("plover-commit".into())
-            .spawn(move || commit.run())
-            .map_err(|e| RouterError::Internal(format!("cannot start thread: {e}")))?;
-        let limits = ShardLimits {
-            max_group: config.limits.max_group,
-            receipt_fanout: config.limits.receipt_fanout,
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|e| RouterError::Internal(format!("cannot start thread: {e}")))
         };
-        let recent = Shard::recent_capacity(COMMIT_QUEUE, config.store.commit_batch);
-        let shards = (0..config.store.shards)
-            .map(|_| Mutex::new(Shard::new(store.clone(), recent, limits)))
-            .collect();
+        let commit_thread = spawn("plover-commit".into(), Box::new(move || commit.run()))?;
+        let mut shards = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..config.store.shards {
+            let (tx, rx) = mpsc::channel(SHARD_QUEUE);
+            let shard = Shard {
+                store: store.clone(),
+                rx,
+                commit: commit_tx.clone(),
+                recent_capacity: Shard::recent_capacity(COMMIT_QUEUE, config.store.commit_batch),
+                limits: ShardLimits {
+                    max_group: config.limits.max_group,
+                    receipt_fanout: config.limits.receipt_fanout,
+                },
+            };
+            threads.push(spawn(
+                format!("plover-shard-{i}"),
+                Box::new(move || shard.run()),
+            )?);
+            shards.push(tx);
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 presence,
@@ -206,6 +227,7 @@ impl Router {
                 shards,
                 commit: commit_tx,
                 directory: Mutex::new(()),
+                threads: Mutex::new(threads),
                 commit_thread: Mutex::new(Some(commit_thread)),
                 outbound_queue: config.limits.outbound_queue,
                 history_page: config.limits.history_page,
@@ -215,48 +237,9 @@ impl Router {
         })
     }
 
-    /// The shard that owns a conversation, locked. Held only for one step of sequencing, never
-    /// across an await.
-    fn lock_shard(&self, conversation: ConversationId) -> MutexGuard<'_, Shard> {
-        self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Loads a conversation's state into its shard (on a blocking thread) unless it is there.
-    async fn load_shard_state(&self, conversation: ConversationId) -> Result<(), RouterError> {
-        if !self.lock_shard(conversation).is_loaded(conversation) {
-            let store = self.inner.store.clone();
-            let state = blocking(move || shard::load(&store, conversation)).await?;
-            self.lock_shard(conversation)
-                .insert_loaded(conversation, state);
-        }
-        Ok(())
-    }
-
-    /// Runs one step of a conversation's shard (a send or marks: memory, and for a send the
-    /// idempotency lookup) and queues what it asks to commit.
-    ///
-    /// The conversation's state is loaded off the lock (on a blocking thread) the first time;
-    /// room in the commit queue is reserved before the lock is taken, and the item is queued
-    /// while it is held, so the commit thread receives a conversation's items in the order
-    /// the shard sequenced them.
-    async fn step(
-        &self,
-        conversation: ConversationId,
-        step: impl FnOnce(&mut Shard) -> Option<CommitItem>,
-    ) -> Result<(), RouterError> {
-        self.load_shard_state(conversation).await?;
-        let permit = self
-            .inner
-            .commit
-            .reserve()
-            .await
-            .map_err(|_| RouterError::ShuttingDown)?;
-        if let Some(item) = step(&mut self.lock_shard(conversation)) {
-            permit.send(item);
-        }
-        Ok(())
+    /// The shard that owns a conversation.
+    fn shard(&self, conversation: ConversationId) -> &mpsc::Sender<ShardRequest> {
+        &self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize]
     }
 
     /// The store (for health checks and tools).
@@ -415,6 +398,7 @@ impl Router {
     ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
         self.charge(from, "sending")?;
         let (reply, rx) = oneshot::channel();
+        let shard = self.shard(conversation);
         let request = SendRequest {
             conversation,
             from: from.to_owned(),
@@ -424,7 +408,10 @@ impl Router {
             reply,
             since: std::time::Instant::now(),
         };
-        self.step(conversation, |shard| shard.send(request)).await?;
+        shard
+            .send(ShardRequest::Send(request))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?;
         Ok(rx)
     }
 
@@ -463,13 +450,16 @@ impl Router {
         delivered: u64,
         read: u64,
     ) -> Result<(), RouterError> {
-        let request = MarksRequest {
-            conversation,
-            user: user.to_owned(),
-            delivered,
-            read,
-        };
-        self.step(conversation, |shard| shard.marks(request)).await
+        let shard = self.shard(conversation);
+        shard
+            .send(ShardRequest::Marks(MarksRequest {
+                conversation,
+                user: user.to_owned(),
+                delivered,
+                read,
+            }))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)
     }
 
     /// The members of a conversation, if `user` is one of them.
@@ -703,35 +693,17 @@ impl Router {
         op: MemberOp,
     ) -> Result<u64, RouterError> {
         let (reply, rx) = oneshot::channel();
-        let creating = matches!(op, MemberOp::Create(_));
-        let request = MembershipRequest {
-            conversation,
-            by: by.to_owned(),
-            device: device.to_owned(),
-            op,
-            reply,
-        };
-        if !creating {
-            // Nothing to load for a new group: the shard checks that it is new.
-            self.load_shard_state(conversation).await?;
-        }
-        // Changes read the store (the user added, the message deleted), so this step runs on
-        // a blocking thread; they are rare next to sends.
-        let permit = self
-            .inner
-            .commit
-            .clone()
-            .reserve_owned()
+        let shard = self.shard(conversation);
+        shard
+            .send(ShardRequest::Membership(MembershipRequest {
+                conversation,
+                by: by.to_owned(),
+                device: device.to_owned(),
+                op,
+                reply,
+            }))
             .await
             .map_err(|_| RouterError::ShuttingDown)?;
-        let router = self.clone();
-        blocking(move || {
-            if let Some(item) = router.lock_shard(conversation).membership(request) {
-                permit.send(item);
-            }
-            Ok(())
-        })
-        .await?;
         let sent = rx.await.map_err(|_| RouterError::ShuttingDown)??;
         Ok(sent.seq)
     }
@@ -751,11 +723,13 @@ impl Router {
             .register(user, self.inner.outbound_queue);
         // Let the cursor acknowledged on the device's previous connection land first.
         let (barrier, landed) = oneshot::channel();
-        self.inner
-            .commit
-            .send(CommitItem::Barrier(barrier))
-            .await
-            .map_err(|_| RouterError::ShuttingDown)?;
+        let commit = self.inner.commit.clone();
+        blocking(move || {
+            commit
+                .send(CommitItem::Barrier(barrier))
+                .map_err(|_| RouterError::ShuttingDown)
+        })
+        .await?;
         landed.await.map_err(|_| RouterError::ShuttingDown)?;
         let store = self.inner.store.clone();
         let (u, d) = (user.to_owned(), device.to_owned());
@@ -783,16 +757,29 @@ impl Router {
             device: device.to_owned(),
             cursor,
         };
-        // Full or closed: dropped, as said above.
-        let _ = self.inner.commit.try_send(item);
+        match self.inner.commit.try_send(item) {
+            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+        }
     }
 
-    /// Commits what is queued, stops the commit thread and flushes the store; sends after
-    /// that are answered `ShuttingDown`. Blocking: call it from `spawn_blocking` or a plain
-    /// thread.
+    /// Stops the shards, commits what they queued, stops the commit thread and flushes the
+    /// store. Blocking: call it from `spawn_blocking` or a plain thread.
     pub fn shutdown_blocking(&self) -> Result<(), RouterError> {
         self.inner.notifier.stop();
-        let _ = self.inner.commit.blocking_send(CommitItem::Stop);
+        for shard in &self.inner.shards {
+            let _ = shard.blocking_send(ShardRequest::Stop);
+        }
+        let threads = std::mem::take(
+            &mut *self
+                .inner
+                .threads
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = self.inner.commit.send(CommitItem::Stop);
         let commit = self
             .inner
             .commit_thread

@@ -1,23 +1,16 @@
 //! A sequencer shard: the single owner of a set of conversations.
 //!
-//! A shard owns, for each of its conversations, the last sequence number, the members and
-//! their roles, and every member's delivered/read marks. The router keeps each shard behind a
-//! mutex and runs its steps on the caller's own thread, so a message costs no hop to a
-//! sequencer thread and back (on a two-core machine each hop was a context switch per message):
-//! for a send it checks membership, answers a retry of a client id with the original sequence
-//! number, assigns the next one, and queues the message for the commit thread while still
-//! holding the lock, so the commit thread receives a conversation's items in sequence order.
-//! Membership changes and marks go the same way, so a conversation's messages, membership
-//! events and receipts are ordered by one owner.
-//!
-//! Sends and marks run on the async worker that received them: they touch memory, and a send
-//! looks its id up in the store, a point read that the memtables and the `idempotency`
-//! keyspace's pinned filters answer without I/O unless the id was stored before (a retry).
-//! A conversation's state is loaded on a blocking thread the first time it is used, and
-//! membership changes, which read the store, run on a blocking thread.
+//! Each shard is an OS thread (it reads the store, which blocks) fed by a bounded channel. It
+//! owns, for each of its conversations, the last sequence number, the members and their roles,
+//! and every member's delivered/read marks. For a send it checks membership, answers a retry of
+//! a client id with the original sequence number, assigns the next one, and queues the message
+//! for the commit thread; membership changes and marks go the same way, so a conversation's
+//! messages, membership events and receipts are ordered by one owner.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use tokio::sync::mpsc;
 
 use super::RouterError;
 use super::commit::{CommitItem, MembershipWrite, Reply, Sent};
@@ -25,6 +18,14 @@ use crate::framing::{
     ClientMsgId, ConversationChange, ConversationId, ConversationKind, Message, Receipt, Retention,
 };
 use crate::persist::{ConversationRecord, MemberRecord, Store, tombstone};
+
+/// A request to a shard.
+pub(super) enum ShardRequest {
+    Send(SendRequest),
+    Marks(MarksRequest),
+    Membership(MembershipRequest),
+    Stop,
+}
 
 /// A member reports that messages reached a device (`delivered`) or were read (`read`).
 pub(super) struct MarksRequest {
@@ -74,8 +75,7 @@ pub(super) struct MembershipRequest {
     pub(super) reply: Reply,
 }
 
-/// A conversation as its shard knows it.
-pub(super) struct ConvState {
+struct ConvState {
     last_seq: u64,
     record: ConversationRecord,
     names: Arc<[String]>,
@@ -99,19 +99,13 @@ pub(super) struct ShardLimits {
     pub(super) receipt_fanout: usize,
 }
 
-/// A shard: what it needs to decide, and the state it owns.
 pub(super) struct Shard {
-    rules: Rules,
-    owned: Owned,
-}
-
-/// What a shard decides with: the store (for state loaded on first use and old client ids)
-/// and its limits.
-struct Rules {
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
+    pub(super) rx: mpsc::Receiver<ShardRequest>,
+    pub(super) commit: SyncSender<CommitItem>,
     /// How many recently sequenced client ids to remember: see [`Shard::recent_capacity`].
-    recent_capacity: usize,
-    limits: ShardLimits,
+    pub(super) recent_capacity: usize,
+    pub(super) limits: ShardLimits,
 }
 
 pub(super) use crate::clock::now_ms;
@@ -127,43 +121,6 @@ struct Owned {
 }
 
 impl Shard {
-    pub(super) fn new(store: Arc<Store>, recent_capacity: usize, limits: ShardLimits) -> Self {
-        Self {
-            rules: Rules {
-                store,
-                recent_capacity,
-                limits,
-            },
-            owned: Owned::default(),
-        }
-    }
-
-    /// Whether the conversation's state is in memory (else the router loads it off the lock).
-    pub(super) fn is_loaded(&self, conv: ConversationId) -> bool {
-        self.owned.convs.contains_key(&conv)
-    }
-
-    /// Keeps state the router loaded, unless a concurrent step got there first.
-    pub(super) fn insert_loaded(&mut self, conv: ConversationId, state: ConvState) {
-        self.owned.convs.entry(conv).or_insert(state);
-    }
-
-    /// Sequences a message: the item to commit, or `None` when it was answered here.
-    pub(super) fn send(&mut self, req: SendRequest) -> Option<CommitItem> {
-        self.rules.sequence(req, &mut self.owned)
-    }
-
-    /// Moves a member's marks: the item to commit, or `None` when they did not move.
-    pub(super) fn marks(&mut self, req: MarksRequest) -> Option<CommitItem> {
-        self.rules.marks(req, &mut self.owned)
-    }
-
-    /// Carries out a membership change: the item to commit, or `None` when it was answered
-    /// here.
-    pub(super) fn membership(&mut self, req: MembershipRequest) -> Option<CommitItem> {
-        self.rules.membership(req, &mut self.owned)
-    }
-
     /// How many recent ids a shard must remember: more than can be in flight between it and
     /// durability. The commit channel holds at most `channel` items and one batch at most
     /// `batch`; once a shard has queued more than `channel + batch` items after a message,
@@ -173,9 +130,27 @@ impl Shard {
     pub(super) fn recent_capacity(channel: usize, batch: usize) -> usize {
         channel + batch + 1
     }
-}
 
-impl Rules {
+    pub(super) fn run(mut self) {
+        let mut owned = Owned::default();
+        while let Some(request) = self.rx.blocking_recv() {
+            let item = match request {
+                ShardRequest::Send(req) => self.sequence(req, &mut owned),
+                ShardRequest::Marks(req) => self.marks(req, &mut owned),
+                ShardRequest::Membership(req) => self.membership(req, &mut owned),
+                ShardRequest::Stop => break,
+            };
+            let Some(item) = item else {
+                continue;
+            };
+            if self.commit.send(item).is_err() {
+                // The commit thread is gone: the router is shutting down. The reply inside the
+                // item was dropped, which the sender sees as `ShuttingDown`.
+                break;
+            }
+        }
+    }
+
     /// The state of a conversation, loaded from the store on first use.
     fn state<'a>(
         &self,
@@ -184,8 +159,28 @@ impl Rules {
     ) -> Result<&'a mut ConvState, RouterError> {
         match owned.convs.entry(conv) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(load(&self.store, conv)?)),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(self.load(conv)?)),
         }
+    }
+
+    fn load(&self, conv: ConversationId) -> Result<ConvState, RouterError> {
+        let record = self
+            .store
+            .conversation(conv)?
+            .ok_or(RouterError::NotMember(conv))?;
+        let marks = self
+            .store
+            .marks(conv)?
+            .into_iter()
+            .map(|(user, d, r)| (user, (d, r)))
+            .collect();
+        Ok(ConvState {
+            last_seq: self.store.last_seq(conv)?,
+            names: record.names().into(),
+            erased: self.store.watermark(ERASED, conv)?,
+            record,
+            marks,
+        })
     }
 
     fn sequence(&mut self, req: SendRequest, owned: &mut Owned) -> Option<CommitItem> {
@@ -547,25 +542,6 @@ impl Rules {
         };
         Ok(Some((seq, change, write, recipients)))
     }
-}
-
-/// Reads a conversation's state from the store. Blocking.
-pub(super) fn load(store: &Store, conv: ConversationId) -> Result<ConvState, RouterError> {
-    let record = store
-        .conversation(conv)?
-        .ok_or(RouterError::NotMember(conv))?;
-    let marks = store
-        .marks(conv)?
-        .into_iter()
-        .map(|(user, d, r)| (user, (d, r)))
-        .collect();
-    Ok(ConvState {
-        last_seq: store.last_seq(conv)?,
-        names: record.names().into(),
-        erased: store.watermark(ERASED, conv)?,
-        record,
-        marks,
-    })
 }
 
 /// The watermark name of `until_delivered` erasure.
