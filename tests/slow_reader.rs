@@ -145,7 +145,7 @@ async fn a_device_reading_one_message_a_second_costs_the_server_nothing() {
             .expect("no error");
         take(e, &mut next_seq);
     }
-    // What the server may hold: its baseline, the store's memtables (8 MiB per keyspace
+    // What the server may hold: its baseline, the store's memtables (2 MiB per keyspace
     // before a flush) and fjall's 32 MiB block cache; nothing that grows with the backlog.
     // (Before memtables were capped the resident memory grew by 0.6 MB/s here, past 190 MB
     // at 300 s.)
