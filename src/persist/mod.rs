@@ -26,6 +26,7 @@
 //! | `meta` | name | value (`next_conversation`) |
 
 mod keys;
+mod reaper;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
@@ -225,12 +226,17 @@ pub const DEFAULT_JOURNAL_SIZE: u64 = 64 * 1024 * 1024;
 /// record), while it holds the keyspace's version lock, which every write and read of that
 /// keyspace waits for. The stall grows with the memtable: at 8 MiB it held the commit thread
 /// for 40 ms and more (e2e max 80-90 ms at 8,000 msgs/s; BENCHMARKS.md, "Memtable size"), at
-/// 2 MiB about 10-25 ms; at 512 KiB no better than 2 MiB, with four times the flushes.
+/// 2 MiB about 10-25 ms; at 512 KiB no better than 2 MiB, with four times the flushes. The
+/// freeing itself now happens on our own thread ([`reaper`]); the rest of the stall (the lock
+/// held through the rotation, a journal fsync queued behind a flush's writes) still grows
+/// with the memtable.
 /// Recorded by fjall when a keyspace is created: stores created before keep their size.
 pub const MEMTABLE_SIZE: u64 = 2 * 1024 * 1024;
 
 /// The store.
 pub struct Store {
+    /// Dropped first: it holds clones of the keyspaces below.
+    _reaper: reaper::Reaper,
     db: Database,
     messages: Keyspace,
     log: Keyspace,
@@ -309,23 +315,58 @@ impl Store {
                 KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_SIZE)
             })
         };
+        let messages = ks("messages")?;
+        let log = ks("log")?;
+        let conversations = ks("conversations")?;
+        let member_of = ks("member_of")?;
+        let direct = ks("direct")?;
+        let idempotency = ks("idempotency")?;
+        let devices = ks("devices")?;
+        let users = ks("users")?;
+        let receipts = ks("receipts")?;
+        let presence = ks("presence")?;
+        let cleared = ks("cleared")?;
+        let watermarks = ks("watermarks")?;
+        let pushers = ks("pushers")?;
+        let pending_push = ks("pending_push")?;
+        let push_content = ks("push_content")?;
+        let meta = ks("meta")?;
+        let _reaper = reaper::Reaper::start(vec![
+            messages.clone(),
+            log.clone(),
+            conversations.clone(),
+            member_of.clone(),
+            direct.clone(),
+            idempotency.clone(),
+            devices.clone(),
+            users.clone(),
+            receipts.clone(),
+            presence.clone(),
+            cleared.clone(),
+            watermarks.clone(),
+            pushers.clone(),
+            pending_push.clone(),
+            push_content.clone(),
+            meta.clone(),
+        ]);
         Ok(Self {
-            messages: ks("messages")?,
-            log: ks("log")?,
-            conversations: ks("conversations")?,
-            member_of: ks("member_of")?,
-            direct: ks("direct")?,
-            idempotency: ks("idempotency")?,
-            devices: ks("devices")?,
-            users: ks("users")?,
-            receipts: ks("receipts")?,
-            presence: ks("presence")?,
-            cleared: ks("cleared")?,
-            watermarks: ks("watermarks")?,
-            pushers: ks("pushers")?,
-            pending_push: ks("pending_push")?,
-            push_content: ks("push_content")?,
-            meta: ks("meta")?,
+            _reaper,
+            messages,
+            log,
+            conversations,
+            member_of,
+            direct,
+            idempotency,
+            devices,
+            users,
+            receipts,
+            presence,
+            cleared,
+            watermarks,
+            pushers,
+            pending_push,
+            push_content,
+            meta,
             db,
             durability,
             poisoned: AtomicBool::new(false),
