@@ -318,6 +318,34 @@ async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Val
     })
 }
 
+/// CPU the spawned server and this process used from a point on, per unit of work: the
+/// send-and-drain phase of a scenario, without its connection setup.
+struct CpuMeter {
+    server: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl CpuMeter {
+    fn start(target: &Server) -> Self {
+        Self {
+            server: target.cpu_seconds(),
+            bench: cpu_seconds("self"),
+        }
+    }
+
+    /// Microseconds of CPU per unit since the start, for the server and for this process
+    /// (null where /proc cannot tell, as for a `--server` target).
+    fn per(&self, target: &Server, units: u64) -> Value {
+        let per = |before: Option<f64>, after: Option<f64>| {
+            Some(((after? - before?) * 1e6 / units.max(1) as f64).round())
+        };
+        json!({
+            "server_us": per(self.server, target.cpu_seconds()),
+            "bench_us": per(self.bench, cpu_seconds("self")),
+        })
+    }
+}
+
 /// CPU seconds (user + system) a process has used: `pid` or "self", from /proc.
 fn cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -500,7 +528,7 @@ async fn direct(
     let errors = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-    let cpu_before = (target.cpu_seconds(), cpu_seconds("self"));
+    let cpu = CpuMeter::start(target);
     let start = Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -561,15 +589,7 @@ async fn direct(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // CPU per acknowledged message over sending and draining only (no connection setup).
-    let per_message = |before: Option<f64>, after: Option<f64>| {
-        let used = after? - before?;
-        Some((used * 1e6 / acked.len().max(1) as f64).round())
-    };
-    let cpu_per_message = json!({
-        "server_us": per_message(cpu_before.0, target.cpu_seconds()),
-        "bench_us": per_message(cpu_before.1, cpu_seconds("self")),
-    });
+    let cpu_per_message = cpu.per(target, acked.len() as u64);
     let _ = stop_tx.send(true);
     for r in receivers {
         let _ = r.await;
@@ -697,6 +717,7 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
     let start = Instant::now();
     let mut counter = 0u64;
     let mut inflight = tokio::task::JoinSet::new();
+    let cpu = CpuMeter::start(target);
     progress(&format!(
         "group: {} msgs/s for {:?}",
         args.rate, args.duration
@@ -733,6 +754,8 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let cpu_per_message = cpu.per(target, acked.len() as u64);
+    let cpu_per_delivery = cpu.per(target, (acked.len() * online) as u64);
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
@@ -762,6 +785,8 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
         "duplicated": duplicated.load(Ordering::Relaxed),
         "to_last_member": to_last.json(),
         "echo_floor": floor.json(),
+        "cpu_per_message": cpu_per_message,
+        "cpu_per_delivery": cpu_per_delivery,
     }))
 }
 
