@@ -315,58 +315,31 @@ impl Store {
                 KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_SIZE)
             })
         };
-        let messages = ks("messages")?;
-        let log = ks("log")?;
-        let conversations = ks("conversations")?;
-        let member_of = ks("member_of")?;
-        let direct = ks("direct")?;
-        let idempotency = ks("idempotency")?;
-        let devices = ks("devices")?;
-        let users = ks("users")?;
-        let receipts = ks("receipts")?;
-        let presence = ks("presence")?;
-        let cleared = ks("cleared")?;
-        let watermarks = ks("watermarks")?;
-        let pushers = ks("pushers")?;
-        let pending_push = ks("pending_push")?;
-        let push_content = ks("push_content")?;
-        let meta = ks("meta")?;
-        let _reaper = reaper::Reaper::start(vec![
-            messages.clone(),
-            log.clone(),
-            conversations.clone(),
-            member_of.clone(),
-            direct.clone(),
-            idempotency.clone(),
-            devices.clone(),
-            users.clone(),
-            receipts.clone(),
-            presence.clone(),
-            cleared.clone(),
-            watermarks.clone(),
-            pushers.clone(),
-            pending_push.clone(),
-            push_content.clone(),
-            meta.clone(),
-        ]);
         Ok(Self {
-            _reaper,
-            messages,
-            log,
-            conversations,
-            member_of,
-            direct,
-            idempotency,
-            devices,
-            users,
-            receipts,
-            presence,
-            cleared,
-            watermarks,
-            pushers,
-            pending_push,
-            push_content,
-            meta,
+            messages: ks("messages")?,
+            log: ks("log")?,
+            conversations: ks("conversations")?,
+            member_of: ks("member_of")?,
+            direct: ks("direct")?,
+            idempotency: ks("idempotency")?,
+            devices: ks("devices")?,
+            users: ks("users")?,
+            receipts: ks("receipts")?,
+            presence: ks("presence")?,
+            cleared: ks("cleared")?,
+            watermarks: ks("watermarks")?,
+            pushers: ks("pushers")?,
+            pending_push: ks("pending_push")?,
+            push_content: ks("push_content")?,
+            meta: ks("meta")?,
+            // Last, so that it sees every keyspace above (it is declared first, so dropped
+            // first).
+            _reaper: reaper::Reaper::start(
+                db.list_keyspace_names()
+                    .iter()
+                    .filter_map(|name| db.keyspace(name, KeyspaceCreateOptions::default).ok())
+                    .collect(),
+            ),
             db,
             durability,
             poisoned: AtomicBool::new(false),
