@@ -223,3 +223,55 @@ async fn a_group_chat_shows_its_title_members_and_membership_events() {
     carol_conn.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_chat_sends_again_after_the_server_restarts() {
+    let server = TestServer::start().await;
+    server.register("alice").await;
+    server.register("bob").await;
+    let tmux = Tmux {
+        socket: format!("plover-test-restart-{}", std::process::id()),
+    };
+    let command = format!(
+        "env PLOVER_SERVER={} PLOVER_CA={} PLOVER_TOKEN={} {} chat --with bob",
+        server.addr,
+        server.ca().display(),
+        server.token("alice"),
+        env!("CARGO_BIN_EXE_plover"),
+    );
+    tmux.run(&[
+        "-u",
+        "new-session",
+        "-d",
+        "-s",
+        "chat",
+        "-x",
+        "110",
+        "-y",
+        "20",
+        &command,
+    ]);
+    // Open (the terminal in raw mode) once the header shows the peer.
+    tmux.wait_for("bob was last seen").await;
+    tmux.run(&["send-keys", "-t", "chat", "before", "Enter"]);
+    tmux.wait_for("alice: before  ✓ sent").await;
+
+    // The chat's one connection goes with the server; its event stream reconnects, and the
+    // next message goes out on the new connection (a try before the reconnect shows failed).
+    let server = server.restart().await;
+    let start = Instant::now();
+    loop {
+        tmux.run(&["send-keys", "-t", "chat", "after", "Enter"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if tmux.screen().contains("alice: after  ✓") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "never sent after the restart:\n{}",
+            tmux.screen()
+        );
+    }
+    tmux.run(&["send-keys", "-t", "chat", "Escape"]);
+    server.stop().await;
+}

@@ -172,8 +172,20 @@ impl Drop for TerminalGuard {
 
 /// Runs the chat until Esc or Ctrl-C.
 pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
-    let conn = Arc::new(Connection::connect(&config).await?);
-    let conv = Arc::new(conn.open(target, true).await?);
+    // One connection: events arrive on it, and the conversation is opened on it (live from
+    // now on; the backlog comes from history). The chat does not move the device's cursor,
+    // so `plover listen` on this device still shows everything.
+    let mut events = EventStream::start(config, Some(u64::MAX));
+    if !events.synced().await {
+        return Err(match events.next().await {
+            Some(Err(e)) => e.into(),
+            _ => anyhow::anyhow!("could not connect"),
+        });
+    }
+    let mut conn = events
+        .connection()
+        .ok_or_else(|| anyhow::anyhow!("the connection was lost while opening the chat"))?;
+    let mut conv = Arc::new(conn.open(target, true).await?);
     let me = conn.user().to_owned();
     let roster = conv.all_members().await?;
     let mut state = State {
@@ -189,9 +201,6 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
         input: String::new(),
         status: "Enter: send · Esc or Ctrl-C: quit".into(),
     };
-    // Live from now on; the backlog comes from history. The chat does not move the device's
-    // cursor, so `plover listen` on this device still shows everything.
-    let mut events = EventStream::start(config, Some(u64::MAX));
     let (history, _) = conv.history(None, None, BACKLOG).await?;
     for m in &history {
         state.add(m);
@@ -247,6 +256,12 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                 let text = std::mem::take(&mut state.input);
                 if text.trim().is_empty() {
                     continue;
+                }
+                if conv.is_broken()
+                    && let Some((c, reopened)) = reopen(&events, &conn, state.conversation).await
+                {
+                    // The event stream reconnected: send on its new connection.
+                    (conn, conv) = (c, reopened);
                 }
                 let id = ClientMsgId::random();
                 state.pending.push((
@@ -341,14 +356,27 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
     }
     drop(terminal);
     drop(_guard);
-    events.close().await;
     if let Ok(conv) = Arc::try_unwrap(conv) {
         Conversation::close(conv).await;
     }
-    if let Ok(conn) = Arc::try_unwrap(conn) {
-        conn.close().await;
-    }
+    // The connection is the event stream's: let go of it so that the stream closes it cleanly.
+    drop(conn);
+    events.close().await;
     Ok(())
+}
+
+/// The conversation opened again on the event stream's connection, if that is a new one.
+async fn reopen(
+    events: &EventStream,
+    old: &Arc<Connection>,
+    conversation: plover::framing::ConversationId,
+) -> Option<(Arc<Connection>, Arc<Conversation>)> {
+    let conn = events.connection().filter(|c| !Arc::ptr_eq(c, old))?;
+    let conv = conn
+        .open(Target::Conversation(conversation), false)
+        .await
+        .ok()?;
+    Some((conn, Arc::new(conv)))
 }
 
 /// Reads the keyboard on a thread of its own (crossterm's reads block).
