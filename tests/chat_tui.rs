@@ -13,6 +13,34 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// `plover chat ARGS` as alice, in a 110x20 tmux session named "chat" on a socket of its
+    /// own (`name` and this process's id).
+    fn chat(name: &str, server: &TestServer, args: &str) -> Self {
+        let tmux = Tmux {
+            socket: format!("{name}-{}", std::process::id()),
+        };
+        let command = format!(
+            "env PLOVER_SERVER={} PLOVER_CA={} PLOVER_TOKEN={} {} chat {args}",
+            server.addr,
+            server.ca().display(),
+            server.token("alice"),
+            env!("CARGO_BIN_EXE_plover"),
+        );
+        tmux.run(&[
+            "-u",
+            "new-session",
+            "-d",
+            "-s",
+            "chat",
+            "-x",
+            "110",
+            "-y",
+            "20",
+            &command,
+        ]);
+        tmux
+    }
+
     fn run(&self, args: &[&str]) -> String {
         let out = Command::new("tmux")
             .arg("-L")
@@ -64,28 +92,7 @@ async fn a_chat_in_a_terminal_shows_ticks_typing_and_presence() {
         .expect("send");
     alice.close().await;
 
-    let tmux = Tmux {
-        socket: format!("plover-test-{}", std::process::id()),
-    };
-    let command = format!(
-        "env PLOVER_SERVER={} PLOVER_CA={} PLOVER_TOKEN={} {} chat --with bob",
-        server.addr,
-        server.ca().display(),
-        server.token("alice"),
-        env!("CARGO_BIN_EXE_plover"),
-    );
-    tmux.run(&[
-        "-u",
-        "new-session",
-        "-d",
-        "-s",
-        "chat",
-        "-x",
-        "110",
-        "-y",
-        "20",
-        &command,
-    ]);
+    let tmux = Tmux::chat("plover-test", &server, "--with bob");
     // The backlog and the peer's presence on open.
     tmux.wait_for("alice: before the chat").await;
     tmux.wait_for("bob was last seen").await;
@@ -156,28 +163,7 @@ async fn a_group_chat_shows_its_title_members_and_membership_events() {
         .expect("create");
     alice.close().await;
 
-    let tmux = Tmux {
-        socket: format!("plover-group-{}", std::process::id()),
-    };
-    let command = format!(
-        "env PLOVER_SERVER={} PLOVER_CA={} PLOVER_TOKEN={} {} chat --conversation {id}",
-        server.addr,
-        server.ca().display(),
-        server.token("alice"),
-        env!("CARGO_BIN_EXE_plover"),
-    );
-    tmux.run(&[
-        "-u",
-        "new-session",
-        "-d",
-        "-s",
-        "chat",
-        "-x",
-        "110",
-        "-y",
-        "20",
-        &command,
-    ]);
+    let tmux = Tmux::chat("plover-group", &server, &format!("--conversation {id}"));
     tmux.wait_for("Weekend · conversation").await;
     tmux.wait_for("3 members").await;
     tmux.wait_for("alice created \"Weekend\" with alice, bob, carol")
@@ -229,28 +215,7 @@ async fn the_chat_sends_again_after_the_server_restarts() {
     let server = TestServer::start().await;
     server.register("alice").await;
     server.register("bob").await;
-    let tmux = Tmux {
-        socket: format!("plover-test-restart-{}", std::process::id()),
-    };
-    let command = format!(
-        "env PLOVER_SERVER={} PLOVER_CA={} PLOVER_TOKEN={} {} chat --with bob",
-        server.addr,
-        server.ca().display(),
-        server.token("alice"),
-        env!("CARGO_BIN_EXE_plover"),
-    );
-    tmux.run(&[
-        "-u",
-        "new-session",
-        "-d",
-        "-s",
-        "chat",
-        "-x",
-        "110",
-        "-y",
-        "20",
-        &command,
-    ]);
+    let tmux = Tmux::chat("plover-test-restart", &server, "--with bob");
     // Open (the terminal in raw mode) once the header shows the peer.
     tmux.wait_for("bob was last seen").await;
     tmux.run(&["send-keys", "-t", "chat", "before", "Enter"]);

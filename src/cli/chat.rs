@@ -249,6 +249,12 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
             },
             _ = redraw.tick() => continue,
         };
+        if conv.is_broken()
+            && let Some((c, reopened)) = reopen(&events, &conn, state.conversation).await
+        {
+            // The event stream reconnected: send, type and mark read on its new connection.
+            (conn, conv) = (c, reopened);
+        }
         match input {
             Input::Key(KeyCode::Esc, _) => break,
             Input::Key(KeyCode::Char('c'), m) if m.contains(KeyModifiers::CONTROL) => break,
@@ -256,12 +262,6 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                 let text = std::mem::take(&mut state.input);
                 if text.trim().is_empty() {
                     continue;
-                }
-                if conv.is_broken()
-                    && let Some((c, reopened)) = reopen(&events, &conn, state.conversation).await
-                {
-                    // The event stream reconnected: send on its new connection.
-                    (conn, conv) = (c, reopened);
                 }
                 let id = ClientMsgId::random();
                 state.pending.push((

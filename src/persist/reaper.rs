@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How often the reaper looks at the keyspaces.
-pub(crate) const TICK: Duration = Duration::from_millis(50);
+const TICK: Duration = Duration::from_millis(50);
 
 /// The reaper thread; stopped and joined on drop.
 pub(super) struct Reaper {
