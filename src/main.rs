@@ -4,6 +4,8 @@
 mod bench;
 #[path = "cli/chat.rs"]
 mod chat;
+#[path = "cli/echo.rs"]
+mod echo;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;

@@ -69,10 +69,11 @@ pub(crate) struct BenchArgs {
     /// direct: users (in pairs).
     #[arg(long, default_value_t = 100)]
     users: usize,
-    /// direct, group: total offered messages per second (direct: 0 finds the maximum rate
-    /// with p99 under 10 ms).
-    #[arg(long, default_value_t = 1000)]
-    rate: u64,
+    /// direct, group: total offered messages per second, 1000 if not given (direct: 0 finds
+    /// the maximum rate with p99 under 10 ms). echo: when given, also round trips and then
+    /// pushes at this rate over --connections connections, with their CPU and datagram cost.
+    #[arg(long)]
+    rate: Option<u64>,
     /// direct, group: how long to send.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -85,7 +86,7 @@ pub(crate) struct BenchArgs {
     /// catchup: messages that arrive while the device is offline.
     #[arg(long, default_value_t = 10_000)]
     messages: u64,
-    /// connections: how many.
+    /// connections, echo: how many connections.
     #[arg(long, default_value_t = 1000)]
     connections: usize,
     /// flood: the hostile client's offered sends per second.
@@ -96,12 +97,19 @@ pub(crate) struct BenchArgs {
     json: bool,
 }
 
+impl BenchArgs {
+    /// The offered rate of `direct`, `group` and `flood`.
+    fn rate(&self) -> u64 {
+        self.rate.unwrap_or(1000)
+    }
+}
+
 /// Latencies in nanoseconds.
 #[derive(Default, Clone)]
-struct Hist(Vec<u64>);
+pub(crate) struct Hist(pub(crate) Vec<u64>);
 
 impl Hist {
-    fn add(&mut self, d: Duration) {
+    pub(crate) fn add(&mut self, d: Duration) {
         self.0.push(d.as_nanos() as u64);
     }
 
@@ -115,7 +123,11 @@ impl Hist {
         Duration::from_nanos(v[i.min(v.len() - 1)])
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn merge(&mut self, other: Hist) {
+        self.0.extend(other.0);
+    }
+
+    pub(crate) fn json(&self) -> Value {
         let us = |d: Duration| (d.as_nanos() as f64 / 1000.0 * 10.0).round() / 10.0;
         json!({
             "count": self.0.len(),
@@ -129,7 +141,7 @@ impl Hist {
 }
 
 /// The server under test, and how to reach it.
-struct Server {
+pub(crate) struct Server {
     addr: String,
     ca: PathBuf,
     keys: TokenKeys,
@@ -253,15 +265,24 @@ async fn spawn_server(
     Ok((child, addr))
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("{msg}");
 }
 
 /// Runs the scenario and prints its report.
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
-    let floor = echo(2000).await?;
+    let floor = crate::echo::floor(2000).await?;
     let report = match args.scenario {
-        Scenario::Echo => json!({"scenario": "echo", "rtt": floor.json()}),
+        Scenario::Echo => {
+            let mut report = json!({"scenario": "echo", "rtt": floor.json()});
+            if let Some(rate) = args.rate {
+                let load = crate::echo::load(args.connections, rate, args.duration).await?;
+                if let (Value::Object(out), Value::Object(load)) = (&mut report, load) {
+                    out.extend(load);
+                }
+            }
+            report
+        }
         _ => {
             let target = Server::new(&args).await?;
             let before = (target.cpu_seconds(), cpu_seconds("self"));
@@ -305,9 +326,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
 async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value> {
     Ok(match args.scenario {
         Scenario::Echo => json!({"scenario": "echo", "rtt": floor.json()}),
-        Scenario::Direct if args.rate == 0 => find_max(target, args, floor).await?,
+        Scenario::Direct if args.rate() == 0 => find_max(target, args, floor).await?,
         Scenario::Direct => {
-            direct(target, args.users, args.rate, args.duration, floor)
+            direct(target, args.users, args.rate(), args.duration, floor)
                 .await?
                 .0
         }
@@ -318,32 +339,65 @@ async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Val
     })
 }
 
-/// CPU the spawned server and this process used from a point on, per unit of work: the
-/// send-and-drain phase of a scenario, without its connection setup.
-struct CpuMeter {
+/// What the spawned server and this process used from a point on, per unit of work: CPU
+/// (the send-and-drain phase of a scenario, without its connection setup) and UDP datagrams.
+pub(crate) struct Meter {
+    server_pid: Option<String>,
     server: Option<f64>,
     bench: Option<f64>,
+    datagrams: Option<u64>,
 }
 
-impl CpuMeter {
-    fn start(target: &Server) -> Self {
+impl Meter {
+    /// Starts measuring; `target` is the server under test, if it is a spawned one.
+    pub(crate) fn start(target: Option<&Server>) -> Self {
+        let server_pid = target
+            .and_then(|t| t.child.as_ref()?.id())
+            .map(|p| p.to_string());
         Self {
-            server: target.cpu_seconds(),
+            server: server_pid.as_deref().and_then(cpu_seconds),
+            server_pid,
             bench: cpu_seconds("self"),
+            datagrams: udp_datagrams_sent(),
         }
     }
 
-    /// Microseconds of CPU per unit since the start, for the server and for this process
-    /// (null where /proc cannot tell, as for a `--server` target).
-    fn per(&self, target: &Server, units: u64) -> Value {
+    /// Microseconds of CPU per unit since the start, for the server (when spawned) and for
+    /// this process, and the UDP datagrams the machine sent per unit (null where /proc cannot
+    /// tell). On loopback every datagram is one side's packet to the other; anything else
+    /// the machine sends counts too, so read it on an otherwise quiet machine.
+    pub(crate) fn per(&self, units: u64) -> Value {
+        let units = units.max(1) as f64;
         let per = |before: Option<f64>, after: Option<f64>| {
-            Some(((after? - before?) * 1e6 / units.max(1) as f64).round())
+            Some(((after? - before?) * 1e6 / units).round())
         };
-        json!({
-            "server_us": per(self.server, target.cpu_seconds()),
+        let datagrams = self
+            .datagrams
+            .zip(udp_datagrams_sent())
+            .map(|(a, b)| ((b - a) as f64 / units * 10.0).round() / 10.0);
+        let mut out = json!({
             "bench_us": per(self.bench, cpu_seconds("self")),
-        })
+            "datagrams": datagrams,
+        });
+        if let Some(pid) = &self.server_pid {
+            out["server_us"] = json!(per(self.server, cpu_seconds(pid)));
+        }
+        out
     }
+}
+
+/// UDP datagrams this machine has sent (`OutDatagrams` in /proc/net/snmp).
+fn udp_datagrams_sent() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names = udp.next()?.split_whitespace();
+    let values = udp.next()?.split_whitespace();
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "OutDatagrams")?
+        .1
+        .parse()
+        .ok()
 }
 
 /// CPU seconds (user + system) a process has used: `pid` or "self", from /proc.
@@ -371,55 +425,6 @@ fn print_table(report: &Value) {
             other => println!("{key:<22} {other}"),
         }
     }
-}
-
-/// The transport floor: ping-pong of a 104-byte frame on one stream between two endpoints of
-/// this process, TLS 1.3 and all, no plover logic.
-async fn echo(rounds: usize) -> Result<Hist> {
-    let dir = tempfile::tempdir()?;
-    let (cert, key) = plover::transport::tls::ensure_dev_cert(dir.path())?;
-    let chain = plover::transport::tls::load_certs(&cert)?;
-    let tls = plover::transport::tls::server_config(
-        chain.clone(),
-        plover::transport::tls::load_key(&key)?,
-    )?;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-    let server = quinn::Endpoint::server(
-        quinn::ServerConfig::with_crypto(Arc::new(crypto)),
-        "127.0.0.1:0".parse()?,
-    )?;
-    let addr = server.local_addr()?;
-    let serving = tokio::spawn(async move {
-        let Some(incoming) = server.accept().await else {
-            return;
-        };
-        let Ok(conn) = incoming.await else { return };
-        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-            return;
-        };
-        let mut buf = [0u8; 104];
-        while recv.read_exact(&mut buf).await.is_ok() {
-            if send.write_all(&buf).await.is_err() {
-                return;
-            }
-        }
-    });
-    let client = plover::transport::client_endpoint(&chain, Duration::from_secs(5))?;
-    let conn = client.connect(addr, "localhost")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut buf = [7u8; 104];
-    let mut hist = Hist::default();
-    for i in 0..rounds + 100 {
-        let start = Instant::now();
-        send.write_all(&buf).await?;
-        recv.read_exact(&mut buf).await?;
-        if i >= 100 {
-            hist.add(start.elapsed());
-        }
-    }
-    conn.close(0u32.into(), b"done");
-    serving.abort();
-    Ok(hist)
 }
 
 /// A message body: send time (ns since `epoch`), sender index and counter, padded to 64 bytes.
@@ -528,7 +533,7 @@ async fn direct(
     let errors = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-    let cpu = CpuMeter::start(target);
+    let cpu = Meter::start(Some(target));
     let start = Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -589,7 +594,7 @@ async fn direct(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu_per_message = cpu.per(target, acked.len() as u64);
+    let cpu_per_message = cpu.per(acked.len() as u64);
     let _ = stop_tx.send(true);
     for r in receivers {
         let _ = r.await;
@@ -712,15 +717,16 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
     }
     let conv = Arc::new(conv);
     let sent_at: Arc<Mutex<std::collections::HashMap<u64, u64>>> = Arc::default();
-    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let interval = Duration::from_secs_f64(1.0 / args.rate().max(1) as f64);
     let mut tick = tokio::time::interval(interval);
     let start = Instant::now();
     let mut counter = 0u64;
     let mut inflight = tokio::task::JoinSet::new();
-    let cpu = CpuMeter::start(target);
+    let cpu = Meter::start(Some(target));
     progress(&format!(
         "group: {} msgs/s for {:?}",
-        args.rate, args.duration
+        args.rate(),
+        args.duration
     ));
     while start.elapsed() < args.duration {
         tick.tick().await;
@@ -754,8 +760,8 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu_per_message = cpu.per(target, acked.len() as u64);
-    let cpu_per_delivery = cpu.per(target, (acked.len() * online) as u64);
+    let cpu_per_message = cpu.per(acked.len() as u64);
+    let cpu_per_delivery = cpu.per((acked.len() * online) as u64);
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
@@ -778,7 +784,7 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
         "scenario": "group",
         "members": members.len(),
         "online_devices": online,
-        "offered_rate": args.rate,
+        "offered_rate": args.rate(),
         "sent": counter,
         "acked": acked.len(),
         "lost": lost,
@@ -911,7 +917,7 @@ async fn connections(target: &Server, n: usize) -> Result<Value> {
 /// The flood scenario: others' latency, quiet and beside a hostile client.
 async fn flood(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value> {
     progress("flood: quiet run");
-    let (quiet, quiet_p99) = direct(target, args.users, args.rate, args.duration, floor).await?;
+    let (quiet, quiet_p99) = direct(target, args.users, args.rate(), args.duration, floor).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let hostile = Flooder::connect(target).await?;
     progress("flood: the hostile client opens streams and stalls one");
@@ -922,14 +928,14 @@ async fn flood(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
         "flood: run beside {} hostile sends/s",
         args.flood_rate
     ));
-    let (loud, loud_p99) = direct(target, args.users, args.rate, args.duration, floor).await?;
+    let (loud, loud_p99) = direct(target, args.users, args.rate(), args.duration, floor).await?;
     let _ = stop_tx.send(true);
     let sent = sender.await??;
     let ratio = loud_p99.as_secs_f64() / quiet_p99.as_secs_f64().max(1e-9);
     Ok(json!({
         "scenario": "flood",
         "users": args.users,
-        "offered_rate": args.rate,
+        "offered_rate": args.rate(),
         "quiet_e2e": quiet["e2e"],
         "flooded_e2e": loud["e2e"],
         "p99_flooded_over_quiet": (ratio * 100.0).round() / 100.0,
