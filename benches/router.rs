@@ -122,6 +122,7 @@ fn router_send(c: &mut Criterion) {
                                 "phone",
                                 ClientMsgId::random(),
                                 Bytes::from_static(b"hello"),
+                                0,
                             )
                             .await
                             .expect("queued");
@@ -144,6 +145,7 @@ fn router_send(c: &mut Criterion) {
                                         "phone",
                                         ClientMsgId::random(),
                                         Bytes::from_static(b"hello"),
+                                        0,
                                     )
                                     .await
                                     .expect("queued"),

@@ -40,6 +40,7 @@ async fn a_non_member_can_neither_read_nor_send() {
             "d",
             plover::framing::ClientMsgId::random(),
             Bytes::from("x"),
+            0,
         )
         .await
         .expect("queued");

@@ -1,9 +1,10 @@
 //! A message reaches the recipient's online devices and the sender's other devices, once each.
 mod common;
 
+use bytes::Bytes;
 use common::{TestServer, assert_quiet, next_event, text};
 use plover::client::EventStream;
-use plover::framing::{Event, Target};
+use plover::framing::{ClientMsgId, Event, Target};
 use std::time::Duration;
 
 #[tokio::test]
@@ -129,6 +130,149 @@ async fn a_device_sends_on_the_connection_its_events_arrive_on() {
     drop(conv);
     drop(conn);
     assert_quiet(&mut alice, Duration::from_millis(200)).await;
+    alice.close().await;
+    bob.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_sending_connection_gets_its_message_in_the_answer_not_on_its_feed() {
+    let server = TestServer::start().await;
+    let router = &server.router;
+    for user in ["alice", "bob"] {
+        router.ensure_user(user).await.expect("user");
+    }
+    let conv = router
+        .open("alice", Target::Direct("bob".into()), true)
+        .await
+        .expect("open")
+        .conversation;
+    let mut phone = router
+        .subscribe("alice", "phone", Some(0))
+        .await
+        .expect("sync");
+    let mut laptop = router
+        .subscribe("alice", "laptop", Some(0))
+        .await
+        .expect("sync");
+    let send = |from: &'static str, origin: u64| async move {
+        router
+            .send(
+                conv,
+                from,
+                "d",
+                ClientMsgId::random(),
+                Bytes::from(from),
+                origin,
+            )
+            .await
+            .expect("queued")
+            .await
+            .expect("answer")
+            .expect("stored")
+    };
+    // Both feeds have read the (empty) store and wait for live events.
+    for feed in [&mut phone.feed, &mut laptop.feed] {
+        let idle = tokio::time::timeout(Duration::from_millis(100), feed.next_batch()).await;
+        assert!(idle.is_err(), "nothing to deliver yet");
+    }
+    // Alice sends on her phone's connection, then Bob answers.
+    let sent = send("alice", phone.feed.id()).await;
+    assert_eq!(
+        (sent.seq, sent.log),
+        (1, 1),
+        "the answer names alice's log position"
+    );
+    assert_eq!(send("bob", 0).await.log, 2, "the position in bob's own log");
+
+    // The phone's feed skips position 1: the answer delivered it.
+    let got = phone.feed.next_batch().await.expect("batch");
+    let got: Vec<(u64, String)> = got.iter().map(|d| (d.pos, from(&d.event))).collect();
+    assert_eq!(got, [(2, "bob".to_owned())]);
+    // Her laptop gets both.
+    let mut both = Vec::new();
+    while both.len() < 2 {
+        for d in laptop.feed.next_batch().await.expect("batch") {
+            both.push((d.pos, from(&d.event)));
+        }
+    }
+    assert_eq!(both, [(1, "alice".to_owned()), (2, "bob".to_owned())]);
+    drop((phone, laptop));
+    server.stop().await;
+}
+
+fn from(event: &Event) -> String {
+    match event {
+        Event::Message(m) => m.from.clone(),
+        other => panic!("not a message: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_event_made_from_the_answer_is_the_one_the_log_holds() {
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let mut phone = EventStream::start(server.config("alice", "phone"), Some(0));
+    let mut laptop = EventStream::start(server.config("alice", "laptop"), Some(0));
+    assert!(phone.synced().await && laptop.synced().await);
+    let conn = phone.connection().expect("synced");
+    let conv = conn
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    conv.send("hello").await.expect("send");
+
+    // The phone's copy was made by the SDK from its send and the answer; the laptop's came
+    // from the server. They are the same event at the same position.
+    let made = next_event(&mut phone).await;
+    let served = next_event(&mut laptop).await;
+    assert_eq!(made, served);
+    let Event::Message(m) = &made.event else {
+        panic!("not a message")
+    };
+    assert_eq!((m.from.as_str(), m.device.as_str()), ("alice", "phone"));
+
+    // A new connection of the phone reads from before it: the stored copy is a position the
+    // stream already has, and is not handed out again.
+    drop((conv, conn));
+    phone.close().await;
+    let mut again = EventStream::start(server.config("alice", "phone"), Some(0));
+    let replayed = next_event(&mut again).await;
+    assert_eq!(replayed, made);
+    again.close().await;
+    laptop.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_conversation_dropped_with_a_send_unanswered_still_yields_its_event() {
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let mut alice = EventStream::start(server.config("alice", "phone"), Some(0));
+    let mut bob = EventStream::start(server.config("bob", "phone"), Some(0));
+    assert!(alice.synced().await && bob.synced().await);
+    let conn = alice.connection().expect("synced");
+    let conv = conn
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    // The send is written, then abandoned before its answer, and the conversation dropped.
+    tokio::select! {
+        biased;
+        _ = conv.send("in flight") => panic!("answered within one poll"),
+        () = tokio::task::yield_now() => {}
+    }
+    drop(conv);
+    assert_eq!(text(&next_event(&mut bob).await), "in flight");
+    let own = next_event(&mut alice).await;
+    assert_eq!((own.pos, text(&own)), (1, "in flight".to_owned()));
+    // And the cursor moved past it, so nothing is left for the next connection to repeat.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while alice.cursor() < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "cursor stuck");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(conn);
     alice.close().await;
     bob.close().await;
     server.stop().await;

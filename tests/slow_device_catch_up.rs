@@ -38,6 +38,7 @@ async fn a_device_that_does_not_read_falls_back_to_the_store_and_loses_nothing()
                 "d",
                 ClientMsgId::random(),
                 Bytes::from(i.to_string()),
+                0,
             )
             .await
             .expect("queued");
@@ -65,6 +66,7 @@ async fn a_device_that_does_not_read_falls_back_to_the_store_and_loses_nothing()
             "d",
             ClientMsgId::random(),
             Bytes::from("live"),
+            0,
         )
         .await
         .expect("queued");

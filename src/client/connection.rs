@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::LogEvent;
 use super::{ClientConfig, ClientError};
 use crate::framing::{
     ClientDatagram, ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ConversationKind,
-    ErrorCode, MemberInfo, Message, PROTOCOL_VERSION, Pusher, Retention, ServerFrame, Target,
+    ErrorCode, Event, MemberInfo, Message, PROTOCOL_VERSION, Pusher, Retention, ServerFrame,
+    Target,
 };
 use crate::transport::stream::{FrameReader, FrameWriter};
 
@@ -149,7 +151,13 @@ pub struct Connection {
     heartbeat: tokio::task::JoinHandle<()>,
     welcome: Welcome,
     next_request: AtomicU32,
+    own: OwnEvents,
 }
+
+/// Where the events of this connection's own sends go: the event stream syncing on it, if
+/// any. The server does not send a message back to the connection it was sent on; its `Sent`
+/// answer carries the message's log position, and the event is made here from what was sent.
+pub(super) type OwnEvents = Arc<Mutex<Option<mpsc::UnboundedSender<LogEvent>>>>;
 
 impl Drop for Connection {
     fn drop(&mut self) {
@@ -292,7 +300,14 @@ impl Connection {
             control_reader,
             welcome,
             next_request: AtomicU32::new(1),
+            own: OwnEvents::default(),
         })
+    }
+
+    /// Hands the events of messages sent on this connection to `sink` (the event stream that
+    /// syncs on it; see [`OwnEvents`]).
+    pub(super) fn deliver_own_sends(&self, sink: mpsc::UnboundedSender<LogEvent>) {
+        *lock(&self.own) = Some(sink);
     }
 
     /// The server's pushes on the control stream (presence changes of peers). Only the first
@@ -584,7 +599,17 @@ impl Connection {
             Ok(None) => return Err(closed_reason(&self.conn)),
             Err(e) => return Err(stream_failure(&self.conn, e)),
         };
-        let waiters = Arc::new(Mutex::new(Waiters::default()));
+        let waiters = Arc::new(Mutex::new(Waiters {
+            sends: HashMap::new(),
+            requests: HashMap::new(),
+            failed: None,
+            own: Own {
+                conversation: info.id,
+                user: self.welcome.user.clone(),
+                device: self.welcome.device.clone(),
+                sink: self.own.clone(),
+            },
+        }));
         let task = tokio::spawn(read_answers(reader, waiters.clone(), self.conn.clone()));
         Ok(Conversation {
             info,
@@ -639,24 +664,66 @@ fn closed_reason(conn: &quinn::Connection) -> ClientError {
 type SendWaiter = oneshot::Sender<Result<(u64, u64), ClientError>>;
 type RequestWaiter = oneshot::Sender<Result<ServerFrame, ClientError>>;
 
-#[derive(Default)]
+/// A send awaiting its answer: the body (for the event the answer makes) and who waits.
+struct PendingSend {
+    body: Bytes,
+    waiters: Vec<SendWaiter>,
+}
+
+/// What a conversation stream needs to make the events of its own sends.
+struct Own {
+    conversation: ConversationId,
+    user: String,
+    device: String,
+    sink: OwnEvents,
+}
+
 struct Waiters {
-    sends: HashMap<ClientMsgId, Vec<SendWaiter>>,
+    sends: HashMap<ClientMsgId, PendingSend>,
     requests: HashMap<u32, RequestWaiter>,
     /// Set once the stream is gone; later requests fail at once.
     failed: Option<ClientError>,
+    own: Own,
 }
 
 impl Answers for Waiters {
     fn answer(&mut self, frame: ServerFrame) -> Result<(), ClientError> {
         match frame {
-            ServerFrame::Sent { id, seq, ts } => {
-                for waiter in self.sends.remove(&id).unwrap_or_default() {
+            ServerFrame::Sent { id, seq, ts, log } => {
+                let Some(pending) = self.sends.remove(&id) else {
+                    return Ok(());
+                };
+                if log != 0
+                    && let Some(sink) = &*lock(&self.own.sink)
+                {
+                    // The server skipped this position on the connection's feed: this is the
+                    // event, exactly as the log holds it.
+                    let message = Message {
+                        conversation: self.own.conversation,
+                        seq,
+                        from: self.own.user.clone(),
+                        device: self.own.device.clone(),
+                        ts,
+                        id,
+                        body: pending.body,
+                        change: None,
+                    };
+                    let _ = sink.send(LogEvent {
+                        pos: log,
+                        event: Event::Message(message),
+                    });
+                }
+                for waiter in pending.waiters {
                     let _ = waiter.send(Ok((seq, ts)));
                 }
             }
             ServerFrame::SendFailed { id, code, message } => {
-                for waiter in self.sends.remove(&id).unwrap_or_default() {
+                for waiter in self
+                    .sends
+                    .remove(&id)
+                    .map(|p| p.waiters)
+                    .unwrap_or_default()
+                {
                     let _ = waiter.send(Err(refused(code, message.clone())));
                 }
             }
@@ -687,8 +754,8 @@ impl Answers for Waiters {
     }
 
     fn fail_all(&mut self, e: &ClientError) {
-        for (_, list) in self.sends.drain() {
-            for w in list {
+        for (_, pending) in self.sends.drain() {
+            for w in pending.waiters {
                 let _ = w.send(Err(e.clone()));
             }
         }
@@ -759,7 +826,12 @@ impl std::fmt::Debug for Conversation {
 
 impl Drop for Conversation {
     fn drop(&mut self) {
-        if let Some(task) = &self.reader_task {
+        // With sends unanswered the reader runs on: their answers are their events for this
+        // device (see `OwnEvents`). Dropping the writer finishes the stream, so the server
+        // answers what it has and finishes its side, which ends the reader.
+        if let Some(task) = &self.reader_task
+            && lock(&self.waiters).sends.is_empty()
+        {
             task.abort();
         }
     }
@@ -989,7 +1061,14 @@ impl Conversation {
             if let Some(e) = &w.failed {
                 return Err(e.clone());
             }
-            w.sends.entry(id).or_default().push(tx);
+            w.sends
+                .entry(id)
+                .or_insert_with(|| PendingSend {
+                    body: body.clone(),
+                    waiters: Vec::new(),
+                })
+                .waiters
+                .push(tx);
         }
         self.writer
             .lock()

@@ -1,7 +1,7 @@
 //! The event stream of a device: catch-up after its cursor, then live events, across
 //! reconnects, each event once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -101,6 +101,8 @@ pub const TYPING_REPEAT: Duration = Duration::from_secs(3);
 /// What the driver hands the application side.
 enum Item {
     Log(LogEvent),
+    /// A message this device sent on the synced connection, made from its `Sent` answer.
+    Own(LogEvent),
     Other(Incoming),
     Failed(ClientError),
 }
@@ -117,6 +119,9 @@ pub struct EventStream {
     synced: watch::Receiver<u64>,
     current: watch::Receiver<Option<Arc<Connection>>>,
     driver: tokio::task::JoinHandle<()>,
+    /// The device's own messages that came back before an earlier position: each waits until
+    /// the cursor reaches it, so that events keep their log order within a conversation.
+    parked: BTreeMap<u64, LogEvent>,
 }
 
 impl std::fmt::Debug for EventStream {
@@ -162,6 +167,7 @@ impl EventStream {
             synced,
             current,
             driver,
+            parked: BTreeMap::new(),
         }
     }
 
@@ -185,10 +191,22 @@ impl EventStream {
     /// say). `None` once closed.
     pub async fn next(&mut self) -> Option<Result<Incoming, ClientError>> {
         loop {
-            let event = match self.rx.recv().await? {
-                Item::Log(e) => e,
-                Item::Other(incoming) => return Some(Ok(incoming)),
-                Item::Failed(e) => return Some(Err(e)),
+            let cursor = self.cursor();
+            // Parked copies of what the feed has since delivered are dropped; the next one in
+            // line goes out.
+            self.parked = self.parked.split_off(&(cursor + 1));
+            let event = match self.parked.remove(&(cursor + 1)) {
+                Some(own) => own,
+                None => match self.rx.recv().await? {
+                    Item::Log(e) => e,
+                    Item::Own(e) if e.pos > cursor + 1 => {
+                        self.parked.insert(e.pos, e);
+                        continue;
+                    }
+                    Item::Own(e) => e,
+                    Item::Other(incoming) => return Some(Ok(incoming)),
+                    Item::Failed(e) => return Some(Err(e)),
+                },
             };
             let (fresh, cursor) = {
                 let mut t = lock(&self.tracker);
@@ -262,6 +280,9 @@ async fn drive(
                 return;
             }
         };
+        // Messages sent on this connection come back in their answers, not on the feed.
+        let (own_tx, mut own_rx) = mpsc::unbounded_channel();
+        conn.deliver_own_sends(own_tx);
         // The first sync uses the caller's cursor (or the server's memory of this device);
         // later ones resume after what the application has taken.
         let cursor = if first && !explicit_cursor {
@@ -289,7 +310,7 @@ async fn drive(
         backoff = Duration::from_millis(100);
         current.send_replace(Some(conn.clone()));
         synced.send_modify(|n| *n += 1);
-        let stopped = run_connection(&conn, &tx, &mut ack_rx, &mut stop).await;
+        let stopped = run_connection(&conn, &tx, &mut own_rx, &mut ack_rx, &mut stop).await;
         current.send_replace(None);
         if stopped {
             let cursor = *ack_rx.borrow_and_update();
@@ -316,6 +337,7 @@ async fn drive(
 async fn run_connection(
     conn: &Connection,
     tx: &mpsc::Sender<Item>,
+    own: &mut mpsc::UnboundedReceiver<LogEvent>,
     ack_rx: &mut watch::Receiver<u64>,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
@@ -341,6 +363,9 @@ async fn run_connection(
                     return false;
                 }
             },
+            Some(event) = own.recv() => {
+                let _ = tx.send(Item::Own(event)).await;
+            }
             Some(push) = async { pushes.as_mut()?.recv().await } => {
                 let ControlPush::Presence { user, online, last_seen } = push;
                 let _ = tx.send(Item::Other(Incoming::Presence { user, online, last_seen })).await;
@@ -452,5 +477,74 @@ mod tests {
         assert_eq!(t.cursor(), 5);
         assert!(t.take(6));
         assert_eq!(t.cursor(), 6);
+    }
+
+    fn message(pos: u64, seq: u64) -> LogEvent {
+        LogEvent {
+            pos,
+            event: Event::Message(crate::framing::Message {
+                conversation: 1,
+                seq,
+                from: "al".into(),
+                device: "phone".into(),
+                ts: 0,
+                id: crate::framing::ClientMsgId([0; 16]),
+                body: bytes::Bytes::from_static(b"x"),
+                change: None,
+            }),
+        }
+    }
+
+    /// An event stream fed by hand: what the driver would hand it, in this order.
+    fn fed(items: Vec<Item>) -> EventStream {
+        let (tx, rx) = mpsc::channel(items.len().max(1));
+        for item in items {
+            tx.try_send(item).expect("room");
+        }
+        let (ack, _) = watch::channel(0);
+        let (stop, _) = watch::channel(false);
+        let (_, synced) = watch::channel(1);
+        let (_, current) = watch::channel(None);
+        EventStream {
+            rx,
+            tracker: Arc::new(Mutex::new(CursorTracker::new(0))),
+            ack,
+            stop,
+            synced,
+            current,
+            driver: tokio::spawn(async {}),
+            parked: BTreeMap::new(),
+        }
+    }
+
+    async fn positions(mut events: EventStream) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(Ok(Incoming::Log(e))) = events.next().await {
+            out.push(e.pos);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_own_message_waits_for_the_positions_before_it() {
+        // The answer to the device's send (position 3) overtakes the peer's two messages.
+        let events = fed(vec![
+            Item::Own(message(3, 3)),
+            Item::Log(message(1, 1)),
+            Item::Log(message(2, 2)),
+        ]);
+        assert_eq!(positions(events).await, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn an_own_message_also_read_from_the_store_comes_once() {
+        let events = fed(vec![
+            Item::Own(message(2, 2)),
+            Item::Log(message(1, 1)),
+            Item::Log(message(2, 2)),
+            Item::Own(message(3, 3)),
+            Item::Log(message(3, 3)),
+        ]);
+        assert_eq!(positions(events).await, [1, 2, 3]);
     }
 }

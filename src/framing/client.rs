@@ -231,11 +231,11 @@ mod tests {
         vec![
             (
                 ClientFrame::Hello {
-                    version: 1,
+                    version: 2,
                     token: "t.k.n".into(),
                     device: "cli".into(),
                 },
-                "0c 00 01 05 74 2e 6b 2e 6e 03 63 6c 69",
+                "0c 00 02 05 74 2e 6b 2e 6e 03 63 6c 69",
             ),
             (ClientFrame::Ping { nonce: 300 }, "03 01 ac 02"),
             (ClientFrame::Sync { cursor: Some(5) }, "03 02 01 05"),

@@ -19,7 +19,7 @@ pub use types::{
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The TLS ALPN identifier of protocol version 1.
 pub const ALPN: &[u8] = b"plover/1";

@@ -77,6 +77,10 @@ pub enum ServerFrame {
         seq: u64,
         /// Server time of acceptance, Unix milliseconds.
         ts: u64,
+        /// The message's position in the sender's own sync log, 0 if not known (an answer to
+        /// a retry). This answer is the message's delivery to this connection: its feed skips
+        /// that position, and the client takes it from here.
+        log: u64,
     },
     /// The message was not stored.
     SendFailed {
@@ -200,7 +204,7 @@ mod tests {
         vec![
             (
                 ServerFrame::Welcome {
-                    version: 1,
+                    version: 2,
                     user: "al".into(),
                     device: "d".into(),
                     server_id: "s".into(),
@@ -208,7 +212,7 @@ mod tests {
                     max_frame: 65_536,
                     max_body: 60_000,
                 },
-                "11 00 01 02 61 6c 01 64 01 73 90 4e 80 80 04 e0 d4 03",
+                "11 00 02 02 61 6c 01 64 01 73 90 4e 80 80 04 e0 d4 03",
             ),
             (ServerFrame::Pong { nonce: 1 }, "02 01 01"),
             (
@@ -254,8 +258,9 @@ mod tests {
                     id: ClientMsgId([0x01; 16]),
                     seq: 2,
                     ts: 3,
+                    log: 4,
                 },
-                "13 05 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 02 03",
+                "14 05 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 02 03 04",
             ),
             (
                 ServerFrame::SendFailed {

@@ -24,6 +24,9 @@ pub struct Sent {
     pub seq: u64,
     /// Server time of acceptance, Unix ms.
     pub ts: u64,
+    /// Position of the message in the sender's own log; 0 when not known (a retry, or an
+    /// answer that is not a message).
+    pub log: u64,
 }
 
 /// Where an answer goes.
@@ -49,6 +52,8 @@ pub(super) enum CommitItem {
         reply: Reply,
         /// When the send reached its shard (for the ack latency metric).
         since: std::time::Instant,
+        /// The sending connection's feed, which gets the message in the answer instead.
+        origin: u64,
     },
     /// A member's marks moved: store them and append the receipt to each recipient's log;
     /// under `until_delivered`, remove the bodies of the seq range everyone now has.
@@ -115,7 +120,13 @@ impl CommitItem {
 }
 
 /// One committed event and where it goes: each member at their new log position.
-type Fanout = (Arc<[String]>, Vec<u64>, Arc<Event>);
+struct Fanout {
+    members: Arc<[String]>,
+    positions: Vec<u64>,
+    event: Arc<Event>,
+    /// The feed that skips it (the sending connection's; 0 for none).
+    origin: u64,
+}
 
 pub(super) struct CommitThread {
     pub(super) store: Arc<Store>,
@@ -188,6 +199,7 @@ impl CommitThread {
                     membership,
                     reply,
                     since,
+                    origin,
                 } => {
                     if failed.is_some() {
                         let _ = reply.send(Err(RouterError::Unavailable));
@@ -217,16 +229,30 @@ impl CommitThread {
                         conversation: msg.conversation,
                         seq: msg.seq,
                     };
-                    let sent = Sent {
-                        seq: msg.seq,
-                        ts: msg.ts,
-                    };
-                    replies.push((reply, sent));
                     match append(&self.store, &mut batch, heads, &members, &entry) {
                         Ok(positions) => {
-                            deliveries.push((members, positions, Arc::new(Event::Message(msg))));
+                            // The sender's own log position travels in the answer.
+                            let log = members
+                                .iter()
+                                .position(|m| *m == msg.from)
+                                .map_or(0, |i| positions[i]);
+                            let sent = Sent {
+                                seq: msg.seq,
+                                ts: msg.ts,
+                                log,
+                            };
+                            replies.push((reply, sent));
+                            deliveries.push(Fanout {
+                                members,
+                                positions,
+                                event: Arc::new(Event::Message(msg)),
+                                origin,
+                            });
                         }
-                        Err(e) => failed = Some(e),
+                        Err(e) => {
+                            let _ = reply.send(Err(RouterError::Unavailable));
+                            failed = Some(e);
+                        }
                     }
                 }
                 CommitItem::Marks {
@@ -257,11 +283,12 @@ impl CommitThread {
                         read: receipt.read,
                     };
                     match append(&self.store, &mut batch, heads, &recipients, &entry) {
-                        Ok(positions) => deliveries.push((
-                            recipients,
+                        Ok(positions) => deliveries.push(Fanout {
+                            members: recipients,
                             positions,
-                            Arc::new(Event::Receipt(receipt)),
-                        )),
+                            event: Arc::new(Event::Receipt(receipt)),
+                            origin: 0,
+                        }),
                         Err(e) => failed = Some(e),
                     }
                 }
@@ -280,6 +307,7 @@ impl CommitThread {
                         Sent {
                             seq: tombstone.seq,
                             ts: tombstone.ts,
+                            log: 0,
                         },
                     ));
                     let event = Event::Deleted {
@@ -293,9 +321,12 @@ impl CommitThread {
                         by: tombstone.from,
                     };
                     match append(&self.store, &mut batch, heads, &recipients, &entry) {
-                        Ok(positions) => {
-                            deliveries.push((recipients, positions, Arc::new(event)));
-                        }
+                        Ok(positions) => deliveries.push(Fanout {
+                            members: recipients,
+                            positions,
+                            event: Arc::new(event),
+                            origin: 0,
+                        }),
                         Err(e) => failed = Some(e),
                     }
                 }
@@ -327,7 +358,13 @@ impl CommitThread {
                         .record(acked.duration_since(since).as_secs_f64());
                 }
                 let fanout = std::time::Instant::now();
-                for (members, positions, event) in deliveries {
+                for Fanout {
+                    members,
+                    positions,
+                    event,
+                    origin,
+                } in deliveries
+                {
                     if let Event::Message(msg) = &*event {
                         for member in members.iter() {
                             self.notifier.offer(member, msg);
@@ -337,6 +374,7 @@ impl CommitThread {
                         let delivery = Delivery {
                             pos,
                             event: event.clone(),
+                            origin,
                         };
                         self.sessions.deliver(member, &delivery);
                     }

@@ -5,6 +5,11 @@
 //! arrives on the queue afterwards. The feed delivers positions strictly in order: anything at
 //! or below what it already gave is dropped (seen twice), and a jump past the next position
 //! (events dropped while the queue was full) switches it back to reading the store.
+//!
+//! A message sent on the feed's own connection is skipped when it comes live: the `Sent`
+//! answer carries its log position, and the client takes the event from there (one packet
+//! fewer per message for the sender's device). Read from the store, it is not skipped; the
+//! client's cursor tracker drops the copy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +32,8 @@ pub struct DeviceFeed {
     lagging: Arc<AtomicBool>,
     catching_up: bool,
     store: Arc<Store>,
+    /// The registration's id: live messages sent with it as origin are skipped.
+    id: u64,
     _registration: Registration,
 }
 
@@ -56,8 +63,14 @@ impl DeviceFeed {
             lagging,
             catching_up: true,
             store,
+            id: registration.id(),
             _registration: registration,
         }
+    }
+
+    /// The id that marks messages sent on this feed's connection ([`super::Delivery::origin`]).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The next events for the device, in log order, at least one.
@@ -89,7 +102,9 @@ impl DeviceFeed {
                     // Already delivered (read from the store before it came live).
                 } else if d.pos == self.next {
                     self.next += 1;
-                    out.push(d);
+                    if d.origin != self.id {
+                        out.push(d);
+                    }
                 } else {
                     // A gap: events were dropped while the queue was full. They (and this one)
                     // are in the store.
@@ -172,6 +187,7 @@ pub(super) fn read_events(
         out.push(Delivery {
             pos,
             event: Arc::new(event),
+            origin: 0,
         });
     }
     Ok(out)

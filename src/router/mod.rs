@@ -387,7 +387,9 @@ impl Router {
     }
 
     /// Sequences a message. Waits while the shard's queue is full (backpressure), then returns
-    /// a receiver that yields the answer once the message is durable.
+    /// a receiver that yields the answer once the message is durable. `origin` is the sending
+    /// connection's feed ([`DeviceFeed::id`], 0 for none), which skips the message: the answer
+    /// carries its position in the sender's log instead.
     pub async fn send(
         &self,
         conversation: ConversationId,
@@ -395,6 +397,7 @@ impl Router {
         device: &str,
         id: ClientMsgId,
         body: bytes::Bytes,
+        origin: u64,
     ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
         self.charge(from, "sending")?;
         let (reply, rx) = oneshot::channel();
@@ -407,6 +410,7 @@ impl Router {
             body,
             reply,
             since: std::time::Instant::now(),
+            origin,
         };
         shard
             .send(ShardRequest::Send(request))

@@ -20,6 +20,9 @@ pub struct Delivery {
     pub pos: u64,
     /// The event (shared by every recipient).
     pub event: Arc<Event>,
+    /// The registration ([`Registration::id`]) of the connection the message was sent on,
+    /// or 0. That connection learns the event from its `Sent` answer, so its feed skips it.
+    pub origin: u64,
 }
 
 struct Slot {
@@ -49,6 +52,13 @@ pub struct Registration {
     id: u64,
 }
 
+impl Registration {
+    /// This device connection's id, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut users = self
@@ -74,7 +84,8 @@ impl Sessions {
     ) -> (Registration, mpsc::Receiver<Delivery>, Arc<AtomicBool>) {
         let (tx, rx) = mpsc::channel(capacity);
         let lagging = Arc::new(AtomicBool::new(false));
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // From 1: 0 is "no registration" in `Delivery::origin`.
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = Slot {
             id,
             tx,

@@ -45,6 +45,8 @@ pub(super) struct SendRequest {
     pub(super) reply: Reply,
     /// When the send was handed to the router.
     pub(super) since: std::time::Instant,
+    /// The sending connection's feed (see [`Delivery::origin`]), 0 if it has none.
+    pub(super) origin: u64,
 }
 
 /// A change to a group's membership.
@@ -210,7 +212,7 @@ impl Shard {
         }
         match self.store.idempotent(key.0, &key.1, &key.2) {
             Ok(Some((seq, ts))) => {
-                let _ = req.reply.send(Ok(Sent { seq, ts }));
+                let _ = req.reply.send(Ok(Sent { seq, ts, log: 0 }));
                 return None;
             }
             Ok(None) => {}
@@ -224,6 +226,7 @@ impl Shard {
         let sent = Sent {
             seq: state.last_seq,
             ts: now_ms(),
+            log: 0,
         };
         let msg = Message {
             conversation: key.0,
@@ -251,6 +254,7 @@ impl Shard {
             membership: None,
             reply: req.reply,
             since: req.since,
+            origin: req.origin,
         })
     }
 
@@ -358,7 +362,11 @@ impl Shard {
                     reply: req.reply,
                 }),
                 Ok(None) => {
-                    let _ = req.reply.send(Ok(Sent { seq: 0, ts: 0 }));
+                    let _ = req.reply.send(Ok(Sent {
+                        seq: 0,
+                        ts: 0,
+                        log: 0,
+                    }));
                     None
                 }
                 Err(e) => {
@@ -386,10 +394,15 @@ impl Shard {
                     membership: Some(Box::new(write)),
                     reply: req.reply,
                     since: std::time::Instant::now(),
+                    origin: 0,
                 })
             }
             Ok(None) => {
-                let _ = req.reply.send(Ok(Sent { seq: 0, ts: 0 }));
+                let _ = req.reply.send(Ok(Sent {
+                    seq: 0,
+                    ts: 0,
+                    log: 0,
+                }));
                 None
             }
             Err(e) => {

@@ -128,6 +128,7 @@ impl World {
                 user: user.into(),
                 device: "fuzz".into(),
                 shared: shared.clone(),
+                feed: Default::default(),
             });
         }
         Self {

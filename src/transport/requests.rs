@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::debug;
@@ -67,6 +68,7 @@ impl Pending {
                     id,
                     seq: sent.seq,
                     ts: sent.ts,
+                    log: sent.log,
                 },
                 Ok(Err(e)) => ServerFrame::SendFailed {
                     id,
@@ -111,6 +113,8 @@ pub(crate) struct Actor {
     pub(crate) user: String,
     pub(crate) device: String,
     pub(crate) shared: Arc<Shared>,
+    /// The connection's feed once it syncs ([`crate::router::DeviceFeed::id`]), else 0.
+    pub(crate) feed: AtomicU64,
 }
 
 impl Actor {
@@ -203,7 +207,10 @@ impl Actor {
             ),
             ClientFrame::Sync { cursor } if !syncing => {
                 return match router.subscribe(&self.user, &self.device, cursor).await {
-                    Ok(sub) => Control::Subscribed(sub),
+                    Ok(sub) => {
+                        self.feed.store(sub.feed.id(), Ordering::Relaxed);
+                        Control::Subscribed(sub)
+                    }
                     Err(e) => Control::Reply(ServerFrame::error(e.code(), e.to_string())),
                 };
             }
@@ -401,7 +408,14 @@ impl Actor {
         }
         match self
             .router()
-            .send(conversation, &self.user, &self.device, id, body)
+            .send(
+                conversation,
+                &self.user,
+                &self.device,
+                id,
+                body,
+                self.feed.load(Ordering::Relaxed),
+            )
             .await
         {
             Ok(rx) => Pending::Ack { id, rx },

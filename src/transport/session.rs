@@ -181,6 +181,7 @@ async fn authenticate(
             user,
             device,
             shared: shared.clone(),
+            feed: Default::default(),
         },
     };
     Some((session, reader, writer))
