@@ -277,3 +277,38 @@ async fn a_conversation_dropped_with_a_send_unanswered_still_yields_its_event() 
     bob.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_started_at_the_head_acknowledges_its_cursor_as_it_goes() {
+    let server = TestServer::start().await;
+    server.register("alice").await;
+    // `u64::MAX`: from wherever the log is now.
+    let mut bob = EventStream::start(server.config("bob", "phone"), Some(u64::MAX));
+    assert!(bob.synced().await);
+    let alice = server.connect("alice", "phone").await;
+    let conv = alice
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    conv.send("hi").await.expect("send");
+    assert_eq!(next_event(&mut bob).await.pos, 1);
+    // The stream stays open: the acknowledgement comes on its own, within a few intervals.
+    let deadline = tokio::time::Instant::now() + 4 * plover::client::CURSOR_ACK_INTERVAL;
+    loop {
+        let stored = server
+            .router
+            .store()
+            .device_cursor("bob", "phone")
+            .expect("read");
+        if stored == Some(1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cursor not acknowledged: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bob.close().await;
+    server.stop().await;
+}

@@ -386,6 +386,47 @@ impl Meter {
     }
 }
 
+/// The load generator's QUIC counters, summed over its connections: what its side of the
+/// traffic is made of.
+#[derive(Default)]
+struct Packets {
+    sent: u64,
+    received: u64,
+    ack_frames: u64,
+    stream_frames: u64,
+    flow_control_frames: u64,
+}
+
+impl Packets {
+    fn of(conns: &[Arc<Connection>]) -> Self {
+        let mut p = Self::default();
+        for c in conns {
+            let s = c.stats();
+            p.sent += s.udp_tx.datagrams;
+            p.received += s.udp_rx.datagrams;
+            p.ack_frames += s.frame_tx.acks;
+            p.stream_frames += s.frame_tx.stream;
+            p.flow_control_frames += s.frame_tx.max_data + s.frame_tx.max_stream_data;
+        }
+        p
+    }
+
+    /// Per unit since `before`: datagrams the clients sent and received, and the ACK, stream
+    /// and flow-control frames they sent.
+    fn since(&self, before: &Packets, units: u64) -> Value {
+        let per = |a: u64, b: u64| {
+            (a.saturating_sub(b) as f64 / units.max(1) as f64 * 100.0).round() / 100.0
+        };
+        json!({
+            "sent": per(self.sent, before.sent),
+            "received": per(self.received, before.received),
+            "ack_frames_sent": per(self.ack_frames, before.ack_frames),
+            "stream_frames_sent": per(self.stream_frames, before.stream_frames),
+            "flow_control_frames_sent": per(self.flow_control_frames, before.flow_control_frames),
+        })
+    }
+}
+
 /// UDP datagrams this machine has sent (`OutDatagrams` in /proc/net/snmp).
 fn udp_datagrams_sent() -> Option<u64> {
     let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
@@ -519,10 +560,12 @@ async fn direct(
     }
     let mut convs: Vec<Arc<Conversation>> = Vec::new();
     let mut receivers = Vec::new();
+    let mut conns = Vec::with_capacity(users);
     for (i, (name, events)) in streams.into_iter().enumerate() {
         let conn = events
             .connection()
             .ok_or_else(|| anyhow::anyhow!("user {name} lost its connection"))?;
+        conns.push(conn.clone());
         let peer = format!("d{run}-{}", i ^ 1);
         convs.push(Arc::new(conn.open(Target::Direct(peer), true).await?));
         receivers.push(receive(events, name, epoch, seen.clone(), stop_rx.clone()));
@@ -534,6 +577,7 @@ async fn direct(
     let sent = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let cpu = Meter::start(Some(target));
+    let packets = Packets::of(&conns);
     let start = Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -595,6 +639,8 @@ async fn direct(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cpu_per_message = cpu.per(acked.len() as u64);
+    let client_packets = Packets::of(&conns).since(&packets, acked.len() as u64);
+    drop(conns);
     let _ = stop_tx.send(true);
     for r in receivers {
         let _ = r.await;
@@ -621,6 +667,7 @@ async fn direct(
         "echo_floor": floor.json(),
         "e2e_p50_over_floor_p50": (p50.as_secs_f64() / floor_p50.as_secs_f64().max(1e-9) * 100.0).round() / 100.0,
         "cpu_per_message": cpu_per_message,
+        "client_packets_per_message": client_packets,
     });
     Ok((report, seen.e2e.pct(99.0)))
 }

@@ -423,6 +423,11 @@ impl Connection {
         &self.welcome.user
     }
 
+    /// QUIC's counters for this connection: packets, bytes and frames by type, each way.
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
     pub(super) fn quic(&self) -> &quinn::Connection {
         &self.conn
     }

@@ -114,7 +114,6 @@ enum Item {
 pub struct EventStream {
     rx: mpsc::Receiver<Item>,
     tracker: Arc<Mutex<CursorTracker>>,
-    ack: watch::Sender<u64>,
     stop: watch::Sender<bool>,
     synced: watch::Receiver<u64>,
     current: watch::Receiver<Option<Arc<Connection>>>,
@@ -143,7 +142,6 @@ impl EventStream {
     pub fn start(config: ClientConfig, cursor: Option<u64>) -> Self {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let tracker = Arc::new(Mutex::new(CursorTracker::new(cursor.unwrap_or(0))));
-        let (ack, ack_rx) = watch::channel(cursor.unwrap_or(0));
         let (stop, stop_rx) = watch::channel(false);
         let (synced_tx, synced) = watch::channel(0);
         let (current_tx, current) = watch::channel(None);
@@ -153,7 +151,6 @@ impl EventStream {
             tracker.clone(),
             tx,
             Signals {
-                ack: ack_rx,
                 stop: stop_rx,
                 synced: synced_tx,
                 current: current_tx,
@@ -162,7 +159,6 @@ impl EventStream {
         Self {
             rx,
             tracker,
-            ack,
             stop,
             synced,
             current,
@@ -208,12 +204,7 @@ impl EventStream {
                     Item::Failed(e) => return Some(Err(e)),
                 },
             };
-            let (fresh, cursor) = {
-                let mut t = lock(&self.tracker);
-                (t.take(event.pos), t.cursor())
-            };
-            if fresh {
-                self.ack.send_replace(cursor);
+            if lock(&self.tracker).take(event.pos) {
                 return Some(Ok(Incoming::Log(event)));
             }
         }
@@ -234,7 +225,6 @@ impl EventStream {
 /// How the driver and the application's side of the stream talk.
 struct Signals {
     /// The cursor the application has reached.
-    ack: watch::Receiver<u64>,
     /// Set when the application closes the stream.
     stop: watch::Receiver<bool>,
     /// Counts successful syncs.
@@ -252,7 +242,6 @@ async fn drive(
     signals: Signals,
 ) {
     let Signals {
-        ack: mut ack_rx,
         mut stop,
         synced,
         current,
@@ -310,10 +299,10 @@ async fn drive(
         backoff = Duration::from_millis(100);
         current.send_replace(Some(conn.clone()));
         synced.send_modify(|n| *n += 1);
-        let stopped = run_connection(&conn, &tx, &mut own_rx, &mut ack_rx, &mut stop).await;
+        let stopped = run_connection(&conn, &tx, &mut own_rx, &tracker, started, &mut stop).await;
         current.send_replace(None);
         if stopped {
-            let cursor = *ack_rx.borrow_and_update();
+            let cursor = lock(&tracker).cursor();
             let _ = conn.control_send(ClientFrame::Ack { cursor }).await;
             match Arc::try_unwrap(conn) {
                 Ok(conn) => conn.close().await,
@@ -338,15 +327,17 @@ async fn run_connection(
     conn: &Connection,
     tx: &mpsc::Sender<Item>,
     own: &mut mpsc::UnboundedReceiver<LogEvent>,
-    ack_rx: &mut watch::Receiver<u64>,
+    tracker: &Mutex<CursorTracker>,
+    started: u64,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
     let quic = conn.quic().clone();
     let max = conn.welcome().max_frame;
     let mut readers = tokio::task::JoinSet::new();
-    let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ack_tick = tokio::time::interval(CURSOR_ACK_INTERVAL);
     let mut pushes = conn.take_pushes();
-    let mut acked = *ack_rx.borrow();
+    // What the server already has for this device: the cursor it resumed at.
+    let mut acked = started;
     loop {
         tokio::select! {
             stream = quic.accept_bi() => match stream {
@@ -380,7 +371,7 @@ async fn run_connection(
                     }
             }
             _ = ack_tick.tick() => {
-                let cursor = *ack_rx.borrow();
+                let cursor = lock(tracker).cursor();
                 if cursor > acked && conn.control_send(ClientFrame::Ack { cursor }).await.is_ok() {
                     acked = cursor;
                 }
@@ -390,6 +381,12 @@ async fn run_connection(
         }
     }
 }
+
+/// How often the cursor is acknowledged while it moves (and once more on a clean close). The
+/// server keeps it only to resume a device that syncs without a cursor, so a crash repeats at
+/// most this much; every 200 ms cost 12% more server CPU and 1.6 more packets per message in
+/// `plover bench direct` (1000 users, 4,000 msgs/s).
+pub const CURSOR_ACK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long `Delivered` reports are gathered on a delivery stream: one report covers every
 /// message that arrived within it, so a busy conversation costs the server a few receipts a
@@ -501,14 +498,12 @@ mod tests {
         for item in items {
             tx.try_send(item).expect("room");
         }
-        let (ack, _) = watch::channel(0);
         let (stop, _) = watch::channel(false);
         let (_, synced) = watch::channel(1);
         let (_, current) = watch::channel(None);
         EventStream {
             rx,
             tracker: Arc::new(Mutex::new(CursorTracker::new(0))),
-            ack,
             stop,
             synced,
             current,

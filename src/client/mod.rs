@@ -11,7 +11,8 @@ mod events;
 
 pub use connection::{Ack, Connection, ControlPush, Conversation, Welcome};
 pub use events::{
-    CursorTracker, DELIVERED_DELAY, EventStream, Incoming, LogEvent, TYPING_REPEAT, TYPING_TTL,
+    CURSOR_ACK_INTERVAL, CursorTracker, DELIVERED_DELAY, EventStream, Incoming, LogEvent,
+    TYPING_REPEAT, TYPING_TTL,
 };
 
 use bytes::Bytes;
