@@ -130,3 +130,44 @@ async fn receipts_are_learned_after_reconnect_and_read_state_reaches_the_readers
     bob.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_steady_stream_of_messages_is_reported_delivered_about_once_a_second() {
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let alice = server.connect("alice", "phone").await;
+    let conv = alice
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    let mut alice_laptop = EventStream::start(server.config("alice", "laptop"), Some(0));
+    let mut bob = EventStream::start(server.config("bob", "phone"), Some(0));
+    assert!(alice_laptop.synced().await && bob.synced().await);
+    let reader = tokio::spawn(async move {
+        for _ in 0..40 {
+            next_event(&mut bob).await;
+        }
+        bob
+    });
+    // 40 messages 20 ms apart: never 50 ms without one, so the reports wait for the 1 s cap
+    // or the quiet after the last (one every 50 ms would be about 16).
+    for i in 0..40 {
+        conv.send(format!("m{i}")).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bob = reader.await.expect("bob read");
+    let mut reports = 0;
+    loop {
+        let r = next_receipt(&mut alice_laptop).await;
+        if r.user == "bob" {
+            reports += 1;
+            if r.delivered == 40 {
+                break;
+            }
+        }
+    }
+    assert!(reports <= 6, "{reports} delivered reports for one steady stream");
+    bob.close().await;
+    alice_laptop.close().await;
+    server.stop().await;
+}

@@ -726,11 +726,13 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
     let duplicated = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let mut conns = Vec::with_capacity(online);
     for m in members.iter().skip(1).take(online) {
         let mut events = EventStream::start(target.config(m, "bench-rx")?, Some(u64::MAX));
         if !events.synced().await {
             bail!("member {m} could not sync");
         }
+        conns.extend(events.connection());
         let (arrivals, duplicated, mut stop) =
             (arrivals.clone(), duplicated.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
@@ -770,6 +772,7 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
     let mut counter = 0u64;
     let mut inflight = tokio::task::JoinSet::new();
     let cpu = Meter::start(Some(target));
+    let packets = Packets::of(&conns);
     progress(&format!(
         "group: {} msgs/s for {:?}",
         args.rate(),
@@ -809,6 +812,8 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
     }
     let cpu_per_message = cpu.per(acked.len() as u64);
     let cpu_per_delivery = cpu.per((acked.len() * online) as u64);
+    let client_packets = Packets::of(&conns).since(&packets, (acked.len() * online) as u64);
+    drop(conns);
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
@@ -840,6 +845,7 @@ async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value>
         "echo_floor": floor.json(),
         "cpu_per_message": cpu_per_message,
         "cpu_per_delivery": cpu_per_delivery,
+        "member_packets_per_delivery": client_packets,
     }))
 }
 

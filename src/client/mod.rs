@@ -11,8 +11,8 @@ mod events;
 
 pub use connection::{Ack, Connection, ControlPush, Conversation, Welcome};
 pub use events::{
-    CURSOR_ACK_INTERVAL, CursorTracker, DELIVERED_DELAY, EventStream, Incoming, LogEvent,
-    TYPING_REPEAT, TYPING_TTL,
+    CURSOR_ACK_INTERVAL, CursorTracker, DELIVERED_DELAY, DELIVERED_MAX_DELAY, EventStream,
+    Incoming, LogEvent, TYPING_REPEAT, TYPING_TTL,
 };
 
 use bytes::Bytes;
