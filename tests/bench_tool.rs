@@ -103,3 +103,41 @@ fn flood_holds_the_limits_of_a_hostile_client() {
     assert_eq!(refused + accepted, sent, "every send answered: {v}");
     assert!(v["p99_flooded_over_quiet"].as_f64().is_some(), "{v}");
 }
+
+#[test]
+fn echo_under_load_measures_round_trips_pushes_and_fanout() {
+    let v = bench(&[
+        "echo",
+        "--connections",
+        "8",
+        "--rate",
+        "400",
+        "--duration",
+        "1s",
+    ]);
+    // Roughly the offered rate for one second: the pacing works, and every push arrived
+    // (the scenario fails otherwise).
+    let trips = v["round_trips"].as_u64().expect("round trips");
+    assert!((200..=600).contains(&trips), "{v}");
+    let pushes = v["pushes"].as_u64().expect("pushes");
+    assert!((200..=600).contains(&pushes), "{v}");
+    // 400 a second over 8 connections: 50 bursts a second, each to all 8.
+    let bursts = v["fanout_bursts"].as_u64().expect("bursts");
+    assert!((25..=75).contains(&bursts), "{v}");
+    assert!(v["fanout_to_last"]["p50_us"].as_f64().expect("to last") > 0.0);
+    for cost in [
+        "cost_per_round_trip",
+        "cost_per_push",
+        "cost_per_fanout_push",
+    ] {
+        assert!(
+            v[cost]["bench_us"].as_f64().expect("cpu") > 0.0,
+            "{cost}: {v}"
+        );
+        // At least the frame itself crossed the loopback.
+        assert!(
+            v[cost]["datagrams"].as_f64().expect("datagrams") >= 1.0,
+            "{cost}: {v}"
+        );
+    }
+}

@@ -166,7 +166,10 @@ async fn a_steady_stream_of_messages_is_reported_delivered_about_once_a_second()
             }
         }
     }
-    assert!(reports <= 6, "{reports} delivered reports for one steady stream");
+    assert!(
+        reports <= 6,
+        "{reports} delivered reports for one steady stream"
+    );
     bob.close().await;
     alice_laptop.close().await;
     server.stop().await;

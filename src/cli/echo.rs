@@ -207,52 +207,32 @@ pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> R
 
     progress(&format!("echo: {rate} pushes/s for {duration:?}"));
     let meter = Meter::start(None);
-    let mut reading = JoinSet::new();
-    for (conn, mut pushes) in readers {
-        reading.spawn(async move {
-            let mut latency = Hist::default();
-            let mut buf = [0u8; FRAME];
-            loop {
-                pushes.read_exact(&mut buf).await?;
-                let stamp = u64::from_le_bytes(buf[..8].try_into()?);
-                if stamp == LAST {
-                    break;
-                }
-                let now = epoch.elapsed().as_nanos() as u64;
-                latency.add(Duration::from_nanos(now.saturating_sub(stamp)));
-            }
-            conn.close(0u32.into(), b"done");
-            anyhow::Ok(latency)
-        });
-    }
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    let mut pushed = 0u64;
-    let mut next = 0;
-    while start.elapsed() < duration {
-        tick.tick().await;
-        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
-        while pushed < due {
-            let mut frame = [2u8; FRAME];
-            frame[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
-            pushers[next].write_all(&frame).await?;
-            next = (next + 1) % n;
-            pushed += 1;
-        }
-    }
-    let mut last = [0u8; FRAME];
-    last[..8].copy_from_slice(&LAST.to_le_bytes());
-    for p in &mut pushers {
-        p.write_all(&last).await?;
-    }
+    let (readers, arrivals) = push(readers, &mut pushers, epoch, Spread(rate), duration).await?;
+    let push_cost = meter.per(arrivals.len() as u64);
     let mut latency = Hist::default();
-    while let Some(r) = reading.join_next().await {
-        latency.merge(r??);
+    for (_, ns) in &arrivals {
+        latency.add(Duration::from_nanos(*ns));
     }
-    if latency.0.len() as u64 != pushed {
-        bail!("{pushed} pushes sent, {} received", latency.0.len());
+
+    let bursts = (rate as f64 / n as f64).max(0.1);
+    progress(&format!(
+        "echo: a push to all {n} connections {bursts} times a second for {duration:?}"
+    ));
+    let meter = Meter::start(None);
+    let (readers, arrivals) = push(readers, &mut pushers, epoch, Bursts(bursts), duration).await?;
+    let fanout_cost = meter.per(arrivals.len() as u64);
+    let mut last: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    for (burst, ns) in &arrivals {
+        let l = last.entry(*burst).or_default();
+        *l = (*l).max(*ns);
     }
-    let push_cost = meter.per(pushed);
+    let mut to_last = Hist::default();
+    for ns in last.values() {
+        to_last.add(Duration::from_nanos(*ns));
+    }
+    for (conn, _) in readers {
+        conn.close(0u32.into(), b"done");
+    }
     serving.abort();
     Ok(json!({
         "connections": n,
@@ -261,8 +241,100 @@ pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> R
         "round_trip_rate": (round_trips as f64 / duration.as_secs_f64()).round(),
         "round_trip": rtt.json(),
         "cost_per_round_trip": trip_cost,
-        "pushes": pushed,
+        "pushes": latency.0.len(),
         "push": latency.json(),
         "cost_per_push": push_cost,
+        "fanout_bursts": to_last.0.len(),
+        "fanout_to_last": to_last.json(),
+        "cost_per_fanout_push": fanout_cost,
     }))
+}
+
+/// How [`push`] spreads its frames.
+enum Schedule {
+    /// This many a second, one connection after another.
+    Spread(u64),
+    /// This many times a second, one frame to every connection at once (a group message).
+    Bursts(f64),
+}
+use Schedule::{Bursts, Spread};
+
+type Reader = (quinn::Connection, quinn::RecvStream);
+
+/// Pushes frames on the server's push streams for `duration` as `schedule` says, then a last
+/// frame to each; returns the readers and, for every frame, (burst, latency in ns).
+async fn push(
+    readers: Vec<Reader>,
+    pushers: &mut [quinn::SendStream],
+    epoch: Instant,
+    schedule: Schedule,
+    duration: Duration,
+) -> Result<(Vec<Reader>, Vec<(u64, u64)>)> {
+    let mut reading = JoinSet::new();
+    for (conn, mut stream) in readers {
+        reading.spawn(async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; FRAME];
+            loop {
+                stream.read_exact(&mut buf).await?;
+                let stamp = u64::from_le_bytes(buf[..8].try_into()?);
+                if stamp == LAST {
+                    break;
+                }
+                let burst = u64::from_le_bytes(buf[8..16].try_into()?);
+                let now = epoch.elapsed().as_nanos() as u64;
+                seen.push((burst, now.saturating_sub(stamp)));
+            }
+            anyhow::Ok(((conn, stream), seen))
+        });
+    }
+    let frame = |burst: u64| {
+        let mut frame = [2u8; FRAME];
+        frame[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+        frame[8..16].copy_from_slice(&burst.to_le_bytes());
+        frame
+    };
+    let n = pushers.len();
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let (mut pushed, mut bursts, mut next) = (0u64, 0u64, 0);
+    while start.elapsed() < duration {
+        tick.tick().await;
+        let elapsed = start.elapsed().as_secs_f64();
+        match schedule {
+            Spread(rate) => {
+                while pushed < (elapsed * rate as f64) as u64 {
+                    pushers[next].write_all(&frame(0)).await?;
+                    next = (next + 1) % n;
+                    pushed += 1;
+                }
+            }
+            Bursts(per_second) => {
+                while bursts < (elapsed * per_second) as u64 + 1 {
+                    let f = frame(bursts);
+                    for p in pushers.iter_mut() {
+                        p.write_all(&f).await?;
+                    }
+                    pushed += n as u64;
+                    bursts += 1;
+                }
+            }
+        }
+    }
+    let mut last = [0u8; FRAME];
+    last[..8].copy_from_slice(&LAST.to_le_bytes());
+    for p in pushers.iter_mut() {
+        p.write_all(&last).await?;
+    }
+    let mut readers = Vec::with_capacity(n);
+    let mut arrivals = Vec::with_capacity(pushed as usize);
+    while let Some(r) = reading.join_next().await {
+        let (reader, seen) = r??;
+        readers.push(reader);
+        arrivals.extend(seen);
+    }
+    if arrivals.len() as u64 != pushed {
+        bail!("{pushed} pushes sent, {} received", arrivals.len());
+    }
+    Ok((readers, arrivals))
 }
