@@ -3,9 +3,20 @@ mod common;
 
 use bytes::Bytes;
 use common::{TestServer, assert_quiet, next_event, text};
-use plover::client::EventStream;
+use plover::client::{Connection, Conversation, EventStream};
 use plover::framing::{ClientMsgId, Event, Target};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Opens alice's conversation with bob on the connection of her event stream.
+async fn talk_to_bob(alice: &EventStream) -> (Arc<Connection>, Conversation) {
+    let conn = alice.connection().expect("synced, so connected");
+    let conv = conn
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    (conn, conv)
+}
 
 #[tokio::test]
 async fn online_recipient_gets_the_message_once() {
@@ -111,11 +122,7 @@ async fn a_device_sends_on_the_connection_its_events_arrive_on() {
     let mut bob = EventStream::start(server.config("bob", "phone"), Some(0));
     assert!(alice.synced().await && bob.synced().await);
 
-    let conn = alice.connection().expect("synced, so connected");
-    let conv = conn
-        .open(Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let (conn, conv) = talk_to_bob(&alice).await;
     for i in 1..=3 {
         let ack = conv.send(format!("m{i}")).await.expect("send");
         assert_eq!(ack.seq, i);
@@ -215,11 +222,7 @@ async fn the_event_made_from_the_answer_is_the_one_the_log_holds() {
     let mut phone = EventStream::start(server.config("alice", "phone"), Some(0));
     let mut laptop = EventStream::start(server.config("alice", "laptop"), Some(0));
     assert!(phone.synced().await && laptop.synced().await);
-    let conn = phone.connection().expect("synced");
-    let conv = conn
-        .open(Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let (conn, conv) = talk_to_bob(&phone).await;
     conv.send("hello").await.expect("send");
 
     // The phone's copy was made by the SDK from its send and the answer; the laptop's came
@@ -232,8 +235,7 @@ async fn the_event_made_from_the_answer_is_the_one_the_log_holds() {
     };
     assert_eq!((m.from.as_str(), m.device.as_str()), ("alice", "phone"));
 
-    // A new connection of the phone reads from before it: the stored copy is a position the
-    // stream already has, and is not handed out again.
+    // A new stream of the phone, reading from the start, gets the stored copy: the same event.
     drop((conv, conn));
     phone.close().await;
     let mut again = EventStream::start(server.config("alice", "phone"), Some(0));
@@ -251,11 +253,7 @@ async fn a_conversation_dropped_with_a_send_unanswered_still_yields_its_event() 
     let mut alice = EventStream::start(server.config("alice", "phone"), Some(0));
     let mut bob = EventStream::start(server.config("bob", "phone"), Some(0));
     assert!(alice.synced().await && bob.synced().await);
-    let conn = alice.connection().expect("synced");
-    let conv = conn
-        .open(Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let (conn, conv) = talk_to_bob(&alice).await;
     // The send is written, then abandoned before its answer, and the conversation dropped.
     tokio::select! {
         biased;

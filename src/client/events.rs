@@ -187,15 +187,16 @@ impl EventStream {
     /// say). `None` once closed.
     pub async fn next(&mut self) -> Option<Result<Incoming, ClientError>> {
         loop {
-            let cursor = self.cursor();
+            // (Saturating: a stream started from the head holds u64::MAX until it syncs.)
+            let next = self.cursor().saturating_add(1);
             // Parked copies of what the feed has since delivered are dropped; the next one in
             // line goes out.
-            self.parked = self.parked.split_off(&(cursor + 1));
-            let event = match self.parked.remove(&(cursor + 1)) {
+            self.parked = self.parked.split_off(&next);
+            let event = match self.parked.remove(&next) {
                 Some(own) => own,
                 None => match self.rx.recv().await? {
                     Item::Log(e) => e,
-                    Item::Own(e) if e.pos > cursor + 1 => {
+                    Item::Own(e) if e.pos > next => {
                         self.parked.insert(e.pos, e);
                         continue;
                     }
@@ -224,7 +225,6 @@ impl EventStream {
 
 /// How the driver and the application's side of the stream talk.
 struct Signals {
-    /// The cursor the application has reached.
     /// Set when the application closes the stream.
     stop: watch::Receiver<bool>,
     /// Counts successful syncs.
@@ -395,8 +395,8 @@ pub const DELIVERED_DELAY: Duration = Duration::from_millis(50);
 
 /// How long a report may wait while messages keep arriving less than [`DELIVERED_DELAY`]
 /// apart: a busy conversation (a large group) costs one report a second per device rather than
-/// twenty. In `plover bench group` (500 members, 50 msgs/s) reports fell from 0.33 to 0.02
-/// per delivery; see BENCHMARKS.md.
+/// twenty. In `plover bench group` (500 members, 50 msgs/s) the members' frames fell from
+/// 0.33 to 0.06 per delivery, and the server's CPU per delivery by 30%; see BENCHMARKS.md.
 pub const DELIVERED_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Reads one delivery stream; reports `Delivered` on it once the stream has been quiet for
@@ -506,6 +506,10 @@ mod tests {
 
     /// An event stream fed by hand: what the driver would hand it, in this order.
     fn fed(items: Vec<Item>) -> EventStream {
+        fed_after(0, items)
+    }
+
+    fn fed_after(cursor: u64, items: Vec<Item>) -> EventStream {
         let (tx, rx) = mpsc::channel(items.len().max(1));
         for item in items {
             tx.try_send(item).expect("room");
@@ -515,7 +519,7 @@ mod tests {
         let (_, current) = watch::channel(None);
         EventStream {
             rx,
-            tracker: Arc::new(Mutex::new(CursorTracker::new(0))),
+            tracker: Arc::new(Mutex::new(CursorTracker::new(cursor))),
             stop,
             synced,
             current,
@@ -553,5 +557,12 @@ mod tests {
             Item::Log(message(3, 3)),
         ]);
         assert_eq!(positions(events).await, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_from_the_head_can_be_read_before_it_syncs() {
+        // `Some(u64::MAX)` until the server says where the head is.
+        let events = fed_after(u64::MAX, vec![Item::Own(message(1, 1))]);
+        assert_eq!(positions(events).await, Vec::<u64>::new());
     }
 }

@@ -7,8 +7,8 @@
 //! (events dropped while the queue was full) switches it back to reading the store.
 //!
 //! A message sent on the feed's own connection is skipped when it comes live: the `Sent`
-//! answer carries its log position, and the client takes the event from there (one packet
-//! fewer per message for the sender's device). Read from the store, it is not skipped; the
+//! answer carries its log position, and the client takes the event from there (the body is
+//! not sent back to the device that sent it). Read from the store, it is not skipped; the
 //! client's cursor tracker drops the copy.
 
 use std::sync::Arc;
