@@ -233,6 +233,16 @@ pub const DEFAULT_JOURNAL_SIZE: u64 = 64 * 1024 * 1024;
 /// Recorded by fjall when a keyspace is created: stores created before keep their size.
 pub const MEMTABLE_SIZE: u64 = 2 * 1024 * 1024;
 
+/// fjall's background threads (flushes and compactions). fjall 3.1 starts one per core, up to
+/// four, and its worker 0 hands every compaction request back to the queue for the others
+/// (`worker_pool.rs`, `WorkerMessage::Compact`): while the others are busy it takes the
+/// request again at once and spins, a core's worth of CPU for as long as a compaction runs
+/// (`worker_tick` and flume's `send` were 7% of the server's samples in a 1000-member group).
+/// One worker does flushes and compactions in turn and never spins: `bench group --members
+/// 1000 --online 1000 --rate 50`, p99 to the last member 0.40-0.56 s against 2.3-3.1 s with
+/// two; `direct --users 100 --rate 8000`, p99 6.5 against 7.4-7.7 ms (BENCHMARKS.md).
+const FJALL_WORKERS: usize = 1;
+
 /// The store.
 pub struct Store {
     /// Dropped first: it holds clones of the keyspaces below.
@@ -297,6 +307,7 @@ impl Store {
         journal_size: u64,
     ) -> Result<Self, StoreError> {
         let db = Database::builder(path)
+            .worker_threads(FJALL_WORKERS)
             // We decide when the journal is synced (group commit), not fjall's background timer.
             .manual_journal_persist(true)
             .max_journaling_size(journal_size)
