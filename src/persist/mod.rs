@@ -227,7 +227,7 @@ pub const DEFAULT_JOURNAL_SIZE: u64 = 64 * 1024 * 1024;
 /// keyspace waits for. The stall grows with the memtable: at 8 MiB it held the commit thread
 /// for 40 ms and more (e2e max 80-90 ms at 8,000 msgs/s; BENCHMARKS.md, "Memtable size"), at
 /// 2 MiB about 10-25 ms; at 512 KiB no better than 2 MiB, with four times the flushes. The
-/// freeing itself now happens on our own thread ([`reaper`]); the rest of the stall (the lock
+/// freeing itself now happens on our own thread (`persist/reaper.rs`); the rest of the stall (the lock
 /// held through the rotation, a journal fsync queued behind a flush's writes) still grows
 /// with the memtable.
 /// Recorded by fjall when a keyspace is created: stores created before keep their size.

@@ -20,8 +20,8 @@ pub struct Delivery {
     pub pos: u64,
     /// The event (shared by every recipient).
     pub event: Arc<Event>,
-    /// The registration ([`Registration::id`]) of the connection the message was sent on,
-    /// or 0. That connection learns the event from its `Sent` answer, so its feed skips it.
+    /// The feed ([`super::DeviceFeed::id`]) of the connection the message was sent on, or 0.
+    /// That connection learns the event from its `Sent` answer, so its feed skips it.
     pub origin: u64,
 }
 

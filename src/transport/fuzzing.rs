@@ -1,6 +1,6 @@
 //! A server session without the network, for the fuzz target `session_frames`
 //! (`fuzz/fuzz_targets/session_frames.rs`): arbitrary frame sequences go through the same
-//! request code as a connection's streams ([`super::requests`]) to a real router and store, and
+//! request code as a connection's streams (`transport/requests.rs`) to a real router and store, and
 //! the answers are checked against the invariants a client relies on.
 //!
 //! Not part of the public API: no stability, no documentation beyond this.
