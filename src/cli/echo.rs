@@ -127,9 +127,10 @@ async fn serve(server: quinn::Endpoint, streams: mpsc::Sender<quinn::SendStream>
     }
 }
 
-/// Round trips, then pushes, each at `rate` per second over `connections` connections for
-/// `duration`. Connections take turns, so each sees one exchange every `connections / rate`
-/// seconds, as a device in a `direct` or `group` run does.
+/// Round trips, then pushes, then fan-out pushes, each at `rate` per second over `connections`
+/// connections for `duration`. Connections take turns, so each sees one exchange every
+/// `connections / rate` seconds, as a device in a `direct` or `group` run does. (Which push
+/// stream a connection got does not matter: every one is written in turn.)
 pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> Result<Value> {
     let n = connections.max(1);
     let rate = rate.max(1);
@@ -142,8 +143,9 @@ pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> R
     while clients.len() < n {
         let mut set = JoinSet::new();
         for _ in 0..(n - clients.len()).min(64) {
-            let conn = ends.connect().await?;
+            let connecting = ends.client.connect(ends.addr, "localhost")?;
             set.spawn(async move {
+                let conn = connecting.await?;
                 let (send, recv) = conn.open_bi().await?;
                 let (_, mut pushes) = conn.accept_bi().await?;
                 let mut first = [0u8; FRAME];

@@ -157,6 +157,8 @@ pub struct Connection {
 /// Where the events of this connection's own sends go: the event stream syncing on it, if
 /// any. The server does not send a message back to the connection it was sent on; its `Sent`
 /// answer carries the message's log position, and the event is made here from what was sent.
+/// Unbounded but never long: it holds at most one event per answered send, and the server
+/// answers at most `inflight_sends` per stream on a bounded number of streams.
 pub(super) type OwnEvents = Arc<Mutex<Option<mpsc::UnboundedSender<LogEvent>>>>;
 
 impl Drop for Connection {
