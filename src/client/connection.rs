@@ -656,6 +656,25 @@ pub(super) fn stream_failure(
     }
 }
 
+/// Closes the connection because the server broke the protocol on one of its streams (bytes
+/// that are not a frame, a frame that does not belong there). Whatever that stream carried
+/// after the fault is lost with it, an answer or an event, so the connection cannot be trusted
+/// to be complete: closing it makes the event stream reconnect and resume after its cursor,
+/// which fills any gap from the server's store.
+pub(super) fn close_violated(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    tracing::warn!(
+        code = code.name(),
+        reason,
+        "the server broke the protocol; closing"
+    );
+    // The reason travels in the CONNECTION_CLOSE frame: keep it well inside one packet.
+    let mut end = reason.len().min(200);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    conn.close(quinn::VarInt::from(code.0), &reason.as_bytes()[..end]);
+}
+
 /// Only map operations happen under these locks, never an await.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -788,13 +807,21 @@ async fn read_answers<W: Answers>(
                 return;
             }
             Err(e) => {
+                let violation = e.violation().map(|code| (code, e.to_string()));
                 lock(&waiters).fail_all(&stream_failure(&conn, e));
+                if let Some((code, reason)) = violation {
+                    close_violated(&conn, code, &reason);
+                }
                 return;
             }
         };
         let mut w = lock(&waiters);
         if let Err(e) = w.answer(frame) {
             w.fail_all(&e);
+            drop(w);
+            if let ClientError::Protocol(reason) = &e {
+                close_violated(&conn, ErrorCode::UNEXPECTED_FRAME, reason);
+            }
             return;
         }
     }

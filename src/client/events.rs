@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use super::connection::{Connection, ControlPush};
+use super::connection::{Connection, ControlPush, close_violated};
 use super::{ClientConfig, ClientError};
-use crate::framing::{ClientFrame, ConversationId, Event, ServerDatagram, ServerFrame};
+use crate::framing::{ClientFrame, ConversationId, ErrorCode, Event, ServerDatagram, ServerFrame};
 use crate::transport::stream::{FrameReader, FrameWriter};
 
 /// Events buffered between the network and the application.
@@ -307,10 +307,9 @@ async fn drive(
             match Arc::try_unwrap(conn) {
                 Ok(conn) => conn.close().await,
                 // The application still holds it: close without waiting for the control stream.
-                Err(shared) => shared.quic().close(
-                    quinn::VarInt::from(crate::framing::ErrorCode::NORMAL.0),
-                    b"bye",
-                ),
+                Err(shared) => shared
+                    .quic()
+                    .close(quinn::VarInt::from(ErrorCode::NORMAL.0), b"bye"),
             }
             return;
         }
@@ -347,6 +346,7 @@ async fn run_connection(
                         FrameWriter::new(send, max),
                         tx.clone(),
                         Arc::from(conn.user()),
+                        quic.clone(),
                     ));
                 }
                 Err(e) => {
@@ -408,6 +408,7 @@ async fn read_deliveries(
     mut writer: FrameWriter,
     tx: mpsc::Sender<Item>,
     me: Arc<str>,
+    quic: quinn::Connection,
 ) {
     let mut received = 0;
     let mut reported = 0;
@@ -455,10 +456,17 @@ async fn read_deliveries(
                 }
             }
             Ok(Some(other)) => {
-                debug!(frame = ?other, "unexpected frame on a delivery stream");
+                let reason = format!("unexpected frame on a delivery stream: {other:?}");
+                close_violated(&quic, ErrorCode::UNEXPECTED_FRAME, &reason);
                 return;
             }
-            Ok(None) | Err(_) => {
+            end => {
+                if let Err(e) = &end
+                    && let Some(code) = e.violation()
+                {
+                    close_violated(&quic, code, &e.to_string());
+                    return;
+                }
                 if received > reported {
                     let _ = writer
                         .send(&ClientFrame::Delivered { up_to: received })

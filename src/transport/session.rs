@@ -14,8 +14,8 @@ use super::requests::{Actor, Control, Pending, Refusal, Shared, Step};
 use super::stream::{FrameReader, FrameWriter, StreamError};
 use crate::auth::{AuthError, valid_name};
 use crate::framing::{
-    ClientDatagram, ClientFrame, ConversationId, ErrorCode, FrameError, PROTOCOL_VERSION,
-    ServerDatagram, ServerFrame,
+    ClientDatagram, ClientFrame, ConversationId, ErrorCode, PROTOCOL_VERSION, ServerDatagram,
+    ServerFrame,
 };
 use crate::router::{DeviceFeed, Push};
 
@@ -38,15 +38,7 @@ impl From<AuthError> for Refusal {
 
 /// Maps a stream error to a refusal, or `None` when the connection or stream is simply gone.
 fn protocol_violation(e: &StreamError) -> Option<Refusal> {
-    match e {
-        StreamError::Frame(FrameError::TooLarge { .. }) => {
-            Some(Refusal::new(ErrorCode::FRAME_TOO_LARGE, e.to_string()))
-        }
-        StreamError::Frame(_) | StreamError::Truncated(_) => {
-            Some(Refusal::new(ErrorCode::BAD_FRAME, e.to_string()))
-        }
-        StreamError::Read(_) | StreamError::Write(_) | StreamError::Closed(_) => None,
-    }
+    e.violation().map(|code| Refusal::new(code, e.to_string()))
 }
 
 fn close(conn: &quinn::Connection, refusal: &Refusal) {

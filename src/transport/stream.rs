@@ -7,7 +7,7 @@
 use bytes::{Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::framing::{FrameError, codec};
+use crate::framing::{ErrorCode, FrameError, codec};
 
 /// Bytes asked of quinn per read: one QUIC packet's worth of stream data or a bit more.
 const READ_CHUNK: usize = 16 * 1024;
@@ -30,6 +30,18 @@ pub enum StreamError {
     /// The stream was already finished.
     #[error("stream closed")]
     Closed(#[from] quinn::ClosedStream),
+}
+
+impl StreamError {
+    /// The close code when the peer broke the framing (`frame_too_large`, `bad_frame`), or
+    /// `None` when the stream or the connection is simply gone.
+    pub fn violation(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Frame(FrameError::TooLarge { .. }) => Some(ErrorCode::FRAME_TOO_LARGE),
+            Self::Frame(_) | Self::Truncated(_) => Some(ErrorCode::BAD_FRAME),
+            Self::Read(_) | Self::Write(_) | Self::Closed(_) => None,
+        }
+    }
 }
 
 /// Reads frames from a receive stream.
