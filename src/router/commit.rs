@@ -6,12 +6,12 @@
 //! writer of the sync logs, it assigns each user's log positions in commit order, so a log never
 //! has a hole and never reuses a position, whichever shard sequenced the message.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvError};
 use tokio::sync::oneshot;
 
 use super::RouterError;
+use super::cache::Generations;
 use super::sessions::{Delivery, Sessions};
 use crate::framing::{Event, Message, Receipt};
 use crate::metrics::names;
@@ -134,11 +134,15 @@ pub(super) struct CommitThread {
     pub(super) notifier: Arc<crate::push::Notifier>,
     pub(super) rx: Receiver<CommitItem>,
     pub(super) max_batch: usize,
+    /// How many users' log heads to hold (see [`Generations`]).
+    pub(super) cached_logs: usize,
 }
 
 impl CommitThread {
     pub(super) fn run(self) {
-        let mut heads: HashMap<String, u64> = HashMap::new();
+        // Each user's last log position, read from the store on first use. Dropped only
+        // between batches, when every head held has been written.
+        let mut heads: Generations<String, u64> = Generations::new(self.cached_logs);
         let mut items = Vec::with_capacity(self.max_batch);
         loop {
             let mut work = match self.rx.recv() {
@@ -165,11 +169,12 @@ impl CommitThread {
             if stop {
                 return;
             }
+            heads.make_room(|_| false);
         }
     }
 
     /// Commits one batch; returns whether a `Stop` was in it.
-    fn commit(&self, items: &mut Vec<CommitItem>, heads: &mut HashMap<String, u64>) -> bool {
+    fn commit(&self, items: &mut Vec<CommitItem>, heads: &mut Generations<String, u64>) -> bool {
         let mut batch = self.store.batch();
         let started = std::time::Instant::now();
         metrics::histogram!(names::COMMIT_BATCH).record(items.len() as f64);
@@ -401,7 +406,7 @@ impl CommitThread {
 fn append(
     store: &Store,
     batch: &mut crate::persist::StoreBatch<'_>,
-    heads: &mut HashMap<String, u64>,
+    heads: &mut Generations<String, u64>,
     users: &[String],
     entry: &LogEntry,
 ) -> Result<Vec<u64>, RouterError> {
@@ -411,7 +416,7 @@ fn append(
             Some(h) => h,
             None => {
                 let h = store.log_head(user)?;
-                heads.entry(user.clone()).or_insert(h)
+                heads.insert(user.clone(), h)
             }
         };
         *head += 1;

@@ -8,6 +8,7 @@
 //!                                                                   -> DeviceFeed -> transport
 //! ```
 
+mod cache;
 mod commit;
 mod feed;
 mod limiter;
@@ -190,6 +191,7 @@ impl Router {
             notifier: notifier.clone(),
             rx: commit_rx,
             max_batch: config.store.commit_batch,
+            cached_logs: config.store.cached_logs,
         };
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -207,6 +209,7 @@ impl Router {
                 rx,
                 commit: commit_tx.clone(),
                 recent_capacity: Shard::recent_capacity(COMMIT_QUEUE, config.store.commit_batch),
+                cached_conversations: config.store.cached_conversations / config.store.shards,
                 limits: ShardLimits {
                     max_group: config.limits.max_group,
                     receipt_fanout: config.limits.receipt_fanout,

@@ -58,7 +58,9 @@ struct UserState {
     conns: Vec<Conn>,
     /// What peers were last told: online or not.
     published_online: bool,
-    /// Bumped at every disconnect of the last connection, so a stale debounce timer can tell.
+    /// Set at every disconnect of the last connection, from a counter of the registry that
+    /// never repeats (the entry may be dropped and made again), so a stale debounce timer can
+    /// tell.
     generation: u64,
     last_seen: Option<u64>,
 }
@@ -148,7 +150,7 @@ impl Presence {
             if !state.conns.is_empty() {
                 return;
             }
-            state.generation += 1;
+            state.generation = self.next_id.fetch_add(1, Ordering::Relaxed);
             state.last_seen = Some(now);
             state.generation
         };
@@ -178,7 +180,13 @@ impl Presence {
                 let mut users = presence.lock();
                 match users.get_mut(&user) {
                     Some(state) if state.generation == generation && state.conns.is_empty() => {
-                        state.published_online = false;
+                        if matches!(stored, Ok(Ok(()))) {
+                            // Offline for good: the store answers for them from now on, and
+                            // the registry holds only users who are (or just were) online.
+                            users.remove(&user);
+                        } else {
+                            state.published_online = false;
+                        }
                         true
                     }
                     _ => false,
@@ -297,4 +305,36 @@ fn peers_of(store: &Store, user: &str) -> Result<Vec<String>, RouterError> {
         }
     }
     Ok(peers.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+
+    #[tokio::test]
+    async fn the_registry_forgets_users_once_they_are_offline_and_the_store_remembers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path(), Durability::Buffered).expect("store"));
+        let presence = Arc::new(Presence::new(store, Duration::from_millis(20)));
+        let users: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
+        let guards: Vec<_> = users.iter().map(|u| presence.connect(u)).collect();
+        assert_eq!(presence.lock().len(), 100);
+        // A user who flaps keeps their entry: the reconnect outruns the debounce.
+        let (flapper, _) = presence.connect("flapper");
+        drop(flapper);
+        let (_back, _) = presence.connect("flapper");
+        let before = now_ms();
+        drop(guards);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while presence.lock().len() > 1 {
+            assert!(tokio::time::Instant::now() < deadline, "entries stay");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(presence.is_online("flapper"));
+        // Last seen now comes from the store, and it is the time of the disconnect.
+        let (online, last_seen) = presence.query("u7", "u7").await.expect("query");
+        assert!(!online);
+        assert!(last_seen >= before && last_seen <= now_ms(), "{last_seen}");
+    }
 }

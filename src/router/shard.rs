@@ -6,6 +6,10 @@
 //! a client id with the original sequence number, assigns the next one, and queues the message
 //! for the commit thread; membership changes and marks go the same way, so a conversation's
 //! messages, membership events and receipts are ordered by one owner.
+//!
+//! The states are a bounded cache ([`Generations`]): a conversation unused for a while is
+//! dropped and loaded from the store again when next used, but never while something it
+//! queued may still be on its way to the store.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -13,6 +17,7 @@ use std::sync::mpsc::SyncSender;
 use tokio::sync::mpsc;
 
 use super::RouterError;
+use super::cache::Generations;
 use super::commit::{CommitItem, MembershipWrite, Reply, Sent};
 use crate::framing::{
     ClientMsgId, ConversationChange, ConversationId, ConversationKind, Message, Receipt, Retention,
@@ -85,6 +90,9 @@ struct ConvState {
     marks: HashMap<String, (u64, u64)>,
     /// Under `until_delivered`: every body up to here has been removed.
     erased: u64,
+    /// The number of the last commit item queued for this conversation (see
+    /// [`Owned::queued`]): until it is surely durable, the store cannot rebuild this state.
+    queued: u64,
 }
 
 type IdemKey = (ConversationId, String, ClientMsgId);
@@ -107,15 +115,18 @@ pub(super) struct Shard {
     pub(super) commit: SyncSender<CommitItem>,
     /// How many recently sequenced client ids to remember: see [`Shard::recent_capacity`].
     pub(super) recent_capacity: usize,
+    /// How many conversation states to hold (see [`Generations`]).
+    pub(super) cached_conversations: usize,
     pub(super) limits: ShardLimits,
 }
 
 pub(super) use crate::clock::now_ms;
 
 /// The shard's state.
-#[derive(Default)]
 struct Owned {
-    convs: HashMap<ConversationId, ConvState>,
+    convs: Generations<ConversationId, ConvState>,
+    /// Commit items this shard has queued so far.
+    queued: u64,
     /// Client ids sequenced recently, so that a retry of a message still in flight (not yet
     /// in the store) is recognised.
     recent: HashMap<IdemKey, Sent>,
@@ -134,8 +145,19 @@ impl Shard {
     }
 
     pub(super) fn run(mut self) {
-        let mut owned = Owned::default();
+        let mut owned = Owned {
+            convs: Generations::new(self.cached_conversations),
+            queued: 0,
+            recent: HashMap::new(),
+            order: VecDeque::new(),
+        };
         while let Some(request) = self.rx.blocking_recv() {
+            let conversation = match &request {
+                ShardRequest::Send(req) => req.conversation,
+                ShardRequest::Marks(req) => req.conversation,
+                ShardRequest::Membership(req) => req.conversation,
+                ShardRequest::Stop => 0,
+            };
             let item = match request {
                 ShardRequest::Send(req) => self.sequence(req, &mut owned),
                 ShardRequest::Marks(req) => self.marks(req, &mut owned),
@@ -150,6 +172,25 @@ impl Shard {
                 // item was dropped, which the sender sees as `ShuttingDown`.
                 break;
             }
+            owned.queued += 1;
+            if let Some(state) = owned.convs.get_mut(&conversation) {
+                state.queued = owned.queued;
+            }
+        }
+    }
+
+    /// Makes room for one more conversation state. A state may go once the commit thread has
+    /// surely committed the last item it queued: by the argument of
+    /// [`Shard::recent_capacity`], once more than that many items have been queued after it.
+    fn make_room(&self, owned: &mut Owned) {
+        let durable = owned.queued.saturating_sub(self.recent_capacity as u64);
+        let dropped = owned.convs.make_room(|state| state.queued > durable);
+        if dropped > 0 {
+            tracing::debug!(
+                dropped,
+                held = owned.convs.len(),
+                "conversation states dropped"
+            );
         }
     }
 
@@ -159,10 +200,15 @@ impl Shard {
         owned: &'a mut Owned,
         conv: ConversationId,
     ) -> Result<&'a mut ConvState, RouterError> {
-        match owned.convs.entry(conv) {
-            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(self.load(conv)?)),
+        if owned.convs.contains_key(&conv) {
+            return owned
+                .convs
+                .get_mut(&conv)
+                .ok_or_else(|| RouterError::Internal("a held state vanished".into()));
         }
+        let state = self.load(conv)?;
+        self.make_room(owned);
+        Ok(owned.convs.insert(conv, state))
     }
 
     fn load(&self, conv: ConversationId) -> Result<ConvState, RouterError> {
@@ -182,6 +228,7 @@ impl Shard {
             erased: self.store.watermark(ERASED, conv)?,
             record,
             marks,
+            queued: 0,
         })
     }
 
@@ -438,7 +485,9 @@ impl Shard {
                 names: names.clone(),
                 marks: HashMap::new(),
                 erased: 0,
+                queued: 0,
             };
+            self.make_room(owned);
             owned.convs.insert(conv, state);
             let change = ConversationChange::Created {
                 title: record.title.clone(),
