@@ -286,6 +286,10 @@ struct ServeArgs {
     /// Serve /metrics, /healthz and /readyz over plain HTTP on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Also shut down cleanly when standard input ends: for a program that runs plover as its
+    /// child (a test, `plover bench`) and may die without stopping it. Give plover a pipe.
+    #[arg(long)]
+    stop_on_stdin_eof: bool,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -528,8 +532,53 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .install_recorder()?;
         server = server.with_metrics(std::sync::Arc::new(move || handle.render()));
     }
-    server.run(shutdown_signal()).await?;
+    if args.stop_on_stdin_eof {
+        let eof = stdin_eof();
+        server
+            .run(async {
+                tokio::select! {
+                    () = shutdown_signal() => {}
+                    () = eof => tracing::info!("standard input ended; shutting down"),
+                }
+            })
+            .await?;
+    } else {
+        server.run(shutdown_signal()).await?;
+    }
     Ok(())
+}
+
+/// Completes when standard input reaches its end (or fails). The read runs on a thread of
+/// its own, never joined: a blocking task would hold the runtime open at exit.
+fn stdin_eof() -> impl Future<Output = ()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("plover-stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 512];
+            let mut stdin = std::io::stdin().lock();
+            loop {
+                match std::io::Read::read(&mut stdin, &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            drop(tx);
+        });
+    async move {
+        match spawned {
+            // The sender is dropped at the end of input: the receiver then yields an error.
+            Ok(_) => {
+                let _ = rx.await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch standard input");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

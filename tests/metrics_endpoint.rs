@@ -31,12 +31,14 @@ async fn metrics_and_health_over_http() {
             "127.0.0.1:0",
             "--metrics",
             "127.0.0.1:0",
+            "--stop-on-stdin-eof",
         ])
         .arg("--data")
         .arg(dir.path().join("data"))
         .arg("--certs")
         .arg(dir.path().join("certs"))
         .env("PLOVER_LOG", "info")
+        .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .kill_on_drop(true)

@@ -114,3 +114,31 @@ async fn with_retry_always_on_clients_still_connect_after_validating_their_addre
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_spawned_server_stops_cleanly_when_its_parent_goes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, addr) = common::spawn_server(dir.path()).await;
+    let keys = plover::auth::TokenKeys::new(
+        &plover::auth::load_or_create_secret(&dir.path().join("data")).expect("secret"),
+    );
+    let alice = Connection::connect(&common::spawned_client(
+        dir.path(),
+        &addr,
+        &keys,
+        "alice",
+        "d",
+    ))
+    .await
+    .expect("connect");
+    // What a parent's death does to the pipe: its end closes.
+    drop(child.stdin.take());
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the server stops")
+        .expect("its status");
+    assert!(status.success(), "{status}");
+    // A clean stop: connections were closed with the shutdown code.
+    let err = alice.ping().await.expect_err("server gone");
+    assert_eq!(err.code(), Some(ErrorCode::SHUTDOWN), "{err}");
+}

@@ -241,6 +241,10 @@ async fn spawn_server(
         .arg("--certs")
         .arg(dir.join("certs"))
         .env("PLOVER_LOG", "warn,plover::server=info")
+        // Its end of the pipe closes when this process ends, however it ends: the server
+        // then stops too.
+        .arg("--stop-on-stdin-eof")
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

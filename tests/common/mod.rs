@@ -208,6 +208,10 @@ pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
         .arg("--certs")
         .arg(dir.join("certs"))
         .env("PLOVER_LOG", "info")
+        // Its end of the pipe closes when this process ends, however it ends: the server
+        // then stops too.
+        .arg("--stop-on-stdin-eof")
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
