@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 const MAX: u32 = plover::framing::DEFAULT_MAX_FRAME;
 
-/// How the first connection goes wrong. The second one always behaves.
+/// How the first connection goes wrong (or every one, with [`start_faulty`]).
 #[derive(Clone, Copy)]
 enum Fault {
     /// A delivery stream carries bytes that do not decode after the first event.
@@ -68,6 +68,15 @@ fn log() -> Vec<Event> {
 }
 
 fn start(fault: Fault) -> Script {
+    start_with(fault, false)
+}
+
+/// A server whose every connection has `fault`.
+fn start_faulty(fault: Fault) -> Script {
+    start_with(fault, true)
+}
+
+fn start_with(fault: Fault, always: bool) -> Script {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (cert, key) = tls::ensure_dev_cert(dir.path()).expect("a certificate");
     let config = tls::server_config(
@@ -87,7 +96,7 @@ fn start(fault: Fault) -> Script {
         let mut first = true;
         while let Some(incoming) = endpoint.accept().await {
             let Ok(conn) = incoming.await else { continue };
-            let script = serve(conn, first.then_some(fault), tx.clone());
+            let script = serve(conn, (first || always).then_some(fault), tx.clone());
             tokio::spawn(script);
             first = false;
         }
@@ -266,4 +275,25 @@ async fn a_wrong_answer_to_a_send_fails_it_and_the_lost_position_comes_from_the_
     events.close().await;
     let second = script.seen.recv().await.expect("the second connection");
     assert_eq!(second.sync, Some(0), "nothing past the gap is acknowledged");
+}
+
+#[tokio::test]
+async fn a_server_that_keeps_breaking_the_protocol_is_retried_less_and_less_often() {
+    let mut script = start_faulty(Fault::BadEventBytes);
+    let events = EventStream::start(config(&script), Some(0));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    events.close().await;
+    let mut connections = 0;
+    while let Ok(seen) = script.seen.try_recv() {
+        connections += 1;
+        if connections == 1 {
+            closed_with(&seen, ErrorCode::BAD_FRAME);
+        }
+    }
+    // Waits of 0.1, 0.2, 0.4 and 0.8 s between them: five connections at most in 2 s
+    // (each of them only a handshake away from the next without the waits).
+    assert!(
+        (2..=5).contains(&connections),
+        "{connections} connections in 2 s"
+    );
 }

@@ -246,7 +246,7 @@ async fn drive(
         synced,
         current,
     } = signals;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = FIRST_BACKOFF;
     let mut first = true;
     loop {
         let conn = tokio::select! {
@@ -257,11 +257,9 @@ async fn drive(
             Ok(c) => Arc::new(c),
             Err(e) if e.is_retryable() => {
                 debug!(error = %e, "connect failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
+                if !pause(&mut backoff, &mut stop).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
             Err(e) => {
@@ -282,7 +280,13 @@ async fn drive(
         first = false;
         let started = match conn.start_sync(cursor).await {
             Ok((cursor, _head)) => cursor,
-            Err(e) if e.is_retryable() => continue,
+            Err(e) if e.is_retryable() => {
+                debug!(error = %e, "sync failed; reconnecting");
+                if !pause(&mut backoff, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
             Err(e) => {
                 let _ = tx.send(Item::Failed(e)).await;
                 return;
@@ -296,9 +300,9 @@ async fn drive(
                 t.reset_to(started);
             }
         }
-        backoff = Duration::from_millis(100);
         current.send_replace(Some(conn.clone()));
         synced.send_modify(|n| *n += 1);
+        let since = tokio::time::Instant::now();
         let stopped = run_connection(&conn, &tx, &mut own_rx, &tracker, started, &mut stop).await;
         current.send_replace(None);
         if stopped {
@@ -316,7 +320,28 @@ async fn drive(
         if tx.is_closed() {
             return;
         }
+        // A connection that lasted a while is reconnected at once (a server restart); one
+        // that failed soon after it started (a server that keeps breaking the protocol, or
+        // keeps dropping us) waits longer each time.
+        if since.elapsed() >= STABLE_CONNECTION {
+            backoff = FIRST_BACKOFF;
+        } else if !pause(&mut backoff, &mut stop).await {
+            return;
+        }
     }
+}
+
+/// The first wait before reconnecting; it doubles with each failure in a row, up to 5 s.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Waits `backoff` and doubles it; false if the stream was closed meanwhile.
+async fn pause(backoff: &mut Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(*backoff) => {}
+        _ = stop.changed() => return false,
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    true
 }
 
 /// Reads the delivery streams, pushes and datagrams of one connection and acknowledges the
@@ -381,6 +406,9 @@ async fn run_connection(
         }
     }
 }
+
+/// How long a connection must have lasted for the next reconnect to be immediate.
+const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 
 /// How often the cursor is acknowledged while it moves (and once more on a clean close). The
 /// server keeps it only to resume a device that syncs without a cursor, so a crash repeats at
