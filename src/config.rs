@@ -301,9 +301,11 @@ pub struct StoreConfig {
     pub commit_batch: usize,
     /// Sequencer shards (threads). One per core is the sensible most.
     pub shards: usize,
-    /// Conversation states (last seq, members, marks) held in memory across all shards; the
-    /// least recently used beyond this are read from the store again when next needed.
-    pub cached_conversations: usize,
+    /// Conversation states (last seq, members, marks) held in memory across all shards,
+    /// counted in members (a direct conversation counts 2, a group its size): the least
+    /// recently used beyond this are read from the store again when next needed. About
+    /// 340 bytes of heap each (BENCHMARKS.md, "Bounded caches").
+    pub cached_members: usize,
     /// Users whose sync-log head the commit thread holds in memory, likewise.
     pub cached_logs: usize,
 }
@@ -314,7 +316,7 @@ impl Default for StoreConfig {
             durability: Durability::Sync,
             commit_batch: 1024,
             shards: 2,
-            cached_conversations: 100_000,
+            cached_members: 250_000,
             cached_logs: 1_000_000,
         }
     }
@@ -382,9 +384,9 @@ impl Config {
         if self.store.commit_batch == 0 || self.store.shards == 0 {
             return invalid("store.commit_batch and store.shards must be positive");
         }
-        if self.store.cached_conversations < 2 * self.store.shards || self.store.cached_logs < 2 {
+        if self.store.cached_members < 2 * self.store.shards || self.store.cached_logs < 2 {
             return invalid(
-                "store.cached_conversations must be at least 2 per shard and store.cached_logs at least 2",
+                "store.cached_members must be at least 2 per shard and store.cached_logs at least 2",
             );
         }
         if self.transport.heartbeat.is_zero()

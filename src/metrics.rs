@@ -37,6 +37,12 @@ pub mod names {
     pub const COMMIT_SECONDS: &str = "plover_commit_seconds";
     /// Gauge: notifications waiting to be sent.
     pub const PUSH_PENDING: &str = "plover_push_pending";
+    /// Gauge: conversation states held in memory, by `shard`.
+    pub const CACHED_CONVERSATIONS: &str = "plover_cached_conversations";
+    /// Gauge: the members of the conversation states held (`store.cached_members`), by `shard`.
+    pub const CACHED_MEMBERS: &str = "plover_cached_members";
+    /// Gauge: users' log heads held in memory (`store.cached_logs`).
+    pub const CACHED_LOG_HEADS: &str = "plover_cached_log_heads";
 }
 
 /// Latency buckets, in seconds: 100 us to 5 s.

@@ -142,7 +142,7 @@ impl CommitThread {
     pub(super) fn run(self) {
         // Each user's last log position, read from the store on first use. Dropped only
         // between batches, when every head held has been written.
-        let mut heads: Generations<String, u64> = Generations::new(self.cached_logs);
+        let mut heads: Generations<String, u64> = Generations::new(self.cached_logs, |_| 1);
         let mut items = Vec::with_capacity(self.max_batch);
         loop {
             let mut work = match self.rx.recv() {
@@ -170,6 +170,7 @@ impl CommitThread {
                 return;
             }
             heads.make_room(|_| false);
+            metrics::gauge!(names::CACHED_LOG_HEADS).set(heads.len() as f64);
         }
     }
 

@@ -209,7 +209,8 @@ impl Router {
                 rx,
                 commit: commit_tx.clone(),
                 recent_capacity: Shard::recent_capacity(COMMIT_QUEUE, config.store.commit_batch),
-                cached_conversations: config.store.cached_conversations / config.store.shards,
+                cached_members: config.store.cached_members / config.store.shards,
+                index: i,
                 limits: ShardLimits {
                     max_group: config.limits.max_group,
                     receipt_fanout: config.limits.receipt_fanout,

@@ -22,6 +22,7 @@ use super::commit::{CommitItem, MembershipWrite, Reply, Sent};
 use crate::framing::{
     ClientMsgId, ConversationChange, ConversationId, ConversationKind, Message, Receipt, Retention,
 };
+use crate::metrics::names;
 use crate::persist::{ConversationRecord, MemberRecord, Store, tombstone};
 
 /// A request to a shard.
@@ -115,8 +116,10 @@ pub(super) struct Shard {
     pub(super) commit: SyncSender<CommitItem>,
     /// How many recently sequenced client ids to remember: see [`Shard::recent_capacity`].
     pub(super) recent_capacity: usize,
-    /// How many conversation states to hold (see [`Generations`]).
-    pub(super) cached_conversations: usize,
+    /// How many members the conversation states held may have in all (see [`Generations`]).
+    pub(super) cached_members: usize,
+    /// The shard's number, for its metrics.
+    pub(super) index: usize,
     pub(super) limits: ShardLimits,
 }
 
@@ -146,7 +149,8 @@ impl Shard {
 
     pub(super) fn run(mut self) {
         let mut owned = Owned {
-            convs: Generations::new(self.cached_conversations),
+            // A state's memory is mostly per member: names, roles, marks.
+            convs: Generations::new(self.cached_members, |state: &ConvState| state.names.len()),
             queued: 0,
             recent: HashMap::new(),
             order: VecDeque::new(),
@@ -179,6 +183,13 @@ impl Shard {
         }
     }
 
+    fn gauge(&self, convs: &Generations<ConversationId, ConvState>) {
+        let shard = self.index.to_string();
+        metrics::gauge!(names::CACHED_CONVERSATIONS, "shard" => shard.clone())
+            .set(convs.len() as f64);
+        metrics::gauge!(names::CACHED_MEMBERS, "shard" => shard).set(convs.weight() as f64);
+    }
+
     /// Makes room for one more conversation state. A state may go once the commit thread has
     /// surely committed the last item it queued: by the argument of
     /// [`Shard::recent_capacity`], once more than that many items have been queued after it.
@@ -200,15 +211,16 @@ impl Shard {
         owned: &'a mut Owned,
         conv: ConversationId,
     ) -> Result<&'a mut ConvState, RouterError> {
-        if owned.convs.contains_key(&conv) {
-            return owned
-                .convs
-                .get_mut(&conv)
-                .ok_or_else(|| RouterError::Internal("a held state vanished".into()));
+        if !owned.convs.contains_key(&conv) {
+            let state = self.load(conv)?;
+            self.make_room(owned);
+            owned.convs.insert(conv, state);
+            self.gauge(&owned.convs);
         }
-        let state = self.load(conv)?;
-        self.make_room(owned);
-        Ok(owned.convs.insert(conv, state))
+        owned
+            .convs
+            .get_mut(&conv)
+            .ok_or_else(|| RouterError::Internal("a held state vanished".into()))
     }
 
     fn load(&self, conv: ConversationId) -> Result<ConvState, RouterError> {
@@ -489,6 +501,7 @@ impl Shard {
             };
             self.make_room(owned);
             owned.convs.insert(conv, state);
+            self.gauge(&owned.convs);
             let change = ConversationChange::Created {
                 title: record.title.clone(),
                 members: record.names(),

@@ -108,7 +108,7 @@ impl World {
         config.store.shards = 2;
         // Tiny caches: inputs that touch a few conversations and users already evict, so the
         // fuzzer also checks that states and log heads read back from the store are right.
-        config.store.cached_conversations = 4;
+        config.store.cached_members = 8;
         config.store.cached_logs = 2;
         config.limits.sends_per_second = 1_000_000;
         config.push.retries = 0;
