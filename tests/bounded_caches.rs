@@ -7,19 +7,47 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use plover::framing::{ClientMsgId, Target};
 use plover::persist::{LogEntry, Store};
-use plover::router::Router;
+use plover::router::{Router, RouterError, Sent};
 
 const USERS: usize = 12;
-const ROUNDS: usize = 30;
+/// Sends per shard on the filler conversations: more than a shard may have in flight (9,217),
+/// so that the states used before them can be dropped, and read back later.
+const FILLER: usize = 9_300;
+
+type Answers = Vec<(
+    u64,
+    tokio::sync::oneshot::Receiver<Result<Sent, RouterError>>,
+)>;
+
+/// The metrics of this process (one recorder per process, shared by its tests).
+fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("a recorder")
+    })
+}
+
+/// The sum of a metric's samples (over its labels) matching `name` and `label`.
+fn sample(name: &str, label: &str) -> f64 {
+    metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_caches_number_every_message_once() {
+    metrics();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = common::test_config(dir.path());
     config.store.cached_members = 8; // two direct conversations per shard
@@ -31,7 +59,8 @@ async fn tiny_caches_number_every_message_once() {
     for user in &users {
         router.ensure_user(user).await.expect("user");
     }
-    // A ring of direct conversations: three times the conversations the shards may hold.
+    // A ring of direct conversations, ids alternating between the two shards: eight (four
+    // per shard, twice what the cache may hold) for the test, two as filler, two more.
     let mut convs = Vec::new();
     for i in 0..USERS {
         let (a, b) = (&users[i], &users[(i + 1) % USERS]);
@@ -41,26 +70,34 @@ async fn tiny_caches_number_every_message_once() {
             .expect("open");
         convs.push((opened.conversation, a.clone(), b.clone()));
     }
-
-    // Every round queues a message in every conversation, and marks, before waiting for any
-    // answer: the shards keep dropping states whose writes are still queued.
-    let mut answers = Vec::new();
-    for round in 0..ROUNDS {
-        for (conv, a, b) in &convs {
-            let from = if round % 2 == 0 { a } else { b };
-            let body = Bytes::from(format!("{conv}/{round}"));
-            let ack = router
-                .send(*conv, from, "d", ClientMsgId::random(), body, 0)
-                .await
-                .expect("queued");
-            answers.push((*conv, ack));
-            if round > 0 {
-                let other = if round % 2 == 0 { b } else { a };
-                router
-                    .marks(*conv, other, round as u64, round as u64 / 2)
-                    .await
-                    .expect("marks queued");
-            }
+    let (tested, rest) = convs.split_at(8);
+    let (filler, later) = rest.split_at(2);
+    let mut answers = Answers::new();
+    let mut sent = BTreeMap::<u64, u64>::new();
+    // 1. Two rounds in the tested conversations, each send and marks queued before any answer
+    //    comes: the states are loaded, and held while their writes are in flight.
+    for round in 0..2 {
+        for c in tested {
+            queue(&router, c, round, &mut answers, &mut sent).await;
+        }
+    }
+    // 2. The filler: the tested states' writes are now surely committed.
+    for round in 0..FILLER {
+        for c in filler {
+            queue(&router, c, round, &mut answers, &mut sent).await;
+        }
+    }
+    // 3. New conversations load: the rotation drops the idle tested states.
+    for c in later {
+        queue(&router, c, 0, &mut answers, &mut sent).await;
+    }
+    for c in tested {
+        queue(&router, c, 2, &mut answers, &mut sent).await;
+    }
+    // 4. The tested conversations again, read back from the store.
+    for round in 3..6 {
+        for c in tested {
+            queue(&router, c, round, &mut answers, &mut sent).await;
         }
     }
     let mut seqs: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
@@ -73,17 +110,22 @@ async fn tiny_caches_number_every_message_once() {
         sorted.sort_unstable();
         assert_eq!(
             sorted,
-            (1..=ROUNDS as u64).collect::<Vec<_>>(),
+            (1..=sent[conv]).collect::<Vec<_>>(),
             "conversation {conv}"
         );
-        let stored = store.messages_from(*conv, 1, 1000).expect("history");
-        assert_eq!(stored.len(), ROUNDS, "conversation {conv}");
+        let stored = store.messages_from(*conv, 1, 100_000).expect("history");
+        assert_eq!(stored.len() as u64, sent[conv], "conversation {conv}");
     }
     tokio::task::block_in_place(|| router.shutdown_blocking()).expect("shutdown");
+    // States and heads were dropped and read back, not merely held.
+    let dropped = sample("plover_cache_drops_total", "conversations");
+    assert!(dropped > 0.0, "no conversation state was dropped");
+    assert!(sample("plover_cache_drops_total", "log_heads") > 0.0);
 
     // Each user's log: positions 1, 2, 3, ... and each message of their two conversations
     // exactly once.
-    for user in &users {
+    for (i, user) in users.iter().enumerate() {
+        let theirs = sent[&convs[i].0] + sent[&convs[(i + USERS - 1) % USERS].0];
         let log = store.read_log(user, 0, 100_000).expect("log");
         let positions: Vec<u64> = log.iter().map(|(pos, _)| *pos).collect();
         assert_eq!(
@@ -104,8 +146,36 @@ async fn tiny_caches_number_every_message_once() {
             messages.len(),
             "{user}'s log repeats a message"
         );
-        assert_eq!(messages.len(), 2 * ROUNDS, "{user}'s log");
+        assert_eq!(messages.len() as u64, theirs, "{user}'s log");
     }
+}
+
+/// Queues one message in `conv` (from one member or the other by round) and the other
+/// member's marks, without waiting for the answer.
+async fn queue(
+    router: &Router,
+    (conv, a, b): &(u64, String, String),
+    round: usize,
+    answers: &mut Answers,
+    sent: &mut BTreeMap<u64, u64>,
+) {
+    let (from, other) = if round.is_multiple_of(2) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let body = Bytes::from(format!("{conv}/{round}"));
+    let ack = router
+        .send(*conv, from, "d", ClientMsgId::random(), body, 0)
+        .await
+        .expect("queued");
+    answers.push((*conv, ack));
+    let seq = sent.entry(*conv).or_default();
+    *seq += 1;
+    router
+        .marks(*conv, other, *seq, *seq / 2)
+        .await
+        .expect("marks queued");
 }
 
 /// Counts the bytes allocated and not yet freed, for the measurement below.
@@ -151,9 +221,7 @@ async fn memory_of_held_conversation_states() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .expect("a recorder");
+    metrics();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = common::test_config(dir.path());
     config.store.cached_members = cached;
@@ -187,13 +255,7 @@ async fn memory_of_held_conversation_states() {
             ack.await.expect("answer").expect("stored");
         }
     }
-    let text = metrics.render();
-    let held = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let held = |name: &str| sample(name, "");
     println!(
         "cached_members = {cached}: {conversations} conversations, {} KB of heap live, \
          {} states held, {} members",

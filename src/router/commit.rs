@@ -169,7 +169,11 @@ impl CommitThread {
             if stop {
                 return;
             }
-            heads.make_room(|_| false);
+            let dropped = heads.make_room(|_| false);
+            if dropped > 0 {
+                metrics::counter!(names::CACHE_DROPS, "cache" => "log_heads")
+                    .increment(dropped as u64);
+            }
             metrics::gauge!(names::CACHED_LOG_HEADS).set(heads.len() as f64);
         }
     }

@@ -197,6 +197,8 @@ impl Shard {
         let durable = owned.queued.saturating_sub(self.recent_capacity as u64);
         let dropped = owned.convs.make_room(|state| state.queued > durable);
         if dropped > 0 {
+            metrics::counter!(names::CACHE_DROPS, "cache" => "conversations")
+                .increment(dropped as u64);
             tracing::debug!(
                 dropped,
                 held = owned.convs.len(),
