@@ -1088,10 +1088,11 @@ impl Conversation {
     }
 
     /// Sends a message with the given id (a retry reuses the id) and waits until it is durable.
-    /// After any error but the server's refusal of this send (`Refused`), whether the message
-    /// was stored is unknown (the connection or the stream failed, or the server broke the
-    /// protocol and the connection was closed): send it again with the same id, on a new
-    /// connection if this one is gone; it is stored once either way.
+    /// After an error the message may or may not be stored (the connection or the stream
+    /// failed, the server is shutting down, or it broke the protocol and the connection was
+    /// closed): sending it again with the same id, on a new connection if this one is gone,
+    /// is always safe, since one id is stored once. Only a refusal of the message itself
+    /// (`not_member`, `invalid_request`) is final.
     pub async fn send_with_id(&self, id: ClientMsgId, body: Bytes) -> Result<Ack, ClientError> {
         let (tx, rx) = oneshot::channel();
         {
