@@ -7,15 +7,16 @@ use std::collections::HashMap;
 use std::hash::Hash;
 
 /// Two generations: entries used since the last rotation (`hot`) and before it (`cold`). A
-/// lookup that finds an entry in `cold` moves it to `hot`; a rotation, once `hot` weighs half
-/// the capacity, drops `cold` and makes `hot` the new `cold`. So an entry survives as long as
-/// it is used at least once per half-capacity of other use, every operation is O(1)
+/// lookup that finds an entry in `cold` moves it to `hot`; a rotation, once `hot` has taken in
+/// half the capacity, drops `cold` and makes `hot` the new `cold`. So an entry survives as
+/// long as it is used at least once per half-capacity of other use, every operation is O(1)
 /// (amortised), and the entries held weigh at most about `capacity`, plus whatever the owner
-/// asked to keep (state the store does not have yet).
+/// asked to keep (state the store does not have yet) and the wait that follows keeping it
+/// (see [`Generations::make_room`]).
 ///
 /// An entry's weight (`weigh`, at least 1) is what it costs in memory: a conversation's
-/// members, say. It is taken when the entry enters `hot` and again at each rotation, so an
-/// entry that grows in place is counted late by at most one generation.
+/// members, say. It is taken whenever the entry enters `hot` (inserted, found in `cold`, or
+/// kept by a rotation), so an entry that grows in place is counted late until then.
 #[derive(Debug)]
 pub(super) struct Generations<K, V> {
     hot: HashMap<K, V>,
