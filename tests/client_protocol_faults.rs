@@ -284,7 +284,10 @@ async fn a_server_that_keeps_breaking_the_protocol_is_retried_less_and_less_ofte
     tokio::time::sleep(Duration::from_secs(2)).await;
     events.close().await;
     let mut connections = 0;
-    while let Ok(seen) = script.seen.try_recv() {
+    // Every connection reports once the client has closed it (the last one just now).
+    while let Ok(Some(seen)) =
+        tokio::time::timeout(Duration::from_millis(500), script.seen.recv()).await
+    {
         connections += 1;
         if connections == 1 {
             closed_with(&seen, ErrorCode::BAD_FRAME);
