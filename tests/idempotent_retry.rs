@@ -7,13 +7,7 @@ use plover::framing::{ClientMsgId, Target};
 
 #[tokio::test]
 async fn retries_with_one_id_store_one_message() {
-    let server = TestServer::start().await;
-    server.register("bob").await;
-    let alice = server.connect("alice", "phone").await;
-    let conv = alice
-        .open(Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let (server, alice, conv) = common::alice_writes_to_bob().await;
     conv.send("before").await.expect("send");
 
     let id = ClientMsgId::random();

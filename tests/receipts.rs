@@ -2,7 +2,7 @@
 //! offline.
 mod common;
 
-use common::{TestServer, next_event, next_receipt};
+use common::{alice_writes_to_bob, next_event, next_receipt};
 use plover::client::{EventStream, Incoming};
 use plover::framing::{Event, Target};
 use std::time::Duration;
@@ -21,13 +21,7 @@ async fn assert_no_receipt(events: &mut EventStream, wait: Duration) {
 
 #[tokio::test]
 async fn delivered_only_once_a_device_has_it_and_read_only_when_marked() {
-    let server = TestServer::start().await;
-    server.register("bob").await;
-    let alice = server.connect("alice", "phone").await;
-    let conv = alice
-        .open(Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let (server, alice, conv) = alice_writes_to_bob().await;
     let mut alice_laptop = EventStream::start(server.config("alice", "laptop"), Some(0));
     assert!(alice_laptop.synced().await);
 
@@ -90,13 +84,7 @@ async fn delivered_only_once_a_device_has_it_and_read_only_when_marked() {
 
 #[tokio::test]
 async fn receipts_are_learned_after_reconnect_and_read_state_reaches_the_readers_other_devices() {
-    let server = TestServer::start().await;
-    server.register("bob").await;
-    let alice = server.connect("alice", "phone").await;
-    let conv = alice
-        .open(Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let (server, alice, conv) = alice_writes_to_bob().await;
     conv.send("hello").await.expect("send");
     drop(conv);
     alice.close().await;
@@ -133,13 +121,7 @@ async fn receipts_are_learned_after_reconnect_and_read_state_reaches_the_readers
 
 #[tokio::test]
 async fn a_steady_stream_of_messages_is_reported_delivered_about_once_a_second() {
-    let server = TestServer::start().await;
-    server.register("bob").await;
-    let alice = server.connect("alice", "phone").await;
-    let conv = alice
-        .open(Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let (server, _alice, conv) = alice_writes_to_bob().await;
     let mut alice_laptop = EventStream::start(server.config("alice", "laptop"), Some(0));
     let mut bob = EventStream::start(server.config("bob", "phone"), Some(0));
     assert!(alice_laptop.synced().await && bob.synced().await);

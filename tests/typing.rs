@@ -2,9 +2,8 @@
 //! members only, never stored.
 mod common;
 
-use common::{TestServer, next_incoming};
+use common::next_incoming;
 use plover::client::{EventStream, Incoming};
-use plover::framing::Target;
 use std::time::Duration;
 
 async fn typing_within(events: &mut EventStream, wait: Duration) -> Vec<(u64, String)> {
@@ -20,13 +19,7 @@ async fn typing_within(events: &mut EventStream, wait: Duration) -> Vec<(u64, St
 
 #[tokio::test]
 async fn typing_reaches_the_peer_only_and_is_not_stored() {
-    let server = TestServer::start().await;
-    server.register("bob").await;
-    let alice = server.connect("alice", "phone").await;
-    let conv = alice
-        .open(Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let (server, alice, conv) = common::alice_writes_to_bob().await;
     let id = conv.id();
     let mut bob = EventStream::start(server.config("bob", "phone"), None);
     let mut alice_laptop = EventStream::start(server.config("alice", "laptop"), None);

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use plover::auth::{TokenKeys, load_or_create_secret};
-use plover::client::{ClientConfig, Connection, EventStream, Incoming, LogEvent};
+use plover::client::{ClientConfig, Connection, Conversation, EventStream, Incoming, LogEvent};
 use plover::config::Config;
-use plover::framing::Event;
+use plover::framing::{Event, Target};
 use plover::router::Router;
 use plover::server::Server;
 use std::path::Path;
@@ -33,6 +33,18 @@ pub fn test_config(dir: &Path) -> Config {
         server_id: Some("test".into()),
         ..Config::default()
     }
+}
+
+/// A server, bob known to it, and alice's phone with their direct conversation open.
+pub async fn alice_writes_to_bob() -> (TestServer, Connection, Conversation) {
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let alice = server.connect("alice", "phone").await;
+    let conv = alice
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    (server, alice, conv)
 }
 
 impl TestServer {
@@ -270,7 +282,7 @@ pub async fn users(server: &TestServer, names: &[&str]) {
 }
 
 /// Every message of a conversation, oldest first, paging forward.
-pub async fn all_history(conv: &plover::client::Conversation) -> Vec<plover::framing::Message> {
+pub async fn all_history(conv: &Conversation) -> Vec<plover::framing::Message> {
     let mut history = Vec::new();
     let mut after = 0;
     loop {
