@@ -25,6 +25,8 @@
 //! | `push_content` | user, 0, conversation | empty: bodies go in this conversation's pushes |
 //! | `meta` | name | value (`next_conversation`) |
 
+#[cfg(test)]
+pub(crate) mod failpoint;
 mod keys;
 mod reaper;
 
@@ -266,6 +268,9 @@ pub struct Store {
     meta: Keyspace,
     durability: Durability,
     poisoned: AtomicBool,
+    /// Test builds only: store operations made to fail on purpose.
+    #[cfg(test)]
+    pub(crate) failpoints: failpoint::Failpoints,
 }
 
 impl std::fmt::Debug for Store {
@@ -354,12 +359,36 @@ impl Store {
             db,
             durability,
             poisoned: AtomicBool::new(false),
+            #[cfg(test)]
+            failpoints: Default::default(),
         })
     }
 
     /// Whether writes are still accepted.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Refuses every later write, as a failed fsync does. The commit thread calls it when it
+    /// cannot finish building a batch: the shards have already advanced their sequence
+    /// numbers, marks and retry ids for what the batch held, so the memory of the router is
+    /// ahead of the store, and only a restart (which rebuilds it from the store) is safe.
+    pub fn poison(&self, why: &dyn std::fmt::Display) {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %why, "store poisoned: refusing all writes from now on");
+        }
+    }
+
+    /// A failpoint (test builds only; nothing at all in others).
+    #[cfg(test)]
+    fn failpoint(&self, point: &'static str) -> Result<(), StoreError> {
+        self.failpoints.hit(point)
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn failpoint(&self, _point: &'static str) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// A new write batch.
@@ -527,6 +556,7 @@ impl Store {
 
     /// One message.
     pub fn message(&self, conv: ConversationId, seq: u64) -> Result<Option<Message>, StoreError> {
+        self.failpoint("message")?;
         match self.messages.get(keys::message(conv, seq))? {
             Some(v) => Ok(Some(decode("messages", &v)?)),
             None => Ok(None),
@@ -663,6 +693,7 @@ impl Store {
         from: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
+        self.failpoint("messages_from")?;
         let mut out = Vec::new();
         let range = self
             .messages
@@ -868,6 +899,7 @@ impl Store {
 
     /// The latest position of a user's log (0 when empty).
     pub fn log_head(&self, user: &str) -> Result<u64, StoreError> {
+        self.failpoint("log_head")?;
         match self.log.prefix(keys::name_prefix(user)).next_back() {
             Some(guard) => Ok(keys::tail_u64(&guard.key()?).unwrap_or(0)),
             None => Ok(0),
@@ -881,6 +913,7 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
+        self.failpoint("read_log")?;
         let lo = keys::log(user, after.saturating_add(1));
         let hi = keys::log(user, u64::MAX);
         let mut out = Vec::new();
@@ -1000,11 +1033,17 @@ impl StoreBatch<'_> {
         if store.is_poisoned() {
             return Err(StoreError::Poisoned);
         }
-        let result = self.batch.durability(Some(store.mode())).commit();
+        let result = match store.failpoint("commit") {
+            Ok(()) => self
+                .batch
+                .durability(Some(store.mode()))
+                .commit()
+                .map_err(StoreError::from),
+            Err(injected) => Err(injected),
+        };
         if let Err(e) = result {
-            store.poisoned.store(true, Ordering::Release);
-            tracing::error!(error = %e, "store write failed: refusing all writes from now on");
-            return Err(e.into());
+            store.poison(&e);
+            return Err(e);
         }
         Ok(())
     }

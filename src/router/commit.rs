@@ -352,7 +352,15 @@ impl CommitThread {
         }
 
         let result = match failed {
-            Some(e) => Err(e),
+            // The shards sequenced what this batch held: their last seqs, marks and retry
+            // ids are ahead of the store now, and a retry of one of those ids would be
+            // answered `Sent` by a later batch without its message ever being written. Only
+            // a restart rebuilds them from the store, so the store refuses writes from here
+            // on, as after a failed fsync.
+            Some(e) => {
+                self.store.poison(&e);
+                Err(e)
+            }
             None => batch.commit().map_err(RouterError::from),
         };
         match result {

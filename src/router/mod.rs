@@ -16,6 +16,8 @@ mod presence;
 mod retention;
 mod sessions;
 mod shard;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
