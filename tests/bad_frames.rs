@@ -2,8 +2,8 @@
 //! other clients carry on.
 mod common;
 
-use common::TestServer;
-use plover::framing::{ClientFrame, ErrorCode, PROTOCOL_VERSION, ServerFrame, Target, codec};
+use common::{TestServer, close_code, handshake};
+use plover::framing::{ClientFrame, ErrorCode, ServerFrame, Target, codec};
 use plover::transport::stream::FrameReader;
 use std::time::Duration;
 
@@ -17,48 +17,7 @@ async fn raw(
     quinn::SendStream,
     FrameReader,
 ) {
-    let (endpoint, conn) = handshake(server).await;
-    let (mut send, recv) = conn.open_bi().await.expect("bi");
-    let hello = codec::encode_to_vec(
-        &ClientFrame::Hello {
-            version: PROTOCOL_VERSION,
-            token: server.token(user),
-            device: "raw".into(),
-        },
-        1 << 16,
-    )
-    .expect("encode");
-    send.write_all(&hello).await.expect("write");
-    let mut reader = FrameReader::new(recv, 1 << 16);
-    let welcome: ServerFrame = reader.next().await.expect("read").expect("frame");
-    assert!(
-        matches!(welcome, ServerFrame::Welcome { .. }),
-        "{welcome:?}"
-    );
-    (endpoint, conn, send, reader)
-}
-
-/// A QUIC connection to the server, handshake done, nothing sent yet.
-async fn handshake(server: &TestServer) -> (quinn::Endpoint, quinn::Connection) {
-    let roots = plover::transport::tls::load_certs(&server.ca()).expect("ca");
-    let endpoint = plover::transport::client_endpoint(&roots, Duration::from_secs(5)).expect("ep");
-    let conn = endpoint
-        .connect(server.addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    (endpoint, conn)
-}
-
-/// Waits for the connection to be closed by the server and returns the close code.
-async fn close_code(conn: &quinn::Connection) -> u16 {
-    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
-        .await
-        .expect("closed in time");
-    match reason {
-        quinn::ConnectionError::ApplicationClosed(c) => c.error_code.into_inner() as u16,
-        other => panic!("expected an application close, got {other}"),
-    }
+    common::raw_device(server, user, "raw").await
 }
 
 async fn next_error(reader: &mut FrameReader) -> Option<ErrorCode> {

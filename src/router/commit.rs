@@ -6,6 +6,7 @@
 //! writer of the sync logs, it assigns each user's log positions in commit order, so a log never
 //! has a hole and never reuses a position, whichever shard sequenced the message.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvError};
 use tokio::sync::oneshot;
@@ -200,6 +201,8 @@ impl CommitThread {
         let mut deliveries: Vec<Fanout> = Vec::new();
         let mut stop = false;
         let mut failed: Option<RouterError> = None;
+        // Cursors this batch writes, so that two acks of a device in one batch compare too.
+        let mut cursors: HashMap<(String, String), u64> = HashMap::new();
 
         for item in items.drain(..) {
             match item {
@@ -345,7 +348,14 @@ impl CommitThread {
                     user,
                     device,
                     cursor,
-                } => batch.put_cursor(&user, &device, cursor),
+                } => match forward_cursor(&self.store, heads, &mut cursors, &user, &device, cursor)
+                {
+                    Ok(Some(cursor)) => batch.put_cursor(&user, &device, cursor),
+                    Ok(None) => {}
+                    // A cursor is advisory (the device's next ack carries a later one): a
+                    // failed read drops it, not the batch.
+                    Err(e) => tracing::warn!(error = %e, %user, %device, "cursor not recorded"),
+                },
                 CommitItem::Barrier(reply) => barriers.push(reply),
                 CommitItem::Stop => stop = true,
             }
@@ -437,6 +447,36 @@ fn append(
         positions.push(*head);
     }
     Ok(positions)
+}
+
+/// The cursor to store for a device's `Ack`: never past the user's log head (a device cannot
+/// have what the log does not hold yet, and a cursor above the head would hide every later
+/// event from a `Sync` without a cursor), and never behind what the device acknowledged
+/// before (a late or replayed ack would make it receive events again). `None` when it would
+/// not move.
+fn forward_cursor(
+    store: &Store,
+    heads: &mut Generations<String, u64>,
+    written: &mut HashMap<(String, String), u64>,
+    user: &str,
+    device: &str,
+    cursor: u64,
+) -> Result<Option<u64>, RouterError> {
+    let head = match heads.get_mut(user) {
+        Some(h) => *h,
+        None => *heads.insert(user.to_owned(), store.log_head(user)?),
+    };
+    let key = (user.to_owned(), device.to_owned());
+    let before = match written.get(&key) {
+        Some(c) => Some(*c),
+        None => store.device_cursor(user, device)?,
+    };
+    let cursor = cursor.min(head);
+    if before.is_some_and(|b| cursor <= b) {
+        return Ok(None);
+    }
+    written.insert(key, cursor);
+    Ok(Some(cursor))
 }
 
 /// Removes the bodies of a conversation's messages `from..=to` (tombstones keep their place)

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::RouterError;
 use super::sessions::{Delivery, Registration};
 use crate::framing::{ConversationId, Event, Receipt, Retention};
-use crate::persist::{LogEntry, Store};
+use crate::persist::{LogEntry, Store, has_body, tombstone};
 use std::collections::HashMap;
 
 /// Events read from the store per round of catch-up.
@@ -140,8 +140,9 @@ pub(super) fn read_events(
 ) -> Result<Vec<Delivery>, RouterError> {
     let entries = store.read_log(user, after, limit)?;
     let mut out = Vec::with_capacity(entries.len());
-    // Each conversation's retention, read once per batch: sync never serves an expired body.
-    let mut retention: HashMap<ConversationId, Retention> = HashMap::new();
+    // Each conversation's retention and how far the user cleared it, read once per batch:
+    // sync never serves an expired body, nor one the user hid from their own history.
+    let mut views: HashMap<ConversationId, (Retention, u64)> = HashMap::new();
     let now = super::shard::now_ms();
     for (pos, entry) in entries {
         let event = match entry {
@@ -151,17 +152,25 @@ pub(super) fn read_events(
                         "log of {user} at {pos} names message {conversation}/{seq}, which is missing"
                     ))
                 })?;
-                let policy = match retention.get(&conversation) {
-                    Some(p) => *p,
+                let (policy, cleared) = match views.get(&conversation) {
+                    Some(v) => *v,
                     None => {
-                        let p = store
+                        let policy = store
                             .conversation(conversation)?
                             .map_or(Retention::Keep, |r| r.retention);
-                        retention.insert(conversation, p);
-                        p
+                        let v = (policy, store.cleared(conversation, user)?);
+                        views.insert(conversation, v);
+                        v
                     }
                 };
-                Event::Message(super::expire(msg, policy, now))
+                // A message the user cleared keeps its place in the log (positions have no
+                // holes) but comes without its body, as after a deletion; membership events
+                // carry no body and stay as they are.
+                if msg.seq <= cleared && has_body(&msg) {
+                    Event::Message(tombstone(&msg))
+                } else {
+                    Event::Message(super::expire(msg, policy, now))
+                }
             }
             LogEntry::Deleted {
                 conversation,

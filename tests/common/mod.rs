@@ -294,3 +294,81 @@ pub async fn all_history(conv: &Conversation) -> Vec<plover::framing::Message> {
         }
     }
 }
+
+/// A raw QUIC connection to the server, handshake done, nothing sent yet.
+pub async fn handshake(server: &TestServer) -> (quinn::Endpoint, quinn::Connection) {
+    let roots = plover::transport::tls::load_certs(&server.ca()).expect("ca");
+    let endpoint = plover::transport::client_endpoint(&roots, Duration::from_secs(5)).expect("ep");
+    let conn = endpoint
+        .connect(server.addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (endpoint, conn)
+}
+
+/// Encodes one client frame with the default limit.
+pub fn encode(frame: &plover::framing::ClientFrame) -> Vec<u8> {
+    plover::framing::codec::encode_to_vec(frame, 1 << 16).expect("encode")
+}
+
+/// A raw connection whose control stream has sent `Hello` as (`user`, `device`), and the
+/// server's first answer to it.
+pub async fn raw_hello(
+    server: &TestServer,
+    user: &str,
+    device: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    plover::transport::stream::FrameReader,
+    plover::framing::ServerFrame,
+) {
+    let (endpoint, conn) = handshake(server).await;
+    let (mut send, recv) = conn.open_bi().await.expect("bi");
+    send.write_all(&encode(&plover::framing::ClientFrame::Hello {
+        version: plover::framing::PROTOCOL_VERSION,
+        token: server.token(user),
+        device: device.into(),
+    }))
+    .await
+    .expect("write");
+    let mut reader = plover::transport::stream::FrameReader::new(recv, 1 << 16);
+    let answer = tokio::time::timeout(Duration::from_secs(5), reader.next())
+        .await
+        .expect("an answer to Hello")
+        .expect("read")
+        .expect("frame");
+    (endpoint, conn, send, reader, answer)
+}
+
+/// A raw connection authenticated as (`user`, `device`), its control stream open.
+pub async fn raw_device(
+    server: &TestServer,
+    user: &str,
+    device: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    plover::transport::stream::FrameReader,
+) {
+    let (endpoint, conn, send, reader, welcome) = raw_hello(server, user, device).await;
+    assert!(
+        matches!(welcome, plover::framing::ServerFrame::Welcome { .. }),
+        "{welcome:?}"
+    );
+    (endpoint, conn, send, reader)
+}
+
+/// Waits for the connection to be closed by the server and returns the close code.
+pub async fn close_code(conn: &quinn::Connection) -> u16 {
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed in time");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => c.error_code.into_inner() as u16,
+        other => panic!("expected an application close, got {other}"),
+    }
+}
