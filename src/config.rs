@@ -212,6 +212,10 @@ pub struct Limits {
     pub max_body: u32,
     /// Concurrent connections. Each idle connection costs tens of KB (see FACTS.md).
     pub max_connections: usize,
+    /// Connections one user may hold at once, one per device (a device's new connection
+    /// replaces its old one). 16: a person's phone, tablet, desktops and browsers with room
+    /// to spare, while one stolen or runaway token cannot take the server's connections.
+    pub connections_per_user: usize,
     /// Conversation streams a client may have open at once (plus its control stream). quinn
     /// sets up state for the whole limit per connection, so keep it small.
     pub max_streams: u32,
@@ -245,6 +249,7 @@ impl Default for Limits {
             max_frame: crate::framing::DEFAULT_MAX_FRAME,
             max_body: 60 * 1024,
             max_connections: 100_000,
+            connections_per_user: 16,
             max_streams: 16,
             max_delivery_streams: 32,
             outbound_queue: 1024,

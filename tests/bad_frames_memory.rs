@@ -31,7 +31,8 @@ async fn hostile(endpoint: &quinn::Endpoint, addr: SocketAddr, keys: &TokenKeys,
     let hello = ClientFrame::Hello {
         version: PROTOCOL_VERSION,
         token,
-        device: "raw".into(),
+        // A device per connection: a device's second connection would replace its first.
+        device: format!("raw{kind}"),
     };
     control.write_all(&frame(&hello)).await.expect("hello");
     let mut welcome = [0u8; 16];

@@ -320,6 +320,16 @@ async fn drive(
         if tx.is_closed() {
             return;
         }
+        // Another connection of this device took its place (the same device name used
+        // twice): reconnecting would replace that one in turn, and the two would take turns
+        // forever. The stream ends with the server's reason instead.
+        if let Some(quinn::ConnectionError::ApplicationClosed(close)) = conn.quic().close_reason()
+            && close.error_code == quinn::VarInt::from(ErrorCode::REPLACED.0)
+        {
+            let e = ClientError::from(quinn::ConnectionError::ApplicationClosed(close));
+            let _ = tx.send(Item::Failed(e)).await;
+            return;
+        }
         // A connection that lasted a while is reconnected at once (a server restart); one
         // that failed soon after it started (a server that keeps breaking the protocol, or
         // keeps dropping us) waits longer each time.

@@ -83,6 +83,12 @@ impl ErrorCode {
     /// The caller may not do or see this (presence of a stranger, a non-admin changing a
     /// group's members).
     pub const FORBIDDEN: Self = Self(17);
+    /// The same device connected again: this (older) connection is closed. Do not reconnect
+    /// automatically; the device's newer connection is the live one.
+    pub const REPLACED: Self = Self(18);
+    /// The control stream ended without a clean finish (reset, or the server could not write
+    /// on it): the connection ends with it.
+    pub const CONTROL_CLOSED: Self = Self(19);
 
     /// The constant's name, for logs and CLI messages.
     pub fn name(self) -> &'static str {
@@ -105,6 +111,8 @@ impl ErrorCode {
             Self::INTERNAL => "internal",
             Self::LIMIT => "limit",
             Self::FORBIDDEN => "forbidden",
+            Self::REPLACED => "replaced",
+            Self::CONTROL_CLOSED => "control_closed",
             _ => "unknown",
         }
     }

@@ -122,6 +122,9 @@ impl World {
             auth_timeout: config.auth.timeout,
             server_id: "fuzz".into(),
             typing_per_second: config.presence.typing_per_second,
+            devices: Arc::new(crate::transport::devices::Devices::new(
+                config.limits.connections_per_user,
+            )),
         });
         let mut actors = Vec::new();
         let mut online = Vec::new();

@@ -5,6 +5,7 @@
 //! the handshake) and moves the permit into the connection's own task, where the handshake,
 //! `Hello` and everything after run.
 
+mod devices;
 #[doc(hidden)]
 pub mod fuzzing;
 mod requests;
@@ -133,6 +134,7 @@ impl Listener {
                 auth_timeout: config.auth.timeout,
                 server_id,
                 typing_per_second: config.presence.typing_per_second,
+                devices: Arc::new(devices::Devices::new(config.limits.connections_per_user)),
             }),
         })
     }

@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub(crate) auth_timeout: Duration,
     pub(crate) server_id: String,
     pub(crate) typing_per_second: u32,
+    /// Each device's one live connection.
+    pub(crate) devices: Arc<super::devices::Devices>,
 }
 
 /// Why a connection or stream is being closed with an error.

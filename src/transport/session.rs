@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, debug_span, info, warn};
 
+use super::devices::Claim;
 use super::requests::{Actor, Control, Pending, Refusal, Shared, Step};
 use super::stream::{FrameReader, FrameWriter, StreamError};
 use crate::auth::{AuthError, valid_name};
@@ -82,7 +83,8 @@ pub(crate) async fn serve_connection(
     // Boxed here and below: a future's size is that of its largest await point, and this task
     // lives as long as the connection; the rare big steps (authentication, a control request)
     // get their own short-lived allocation so the resting task stays small.
-    let Some((session, reader, writer)) = Box::pin(authenticate(&conn, &shared, deadline)).await
+    let Some((session, reader, writer, claim)) =
+        Box::pin(authenticate(&conn, &shared, deadline)).await
     else {
         return;
     };
@@ -98,6 +100,17 @@ pub(crate) async fn serve_connection(
         () = session.clone().datagrams() => {}
         _ = conn.closed() => {}
     }
+    // The connection lives and dies as one: whichever part ended it (the control stream
+    // reset or unwritable, a close from either side), it is closed now, and every stream
+    // task it owned was aborted with the futures above, so none goes on accepting sends
+    // outside the connection limit, the presence count or the device registry.
+    if conn.close_reason().is_none() {
+        close(
+            &conn,
+            &Refusal::new(ErrorCode::CONTROL_CLOSED, "the control stream ended"),
+        );
+    }
+    drop(claim);
     gauge.decrement(1.0);
     debug!(reason = ?conn.close_reason(), "connection ended");
 }
@@ -111,7 +124,7 @@ async fn authenticate(
     conn: &quinn::Connection,
     shared: &Arc<Shared>,
     deadline: Instant,
-) -> Option<(Session, FrameReader, FrameWriter)> {
+) -> Option<(Session, FrameReader, FrameWriter, Claim)> {
     let max = shared.limits.max_frame;
     let timed_out = || Refusal::new(ErrorCode::AUTH_TIMEOUT, "no Hello within the auth timeout");
     let (send, recv) = match timeout_at(deadline, conn.accept_bi()).await {
@@ -155,6 +168,13 @@ async fn authenticate(
         refuse(conn, &mut writer, Refusal::new(e.code(), e.to_string())).await;
         return None;
     }
+    let claim = match shared.devices.claim(&user, &device, conn) {
+        Ok(claim) => claim,
+        Err(refusal) => {
+            refuse(conn, &mut writer, refusal).await;
+            return None;
+        }
+    };
     let welcome = ServerFrame::Welcome {
         version: PROTOCOL_VERSION,
         user: user.clone(),
@@ -176,7 +196,7 @@ async fn authenticate(
             feed: Default::default(),
         },
     };
-    Some((session, reader, writer))
+    Some((session, reader, writer, claim))
 }
 
 fn check_hello(
@@ -346,15 +366,21 @@ impl Session {
         }
     }
 
-    /// Accepts the conversation streams the client opens, one task each.
+    /// Accepts the conversation streams the client opens, one task each, owned by this
+    /// future: when the connection ends and it is dropped, every stream task is aborted.
     async fn accept_streams(self: Arc<Self>) {
+        let mut streams = tokio::task::JoinSet::new();
         loop {
-            let (send, recv) = match self.conn.accept_bi().await {
-                Ok(streams) => streams,
-                Err(_) => return,
+            let (send, recv) = tokio::select! {
+                accepted = self.conn.accept_bi() => match accepted {
+                    Ok(streams) => streams,
+                    Err(_) => return,
+                },
+                // Reap finished stream tasks, so the set holds only live ones.
+                Some(_) = streams.join_next(), if !streams.is_empty() => continue,
             };
             let span = debug_span!("stream", id = %send.id(), conversation = tracing::field::Empty);
-            tokio::spawn(
+            streams.spawn(
                 self.clone()
                     .conversation_stream(send, recv)
                     .instrument(span),
@@ -398,7 +424,9 @@ impl Session {
         // Answers go out in request order through a bounded queue: when `inflight_sends`
         // answers are pending, the reader waits, and so does the client (flow control).
         let (pending_tx, pending_rx) = mpsc::channel(limits.inflight_sends);
-        let answers = tokio::spawn(write_answers(writer, pending_rx).in_current_span());
+        let mut answers = AbortOnDrop(tokio::spawn(
+            write_answers(writer, pending_rx).in_current_span(),
+        ));
         let mut violation = None;
         loop {
             let pending = match reader.next::<ClientFrame>().await {
@@ -425,7 +453,7 @@ impl Session {
             }
         }
         drop(pending_tx);
-        let _ = answers.await;
+        let _ = (&mut answers.0).await;
         if let Some(refusal) = violation {
             debug!(code = ?refusal.code, message = %refusal.message, "closing connection");
             close(&self.conn, &refusal);
@@ -445,7 +473,7 @@ async fn write_answers(mut writer: FrameWriter, mut pending: mpsc::Receiver<Pend
 /// A delivery stream the server keeps open towards the device for one conversation.
 struct DeliveryStream {
     tx: mpsc::Sender<Bytes>,
-    task: JoinHandle<()>,
+    task: AbortOnDrop,
     last_used: u64,
 }
 
@@ -456,7 +484,9 @@ impl Session {
         let conn = &self.conn;
         let limits = &self.actor.shared.limits;
         let mut streams: HashMap<ConversationId, DeliveryStream> = HashMap::new();
-        let mut closing: HashMap<ConversationId, JoinHandle<()>> = HashMap::new();
+        // Streams being finished after they were closed for a newer one; owned here, so
+        // they end with the connection's feed.
+        let mut closing: HashMap<ConversationId, AbortOnDrop> = HashMap::new();
         let mut tick: u64 = 0;
         let mut scratch = bytes::BytesMut::new();
         loop {
@@ -500,16 +530,16 @@ impl Session {
                     }
                     // Never two streams of one conversation at once: the client must see its
                     // events in order, so a new stream waits until the old one is done.
-                    if let Some(old) = closing.remove(&conversation) {
-                        let _ = timeout(Duration::from_secs(5), old).await;
+                    if let Some(mut old) = closing.remove(&conversation) {
+                        let _ = timeout(Duration::from_secs(5), &mut old.0).await;
                     }
-                    closing.retain(|_, t| !t.is_finished());
+                    closing.retain(|_, t| !t.0.is_finished());
                     let (tx, rx) = mpsc::channel(DELIVERY_STREAM_QUEUE);
-                    let task = tokio::spawn(
+                    let task = AbortOnDrop(tokio::spawn(
                         self.clone()
                             .delivery_stream(conversation, rx)
                             .in_current_span(),
-                    );
+                    ));
                     streams.insert(
                         conversation,
                         DeliveryStream {
