@@ -78,3 +78,61 @@ async fn typing_reaches_the_peer_only_and_is_not_stored() {
     alice.close().await;
     server.stop().await;
 }
+
+/// Each connection caches a conversation's members for typing; a removal must reach every
+/// such cache: the removed member's indicators reach no one, and nobody's reach her.
+#[tokio::test]
+async fn a_removed_member_neither_sends_nor_receives_typing() {
+    let server = common::TestServer::start().await;
+    server.register("bob").await;
+    server.register("carol").await;
+    let alice = server.connect("alice", "phone").await;
+    let carol = server.connect("carol", "phone").await;
+    let gid = alice
+        .create_group("g", &["bob".into(), "carol".into()])
+        .await
+        .expect("group");
+    let mut bob_events = EventStream::start(server.config("bob", "tablet"), None);
+    let mut carol_events = EventStream::start(server.config("carol", "tablet"), None);
+    assert!(bob_events.synced().await && carol_events.synced().await);
+
+    // Both typists' connections cache the members while carol is one of them.
+    carol.typing(gid).expect("datagram");
+    let got = typing_within(&mut bob_events, Duration::from_millis(500)).await;
+    assert!(got.contains(&(gid, "carol".into())), "{got:?}");
+    alice.typing(gid).expect("datagram");
+    let got = typing_within(&mut carol_events, Duration::from_millis(500)).await;
+    assert!(got.contains(&(gid, "alice".into())), "{got:?}");
+
+    let g = alice
+        .open(plover::framing::Target::Conversation(gid), false)
+        .await
+        .expect("open");
+    assert!(g.remove_member("carol").await.expect("remove") > 0);
+    // Past the typing rate limit's refill, so nothing below is held back by it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    alice.typing(gid).expect("datagram");
+    let got = typing_within(&mut carol_events, Duration::from_millis(500)).await;
+    assert!(
+        !got.iter().any(|(c, _)| *c == gid),
+        "carol still gets the group's typing: {got:?}"
+    );
+    carol.typing(gid).expect("datagram");
+    let got = typing_within(&mut bob_events, Duration::from_millis(500)).await;
+    assert!(
+        !got.contains(&(gid, "carol".into())),
+        "carol's typing still reaches bob: {got:?}"
+    );
+    // The members who stay still hear each other.
+    alice.typing(gid).expect("datagram");
+    let got = typing_within(&mut bob_events, Duration::from_millis(500)).await;
+    assert!(got.contains(&(gid, "alice".into())), "{got:?}");
+
+    drop(g);
+    bob_events.close().await;
+    carol_events.close().await;
+    carol.close().await;
+    alice.close().await;
+    server.stop().await;
+}

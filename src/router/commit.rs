@@ -131,6 +131,8 @@ struct Fanout {
 
 pub(super) struct CommitThread {
     pub(super) store: Arc<Store>,
+    /// Bumped for each membership change once it is durable.
+    pub(super) epochs: Arc<super::MembershipEpochs>,
     pub(super) sessions: Arc<Sessions>,
     pub(super) notifier: Arc<crate::push::Notifier>,
     pub(super) rx: Receiver<CommitItem>,
@@ -199,6 +201,8 @@ impl CommitThread {
         let mut barriers = Vec::new();
         // (members, their new log positions, the event): handed out once the batch is durable.
         let mut deliveries: Vec<Fanout> = Vec::new();
+        // Conversations whose members this batch changes.
+        let mut changed: Vec<crate::framing::ConversationId> = Vec::new();
         let mut stop = false;
         let mut failed: Option<RouterError> = None;
         // Cursors this batch writes, so that two acks of a device in one batch compare too.
@@ -229,6 +233,7 @@ impl CommitThread {
                             batch.put_marks(msg.conversation, &msg.from, msg.seq, msg.seq);
                         }
                         Some(write) => {
+                            changed.push(msg.conversation);
                             batch.put_conversation(msg.conversation, &write.record);
                             for user in &write.added {
                                 batch.add_member_of(user, msg.conversation);
@@ -377,6 +382,11 @@ impl CommitThread {
             Ok(()) => {
                 metrics::histogram!(names::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
                 metrics::counter!(names::MESSAGES_IN).increment(messages_in);
+                // Before the answers and events: whoever learns of a change and then types
+                // finds every cached member list of that conversation stale.
+                for conversation in changed {
+                    self.epochs.bump(conversation);
+                }
                 for (reply, sent) in replies {
                     let _ = reply.send(Ok(sent));
                 }

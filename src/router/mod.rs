@@ -135,8 +135,42 @@ pub struct Subscription {
     pub feed: DeviceFeed,
 }
 
+/// Slots of [`MembershipEpochs`]: enough that a change in one conversation invalidates few
+/// others' cached member lists, small enough to be a fixed 8 KiB.
+const EPOCH_SLOTS: usize = 1024;
+
+/// Counters of membership changes, one per slot of conversations (by id). The commit thread
+/// bumps a conversation's slot once a change to its members is durable; a cache of member
+/// lists (each connection's, for typing) keeps the slot's value from before it read the
+/// members, and reads them again once the value moved. So a cached list never outlives a
+/// committed change, whichever connection made it.
+pub(crate) struct MembershipEpochs(Box<[std::sync::atomic::AtomicU64]>);
+
+impl MembershipEpochs {
+    fn new() -> Self {
+        Self((0..EPOCH_SLOTS).map(|_| Default::default()).collect())
+    }
+
+    fn slot(&self, conversation: ConversationId) -> &std::sync::atomic::AtomicU64 {
+        &self.0[(conversation % EPOCH_SLOTS as u64) as usize]
+    }
+
+    /// The current epoch of a conversation's slot.
+    pub(crate) fn get(&self, conversation: ConversationId) -> u64 {
+        self.slot(conversation)
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks a conversation's members as changed.
+    fn bump(&self, conversation: ConversationId) {
+        self.slot(conversation)
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 struct Inner {
     store: Arc<Store>,
+    epochs: Arc<MembershipEpochs>,
     sessions: Arc<Sessions>,
     presence: Arc<Presence>,
     notifier: Arc<crate::push::Notifier>,
@@ -187,8 +221,10 @@ impl Router {
             Box::new(move |user: &str| online.is_online(user)),
         )?;
         let (commit_tx, commit_rx) = sync_channel(COMMIT_QUEUE);
+        let epochs = Arc::new(MembershipEpochs::new());
         let commit = CommitThread {
             store: store.clone(),
+            epochs: epochs.clone(),
             sessions: sessions.clone(),
             notifier: notifier.clone(),
             rx: commit_rx,
@@ -226,6 +262,7 @@ impl Router {
         }
         Ok(Self {
             inner: Arc::new(Inner {
+                epochs,
                 presence,
                 notifier,
                 store,
@@ -470,6 +507,12 @@ impl Router {
             }))
             .await
             .map_err(|_| RouterError::ShuttingDown)
+    }
+
+    /// The membership epoch of a conversation (see [`MembershipEpochs`]): read it before
+    /// [`Router::members`], and read the members again once it differs.
+    pub fn membership_epoch(&self, conversation: ConversationId) -> u64 {
+        self.inner.epochs.get(conversation)
     }
 
     /// The members of a conversation, if `user` is one of them.

@@ -314,7 +314,10 @@ impl Session {
         let rate = f64::from(self.actor.shared.typing_per_second);
         let mut tokens = rate;
         let mut last = Instant::now();
-        let mut members: HashMap<ConversationId, Arc<[String]>> = HashMap::new();
+        // Each conversation's members with the membership epoch read before them: an entry
+        // whose epoch has moved is read again, so a member removed (or added) anywhere is
+        // removed (or added) here too.
+        let mut members: HashMap<ConversationId, (u64, Arc<[String]>)> = HashMap::new();
         loop {
             let Ok(bytes) = self.conn.read_datagram().await else {
                 return;
@@ -333,25 +336,24 @@ impl Session {
                 continue;
             }
             tokens -= 1.0;
+            let router = &self.actor.shared.router;
+            let epoch = router.membership_epoch(conversation);
             let list = match members.get(&conversation) {
-                Some(list) => list.clone(),
-                None => match self
-                    .actor
-                    .shared
-                    .router
-                    .members(&self.actor.user, conversation)
-                    .await
-                {
+                Some((at, list)) if *at == epoch => list.clone(),
+                _ => match router.members(&self.actor.user, conversation).await {
                     Ok(list) => {
                         // A small cache: membership of a conversation one types in rarely
                         // changes; bounded so a client cannot grow it without limit.
                         if members.len() >= 64 {
                             members.clear();
                         }
-                        members.insert(conversation, list.clone());
+                        members.insert(conversation, (epoch, list.clone()));
                         list
                     }
-                    Err(_) => continue,
+                    Err(_) => {
+                        members.remove(&conversation);
+                        continue;
+                    }
                 },
             };
             let push = Push::Typing {
