@@ -331,3 +331,97 @@ async fn a_thousand_member_group_reaches_every_online_device_and_every_log() {
     alice.close().await;
     server.stop().await;
 }
+
+/// A group whose `CreateGroup` fits in a frame but whose member list, repeated in a `Created`
+/// event with the sender's fields around it, would not: before the cap, delivering that event
+/// closed every member's connection, and each reconnect met it again. Now the event leaves
+/// large member lists out (page them with `Members`) and every member syncs past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_long_names_syncs_past_its_first_event() {
+    use plover::framing::{ClientFrame, ClientMsgId, Message, Retention, ServerFrame, codec};
+    let server = TestServer::start().await;
+    let max = plover::framing::DEFAULT_MAX_FRAME;
+    let name = |i: usize| format!("{i:04}-{}", "x".repeat(59));
+    // The most members whose CreateGroup still fits; their Created, uncapped, would not.
+    let creator = name(0);
+    let mut members: Vec<String> = Vec::new();
+    loop {
+        let mut more = members.clone();
+        more.push(name(more.len() + 1));
+        let create = ClientFrame::CreateGroup {
+            request: 1,
+            title: "long names".into(),
+            members: more.clone(),
+            retention: Retention::Keep,
+        };
+        if codec::encode_to_vec(&create, max).is_err() {
+            break;
+        }
+        members = more;
+    }
+    let mut everyone = members.clone();
+    everyone.push(creator.clone());
+    everyone.sort();
+    let uncapped = ServerFrame::Event {
+        log: 1,
+        event: Event::Message(Message {
+            conversation: 1,
+            seq: 1,
+            from: creator.clone(),
+            device: "phone".into(),
+            ts: 1_764_000_000_000,
+            id: ClientMsgId::random(),
+            body: Default::default(),
+            change: Some(ConversationChange::Created {
+                title: "long names".into(),
+                members: everyone.clone(),
+            }),
+        }),
+    };
+    assert!(
+        codec::encode_to_vec(&uncapped, max).is_err(),
+        "{} members of 64 bytes: the uncapped event fits, the test proves nothing",
+        everyone.len()
+    );
+    let names: Vec<&str> = everyone.iter().map(String::as_str).collect();
+    users(&server, &names).await;
+
+    let owner = server.connect(&creator, "phone").await;
+    let gid = owner
+        .create_group("long names", &members)
+        .await
+        .expect("group");
+    let conv = owner
+        .open(Target::Conversation(gid), false)
+        .await
+        .expect("open");
+    conv.send("after the creation").await.expect("send");
+    let mut member = EventStream::start(server.config(&members[0], "phone"), Some(0));
+    let got = take(&mut member, 2).await;
+    assert_eq!(
+        got,
+        vec![
+            (
+                1,
+                format!(
+                    "{:?}",
+                    ConversationChange::Created {
+                        title: "long names".into(),
+                        members: Vec::new()
+                    }
+                )
+            ),
+            (2, "after the creation".into())
+        ]
+    );
+    let (page, _) = conv.history(None, None, 10).await.expect("history");
+    assert_eq!(page.len(), 2);
+    assert_eq!(
+        conv.all_members().await.expect("members").len(),
+        everyone.len()
+    );
+    member.close().await;
+    drop(conv);
+    owner.close().await;
+    server.stop().await;
+}

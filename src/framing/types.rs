@@ -209,7 +209,9 @@ pub enum ConversationChange {
     Created {
         /// Its title.
         title: String,
-        /// Every member, the creator included, sorted.
+        /// Every member, the creator included, sorted, when there are at most
+        /// [`INLINE_MEMBERS`]; else empty (page them with `Members`), so that the event
+        /// always fits in a frame.
         members: Vec<String>,
     },
     /// `from` added `user`.
@@ -261,6 +263,43 @@ pub struct Message {
     pub body: Bytes,
     /// Set when this entry is a membership change rather than a message.
     pub change: Option<ConversationChange>,
+}
+
+impl Message {
+    /// Bytes of an encoded frame around one message (an `Event` or a one-message history
+    /// page): tags, the log position or request id, lengths.
+    pub const FRAME_OVERHEAD: usize = 64;
+
+    /// The message as it can travel in a frame of at most `max_frame` bytes. Every message
+    /// made today fits (bodies are below `max_body`, names and titles are bounded, `Created`
+    /// lists members only up to [`INLINE_MEMBERS`]); one that does not, such as a `Created`
+    /// stored with a long member list by an older version, is cut rather than left to fail
+    /// its frame forever: a `Created` loses its member list (page with `Members`), anything
+    /// else becomes its tombstone.
+    pub fn fit(self, max_frame: u32) -> Message {
+        let room = (max_frame as usize).saturating_sub(Self::FRAME_OVERHEAD);
+        let size = |m: &Message| postcard::to_stdvec(m).map_or(usize::MAX, |v| v.len());
+        if size(&self) <= room {
+            return self;
+        }
+        if let Some(ConversationChange::Created { title, .. }) = &self.change {
+            let cut = Message {
+                change: Some(ConversationChange::Created {
+                    title: title.clone(),
+                    members: Vec::new(),
+                }),
+                ..self.clone()
+            };
+            if size(&cut) <= room {
+                return cut;
+            }
+        }
+        Message {
+            body: Bytes::new(),
+            change: Some(ConversationChange::Erased),
+            ..self
+        }
+    }
 }
 
 /// A member's delivery and read marks in a conversation: high-water sequence numbers.
@@ -414,5 +453,53 @@ impl Pusher {
             Pusher::Gateway { pushkey, .. } => pushkey,
             Pusher::WebPush { endpoint, .. } => endpoint,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created(members: usize) -> Message {
+        Message {
+            conversation: 7,
+            seq: 1,
+            from: "owner".into(),
+            device: "phone".into(),
+            ts: 1,
+            id: ClientMsgId([1; 16]),
+            body: Bytes::new(),
+            change: Some(ConversationChange::Created {
+                title: "t".into(),
+                members: (0..members).map(|i| format!("{i:064}")).collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_message_that_fits_is_left_as_it_is() {
+        let m = created(INLINE_MEMBERS);
+        assert_eq!(m.clone().fit(crate::framing::DEFAULT_MAX_FRAME), m);
+    }
+
+    #[test]
+    fn an_oversized_created_loses_its_member_list_and_anything_else_its_body() {
+        let max = crate::framing::DEFAULT_MAX_FRAME;
+        let cut = created(1024).fit(max);
+        assert_eq!(
+            cut.change,
+            Some(ConversationChange::Created {
+                title: "t".into(),
+                members: Vec::new()
+            })
+        );
+        let big = Message {
+            body: Bytes::from(vec![0u8; 4096]),
+            change: None,
+            ..created(0)
+        };
+        let cut = big.fit(1024);
+        assert!(cut.body.is_empty() && cut.change == Some(ConversationChange::Erased));
+        assert_eq!((cut.seq, cut.from.as_str()), (1, "owner"));
     }
 }

@@ -504,9 +504,12 @@ impl Shard {
             self.make_room(owned);
             owned.convs.insert(conv, state);
             self.gauge(&owned.convs);
+            // A large group's members would not fit in one event (1,024 names of 64 bytes
+            // are 66 KB): they are paged with `Members` instead, as for `Opened`.
+            let inline = record.members.len() <= crate::framing::INLINE_MEMBERS;
             let change = ConversationChange::Created {
                 title: record.title.clone(),
-                members: record.names(),
+                members: if inline { record.names() } else { Vec::new() },
             };
             let write = MembershipWrite {
                 record: record.clone(),

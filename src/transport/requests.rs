@@ -471,9 +471,14 @@ fn fit_history(
     forward: bool,
     max_frame: u32,
 ) -> (Vec<Message>, bool) {
-    // Room for the frame's own fields and each message's encoding overhead.
-    let budget = max_frame as usize - 64;
     let size = |m: &Message| postcard::to_stdvec(m).map_or(usize::MAX, |v| v.len());
+    // Room for the frame's own fields and each message's encoding overhead.
+    let budget = max_frame as usize - Message::FRAME_OVERHEAD;
+    // A message too large for a page of its own (stored by an older version) is cut to fit,
+    // so that the page can always be sent and the client can page past it.
+    if messages.iter().any(|m| size(m) > budget) {
+        messages = messages.into_iter().map(|m| m.fit(max_frame)).collect();
+    }
     let mut total = 0usize;
     let mut keep = 0usize;
     let order: Box<dyn Iterator<Item = &Message>> = if forward {

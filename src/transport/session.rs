@@ -15,8 +15,8 @@ use super::requests::{Actor, Control, Pending, Refusal, Shared, Step};
 use super::stream::{FrameReader, FrameWriter, StreamError};
 use crate::auth::{AuthError, valid_name};
 use crate::framing::{
-    ClientDatagram, ClientFrame, ConversationId, ErrorCode, PROTOCOL_VERSION, ServerDatagram,
-    ServerFrame,
+    ClientDatagram, ClientFrame, ConversationId, ErrorCode, Event, PROTOCOL_VERSION,
+    ServerDatagram, ServerFrame,
 };
 use crate::router::{DeviceFeed, Push};
 
@@ -511,12 +511,36 @@ impl Session {
                 if let Err(e) =
                     crate::framing::codec::encode(&frame, limits.max_frame, &mut scratch)
                 {
-                    warn!(error = %e, pos = delivery.pos, "cannot encode event");
-                    close(
-                        conn,
-                        &Refusal::new(ErrorCode::INTERNAL, "cannot encode an event"),
-                    );
-                    return;
+                    // Only a message can outgrow a frame (one stored by an older version
+                    // with a long member list): it goes cut to fit, never not at all, or
+                    // the device would meet it again after every reconnect.
+                    let ServerFrame::Event {
+                        log,
+                        event: Event::Message(msg),
+                    } = frame
+                    else {
+                        warn!(error = %e, pos = delivery.pos, "cannot encode an event");
+                        close(
+                            conn,
+                            &Refusal::new(ErrorCode::INTERNAL, "cannot encode an event"),
+                        );
+                        return;
+                    };
+                    debug!(error = %e, pos = log, "an event cut to fit its frame");
+                    let cut = ServerFrame::Event {
+                        log,
+                        event: Event::Message(msg.fit(limits.max_frame)),
+                    };
+                    if let Err(e) =
+                        crate::framing::codec::encode(&cut, limits.max_frame, &mut scratch)
+                    {
+                        warn!(error = %e, pos = log, "cannot encode an event");
+                        close(
+                            conn,
+                            &Refusal::new(ErrorCode::INTERNAL, "cannot encode an event"),
+                        );
+                        return;
+                    }
                 }
                 let bytes = scratch.split().freeze();
                 if !streams.contains_key(&conversation) {
