@@ -112,6 +112,16 @@ async fn crash_loop(cycles: u32, extra: &str) {
         }
         let cfg = client("bob", "g");
         senders.spawn(sender(cfg, Target::Conversation(group), acked.clone()));
+        // The load is on before the kill: a cycle whose senders all failed would prove
+        // nothing, and would pass.
+        let before = acked.lock().expect("lock").len();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while acked.lock().expect("lock").len() == before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("cycle {cycle}: no send acknowledged within 20 s"));
         // A random moment between 50 and 550 ms into the load.
         let wait = 50 + u64::from(ClientMsgId::random().0[0]) * 2;
         tokio::time::sleep(Duration::from_millis(wait)).await;
