@@ -6,6 +6,8 @@ mod bench;
 mod chat;
 #[path = "cli/echo.rs"]
 mod echo;
+#[path = "cli/flood.rs"]
+mod flood;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;

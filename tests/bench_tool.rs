@@ -89,6 +89,8 @@ fn flood_holds_the_limits_of_a_hostile_client() {
         "1s",
         "--flood-rate",
         "2000",
+        "--flood-group",
+        "20",
     ]);
     assert_eq!(v["lost"], 0);
     assert_eq!(v["duplicated"], 0);
@@ -102,6 +104,16 @@ fn flood_holds_the_limits_of_a_hostile_client() {
     assert!(refused > sent / 2, "{v}");
     assert_eq!(refused + accepted, sent, "every send answered: {v}");
     assert!(v["p99_flooded_over_quiet"].as_f64().is_some(), "{v}");
+    // Every kind of hostile client ran beside the others' load, and did its work.
+    for kind in ["streams", "acks", "marks", "history", "group"] {
+        assert!(
+            v["kinds"][kind]["p99_over_quiet"].as_f64().is_some(),
+            "{kind}: {v}"
+        );
+    }
+    assert!(v["kinds"]["acks"]["hostile"]["frames_written"].as_u64() > Some(0));
+    assert!(v["kinds"]["history"]["hostile"]["pages_read"].as_u64() > Some(0));
+    assert!(v["kinds"]["group"]["hostile"]["accepted"].as_u64() > Some(0));
 }
 
 #[test]

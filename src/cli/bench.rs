@@ -21,11 +21,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use plover::auth::{TokenKeys, load_or_create_secret};
 use plover::client::{ClientConfig, Connection, Conversation, EventStream, Incoming};
-use plover::framing::{
-    ClientFrame, ClientMsgId, DEFAULT_MAX_FRAME, ErrorCode, Event, PROTOCOL_VERSION, ServerFrame,
-    Target, codec,
-};
-use plover::transport::stream::FrameReader;
+use plover::framing::{ClientMsgId, Event, Target};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -40,9 +36,10 @@ pub(crate) enum Scenario {
     Connections,
     /// A raw QUIC round trip, no plover logic: the transport floor.
     Echo,
-    /// `direct` twice, quiet and then beside a hostile client that opens streams past the
-    /// limit, writes without reading and sends far past its rate limit: others' p99 compared.
-    /// The spawned server keeps its per-user send limit for this one.
+    /// `direct` quietly, then beside each kind of hostile client in turn (streams past the
+    /// limit with sends far past the rate limit, an `Ack` flood, a `Delivered`/`Read` flood,
+    /// pipelined `History`, sends to a large group): others' p99 compared with the quiet
+    /// run's. The spawned server keeps its per-user limits for this one.
     Flood,
 }
 
@@ -68,7 +65,7 @@ pub(crate) struct BenchArgs {
     durability: String,
     /// direct: users (in pairs).
     #[arg(long, default_value_t = 100)]
-    users: usize,
+    pub(crate) users: usize,
     /// direct, group: total offered messages per second, 1000 if not given (direct: 0 finds
     /// the maximum rate with p99 under 10 ms; a failing rate is tried twice). echo: when
     /// given, also round trips and then pushes at this rate over --connections connections,
@@ -77,7 +74,7 @@ pub(crate) struct BenchArgs {
     rate: Option<u64>,
     /// direct, group: how long to send.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    duration: Duration,
+    pub(crate) duration: Duration,
     /// group: members.
     #[arg(long, default_value_t = 100)]
     members: usize,
@@ -92,7 +89,11 @@ pub(crate) struct BenchArgs {
     connections: usize,
     /// flood: the hostile client's offered sends per second.
     #[arg(long, default_value_t = 5000)]
-    flood_rate: u64,
+    pub(crate) flood_rate: u64,
+    /// flood: members of the group the hostile client sends to (each message is a log
+    /// entry per member).
+    #[arg(long, default_value_t = 500)]
+    pub(crate) flood_group: usize,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -100,7 +101,7 @@ pub(crate) struct BenchArgs {
 
 impl BenchArgs {
     /// The offered rate of `direct`, `group` and `flood`.
-    fn rate(&self) -> u64 {
+    pub(crate) fn rate(&self) -> u64 {
         self.rate.unwrap_or(1000)
     }
 }
@@ -143,12 +144,12 @@ impl Hist {
 
 /// The server under test, and how to reach it.
 pub(crate) struct Server {
-    addr: String,
+    pub(crate) addr: String,
     ca: PathBuf,
-    keys: TokenKeys,
+    pub(crate) keys: TokenKeys,
     child: Option<tokio::process::Child>,
     _dir: Option<tempfile::TempDir>,
-    endpoint: quinn::Endpoint,
+    pub(crate) endpoint: quinn::Endpoint,
 }
 
 impl Server {
@@ -185,7 +186,7 @@ impl Server {
         })
     }
 
-    fn config(&self, user: &str, device: &str) -> Result<ClientConfig> {
+    pub(crate) fn config(&self, user: &str, device: &str) -> Result<ClientConfig> {
         let token = self.keys.mint(user, None, Duration::from_secs(3600))?;
         let mut config = ClientConfig::new(self.addr.clone(), &self.ca, token, device)?;
         config.endpoint = Some(self.endpoint.clone());
@@ -193,7 +194,7 @@ impl Server {
         Ok(config)
     }
 
-    async fn connect(&self, user: &str, device: &str) -> Result<Connection> {
+    pub(crate) async fn connect(&self, user: &str, device: &str) -> Result<Connection> {
         Ok(Connection::connect(&self.config(user, device)?).await?)
     }
 
@@ -340,7 +341,7 @@ async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Val
         Scenario::Group => group(target, args, floor).await?,
         Scenario::Catchup => catchup(target, args.messages).await?,
         Scenario::Connections => connections(target, args.connections).await?,
-        Scenario::Flood => flood(target, args, floor).await?,
+        Scenario::Flood => crate::flood::flood(target, args, floor).await?,
     })
 }
 
@@ -539,7 +540,7 @@ fn receive(
 }
 
 /// The direct scenario. Returns the report and the end-to-end p99.
-async fn direct(
+pub(crate) async fn direct(
     target: &Server,
     users: usize,
     rate: u64,
@@ -990,208 +991,7 @@ async fn connections(target: &Server, n: usize) -> Result<Value> {
     }))
 }
 
-/// The flood scenario: others' latency, quiet and beside a hostile client.
-async fn flood(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value> {
-    progress("flood: quiet run");
-    let (quiet, quiet_p99) = direct(target, args.users, args.rate(), args.duration, floor).await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let hostile = Flooder::connect(target).await?;
-    progress("flood: the hostile client opens streams and stalls one");
-    let mut hostile = hostile.prepare().await?;
-    let sender = tokio::spawn(hostile.send_loop(args.flood_rate, stop_rx));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    progress(&format!(
-        "flood: run beside {} hostile sends/s",
-        args.flood_rate
-    ));
-    let (loud, loud_p99) = direct(target, args.users, args.rate(), args.duration, floor).await?;
-    let _ = stop_tx.send(true);
-    let sent = sender.await??;
-    let ratio = loud_p99.as_secs_f64() / quiet_p99.as_secs_f64().max(1e-9);
-    Ok(json!({
-        "scenario": "flood",
-        "users": args.users,
-        "offered_rate": args.rate(),
-        "quiet_e2e": quiet["e2e"],
-        "flooded_e2e": loud["e2e"],
-        "p99_flooded_over_quiet": (ratio * 100.0).round() / 100.0,
-        "hostile_streams_opened": hostile.opened,
-        "hostile_stream_limit_held": hostile.blocked,
-        "hostile_bytes_sent_unread_answers": hostile.unread_bytes,
-        "hostile_sends": sent.sent,
-        "hostile_accepted": sent.accepted,
-        "hostile_refused_limit": sent.refused,
-        "hostile_other_answers": sent.other,
-        "lost": quiet["lost"].as_u64().unwrap_or(0) + loud["lost"].as_u64().unwrap_or(0),
-        "duplicated": quiet["duplicated"].as_u64().unwrap_or(0)
-            + loud["duplicated"].as_u64().unwrap_or(0),
-        "echo_floor": floor.json(),
-    }))
-}
-
-/// A client that misbehaves in every way the server must contain, on one raw connection.
-struct Flooder {
-    conn: quinn::Connection,
-    _control: (quinn::SendStream, FrameReader),
-    peer: String,
-    /// Conversation streams open, and whether opening one more was held back by the server.
-    opened: usize,
-    blocked: bool,
-    /// Bytes of sends written on a stream whose answers are never read, until the server
-    /// stopped taking more (it reads and refuses them until the answers fill the window the
-    /// client never drains; then flow control holds the client).
-    unread_bytes: u64,
-    streams: Vec<(quinn::SendStream, quinn::RecvStream)>,
-}
-
-/// What the hostile send loop got.
-struct FloodSent {
-    sent: u64,
-    accepted: u64,
-    refused: u64,
-    other: u64,
-}
-
-fn frame(f: &ClientFrame) -> Result<Vec<u8>> {
-    Ok(codec::encode_to_vec(f, DEFAULT_MAX_FRAME)?)
-}
-
-impl Flooder {
-    async fn connect(target: &Server) -> Result<Self> {
-        let run = format!("{:x}", rand_u32());
-        let (user, peer) = (format!("flood{run}"), format!("flood{run}-peer"));
-        // The peer must exist before anyone can write to it.
-        target.connect(&peer, "idle").await?.close().await;
-        let conn = target
-            .endpoint
-            .connect(target.addr.parse()?, "localhost")?
-            .await?;
-        let (mut send, recv) = conn.open_bi().await?;
-        let token = target.keys.mint(&user, None, Duration::from_secs(3600))?;
-        send.write_all(&frame(&ClientFrame::Hello {
-            version: PROTOCOL_VERSION,
-            token,
-            device: "hostile".into(),
-        })?)
-        .await?;
-        let mut reader = FrameReader::new(recv, DEFAULT_MAX_FRAME);
-        match reader.next::<ServerFrame>().await? {
-            Some(ServerFrame::Welcome { .. }) => {}
-            other => bail!("the hostile client was not welcomed: {other:?}"),
-        }
-        Ok(Self {
-            conn,
-            _control: (send, reader),
-            peer,
-            opened: 0,
-            blocked: false,
-            unread_bytes: 0,
-            streams: Vec::new(),
-        })
-    }
-
-    /// Opens conversation streams until the server's stream limit holds it back (a second
-    /// without a new stream), then writes sends on the first one without ever reading.
-    async fn prepare(mut self) -> Result<Self> {
-        let open = frame(&ClientFrame::Open {
-            target: Target::Direct(self.peer.clone()),
-            create: true,
-        })?;
-        for _ in 0..1024 {
-            match tokio::time::timeout(Duration::from_secs(1), self.conn.open_bi()).await {
-                Ok(Ok((mut send, recv))) => {
-                    send.write_all(&open).await?;
-                    self.streams.push((send, recv));
-                    self.opened += 1;
-                }
-                Ok(Err(e)) => bail!("the hostile connection failed: {e}"),
-                Err(_) => {
-                    self.blocked = true;
-                    break;
-                }
-            }
-        }
-        let Some((stalled, _)) = self.streams.first_mut() else {
-            bail!("no stream opened");
-        };
-        let send = frame(&ClientFrame::Send {
-            id: ClientMsgId::random(),
-            body: Bytes::from(vec![b'x'; 1024]),
-        })?;
-        while let Ok(written) =
-            tokio::time::timeout(Duration::from_secs(1), stalled.write_all(&send)).await
-        {
-            written?;
-            self.unread_bytes += send.len() as u64;
-            if self.unread_bytes > 1 << 30 {
-                bail!("the server took a gigabyte without the client reading");
-            }
-        }
-        Ok(self)
-    }
-
-    /// Sends at `rate` on the second stream (fresh ids) and reads its answers, until stopped.
-    fn send_loop(
-        &mut self,
-        rate: u64,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) -> impl Future<Output = Result<FloodSent>> + use<> {
-        let stream = self.streams.pop();
-        async move {
-            let Some((mut send, recv)) = stream else {
-                bail!("no stream for the send loop");
-            };
-            let mut reader = FrameReader::new(recv, DEFAULT_MAX_FRAME);
-            // The stream's first answer is `Opened`.
-            reader.next::<ServerFrame>().await?;
-            let counts = Arc::new(Mutex::new(FloodSent {
-                sent: 0,
-                accepted: 0,
-                refused: 0,
-                other: 0,
-            }));
-            let reading = {
-                let counts = counts.clone();
-                tokio::spawn(async move {
-                    while let Ok(Some(answer)) = reader.next::<ServerFrame>().await {
-                        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-                        match answer {
-                            ServerFrame::Sent { .. } => c.accepted += 1,
-                            ServerFrame::SendFailed { code, .. } if code == ErrorCode::LIMIT => {
-                                c.refused += 1
-                            }
-                            _ => c.other += 1,
-                        }
-                    }
-                })
-            };
-            let per_tick = (rate / 100).max(1);
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            while !*stop.borrow_and_update() {
-                tick.tick().await;
-                for _ in 0..per_tick {
-                    let f = frame(&ClientFrame::Send {
-                        id: ClientMsgId::random(),
-                        body: Bytes::from_static(b"flood"),
-                    })?;
-                    send.write_all(&f).await?;
-                }
-                counts.lock().unwrap_or_else(|p| p.into_inner()).sent += per_tick;
-            }
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(5), reading).await;
-            let c = counts.lock().unwrap_or_else(|p| p.into_inner());
-            Ok(FloodSent {
-                sent: c.sent,
-                accepted: c.accepted,
-                refused: c.refused,
-                other: c.other,
-            })
-        }
-    }
-}
-
-fn rand_u32() -> u32 {
+pub(crate) fn rand_u32() -> u32 {
     let id = ClientMsgId::random();
     u32::from_le_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
 }
