@@ -234,6 +234,19 @@ pub struct Limits {
     /// any person's typing, low enough that a runaway client cannot take a node's whole write
     /// capacity whatever it floods with.
     pub sends_per_second: u32,
+    /// Store writes a user's requests may cause per second, with bursts of twice that: a
+    /// message costs its fan-out (a log entry per member, plus three), a receipt one per
+    /// member told, a membership change likewise. 10,000: 2,000 direct messages a second,
+    /// or 10 a second to a group of 1,000, so one sender to a large group cannot take the
+    /// commit thread from everyone else (`plover bench flood`, kind `group`).
+    pub writes_per_second: u32,
+    /// Frames one connection may send per second, with bursts of twice that; a `History`,
+    /// `ListConversations` or `Members` request counts for the work it asks (1 + limit/10,
+    /// 1 + limit/10, 1 + limit/20). Past it the server reads the connection more slowly,
+    /// and QUIC flow control holds the client back: nothing is refused. 1,000: five times
+    /// what the send limit lets a device write, so only a flood meets it (`Ack`, `Read`,
+    /// `History` floods: `plover bench flood`).
+    pub frames_per_second: u32,
     /// Most members a group may have. WhatsApp's figure: large enough for a community, small
     /// enough that one message's fan-out (a log entry per member) stays a few milliseconds.
     pub max_group: usize,
@@ -256,6 +269,8 @@ impl Default for Limits {
             inflight_sends: 256,
             history_page: 500,
             sends_per_second: 200,
+            writes_per_second: 10_000,
+            frames_per_second: 1_000,
             max_group: 1024,
             receipt_fanout: 32,
         }

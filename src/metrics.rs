@@ -47,6 +47,12 @@ pub mod names {
     /// to be read from the store again when next used. A steady rate means the cache is
     /// smaller than the working set.
     pub const CACHE_DROPS: &str = "plover_cache_drops_total";
+    /// Counter: frames after which a connection's reader waited, past its frame budget
+    /// (`limits.frames_per_second`).
+    pub const FRAMES_HELD_BACK: &str = "plover_frames_held_back_total";
+    /// Counter: requests refused past a user's budget of writes (`limits.writes_per_second`)
+    /// or of write requests (`limits.sends_per_second`).
+    pub const WRITES_REFUSED: &str = "plover_writes_refused_total";
 }
 
 /// Latency buckets, in seconds: 100 us to 5 s.

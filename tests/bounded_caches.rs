@@ -53,6 +53,7 @@ async fn tiny_caches_number_every_message_once() {
     config.store.cached_members = 8; // two direct conversations per shard
     config.store.cached_logs = 2;
     config.limits.sends_per_second = 1_000_000;
+    config.limits.writes_per_second = 1_000_000;
     let store = Arc::new(Store::open(&config.data, config.store.durability).expect("open"));
     let router = Router::start(store.clone(), &config).expect("router");
     let users: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
@@ -232,6 +233,7 @@ async fn memory_of_held_conversation_states() {
     config.store.cached_members = cached;
     config.store.durability = plover::config::Durability::Buffered;
     config.limits.sends_per_second = 1_000_000;
+    config.limits.writes_per_second = 1_000_000;
     let store = Arc::new(Store::open(&config.data, config.store.durability).expect("open"));
     let router = Router::start(store, &config).expect("router");
     let users: Vec<String> = (0..400).map(|i| format!("user-{i:03}")).collect();

@@ -38,6 +38,8 @@ async fn a_full_disk_stops_acks_and_loses_nothing_acknowledged() {
     let server = TestServer::start_with(move |config| {
         config.data = d;
         config.limits.sends_per_second = 1_000_000;
+        config.limits.writes_per_second = 1_000_000;
+        config.limits.frames_per_second = 1_000_000;
     })
     .await;
     server.register("bob").await;

@@ -61,7 +61,11 @@ async fn retries_with_one_id_store_one_message() {
 }
 
 async fn retries(n: usize) {
-    let server = TestServer::start_with(|c| c.limits.sends_per_second = 1_000_000).await;
+    let server = TestServer::start_with(|c| {
+        c.limits.sends_per_second = 1_000_000;
+        c.limits.frames_per_second = 1_000_000;
+    })
+    .await;
     server.register("bob").await;
     let alice = server.connect("alice", "phone").await;
     let conv = alice

@@ -94,6 +94,13 @@ pub(crate) struct BenchArgs {
     /// entry per member).
     #[arg(long, default_value_t = 500)]
     pub(crate) flood_group: usize,
+    /// flood: which hostile clients, in turn (streams, acks, marks, history, group).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "streams,acks,marks,history,group"
+    )]
+    pub(crate) flood_kinds: Vec<String>,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -227,9 +234,11 @@ async fn spawn_server(
             .entry("limits")
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if let Some(limits) = limits.as_table_mut() {
-            limits
-                .entry("sends_per_second")
-                .or_insert(toml::Value::Integer(1_000_000));
+            for limit in ["sends_per_second", "writes_per_second", "frames_per_second"] {
+                limits
+                    .entry(limit)
+                    .or_insert(toml::Value::Integer(1_000_000));
+            }
         }
     }
     std::fs::write(&config, toml.to_string())?;

@@ -1,4 +1,6 @@
-//! Per-user send rate limits: a token bucket per user, shared by all their connections.
+//! Per-user rate limits: a token bucket per user, shared by all their connections. The router
+//! keeps two: requests that write (one token each) and the writes themselves (one token per
+//! store write they cause, so a message to a large group costs its fan-out).
 //!
 //! The buckets live in 16 std mutexes picked by a hash of the user, each held for a few
 //! arithmetic operations and never across an await, so concurrent senders rarely meet.
@@ -45,6 +47,14 @@ impl SendLimiter {
 
     /// Takes one send from `user`'s budget; false when it is spent.
     pub(super) fn allow(&self, user: &str) -> bool {
+        self.allow_n(user, 1.0)
+    }
+
+    /// Takes `cost` from `user`'s budget; false (and nothing taken) when it does not hold
+    /// that much. A cost above the burst is charged as the whole burst, so that anything
+    /// allowed at all can be done once the budget is full.
+    pub(super) fn allow_n(&self, user: &str, cost: f64) -> bool {
+        let cost = cost.min(self.burst);
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         user.hash(&mut hasher);
         let stripe = &self.stripes[(hasher.finish() as usize) % STRIPES];
@@ -62,8 +72,8 @@ impl SendLimiter {
         bucket.tokens = (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.rate)
             .min(self.burst);
         bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.tokens >= cost {
+            bucket.tokens -= cost;
             true
         } else {
             false
@@ -86,5 +96,19 @@ mod tests {
         let allowed = (0..100).filter(|_| l.allow("spammer")).count();
         assert_eq!(allowed, 20, "the burst is twice the rate");
         assert!(l.allow("someone else"), "budgets are per user");
+    }
+
+    #[test]
+    fn costs_are_charged_whole_and_capped_at_the_burst() {
+        let l = SendLimiter::new(100);
+        assert!(l.allow_n("big", 150.0));
+        assert!(
+            !l.allow_n("big", 60.0),
+            "50 left: a cost of 60 is refused whole"
+        );
+        assert!(l.allow_n("big", 50.0));
+        // A cost above the burst (200) is possible from a full budget, once.
+        assert!(l.allow_n("huge", 1000.0));
+        assert!(!l.allow_n("huge", 1.0));
     }
 }

@@ -240,6 +240,8 @@ impl Router {
         let commit_thread = spawn("plover-commit".into(), Box::new(move || commit.run()))?;
         let mut shards = Vec::new();
         let mut threads = Vec::new();
+        // Writes per user, fan-out included: charged by the shards, which know the members.
+        let writes = Arc::new(limiter::SendLimiter::new(config.limits.writes_per_second));
         for i in 0..config.store.shards {
             let (tx, rx) = mpsc::channel(SHARD_QUEUE);
             let shard = Shard {
@@ -249,6 +251,7 @@ impl Router {
                 recent_capacity: Shard::recent_capacity(COMMIT_QUEUE, config.store.commit_batch),
                 cached_members: config.store.cached_members / config.store.shards,
                 index: i,
+                writes: writes.clone(),
                 limits: ShardLimits {
                     max_group: config.limits.max_group,
                     receipt_fanout: config.limits.receipt_fanout,
@@ -307,6 +310,8 @@ impl Router {
         if self.inner.limiter.allow(user) {
             return Ok(());
         }
+        metrics::counter!(crate::metrics::names::WRITES_REFUSED, "budget" => "requests")
+            .increment(1);
         Err(RouterError::Limit(format!(
             "{doing} faster than {} writes a second; slow down and retry (a send with the same id)",
             self.inner.limiter.rate()

@@ -120,6 +120,9 @@ pub(super) struct Shard {
     pub(super) cached_members: usize,
     /// The shard's number, for its metrics.
     pub(super) index: usize,
+    /// Each user's budget of store writes (`limits.writes_per_second`), charged here where
+    /// a message's fan-out is known.
+    pub(super) writes: Arc<super::limiter::SendLimiter>,
     pub(super) limits: ShardLimits,
 }
 
@@ -283,6 +286,13 @@ impl Shard {
             }
         }
 
+        // A message writes itself, its idempotency key, the sender's marks and a log entry
+        // per member: charged before it is given a seq, so a refusal leaves nothing behind.
+        let cost = 3 + state.names.len();
+        if !self.writes.allow_n(&key.1, cost as f64) {
+            let _ = req.reply.send(Err(write_limit(&self.writes, cost)));
+            return None;
+        }
         state.last_seq += 1;
         let sent = Sent {
             seq: state.last_seq,
@@ -345,9 +355,6 @@ impl Shard {
         if (new_delivered, new_read) == (delivered, read) {
             return None;
         }
-        state
-            .marks
-            .insert(req.user.clone(), (new_delivered, new_read));
         let read_moved = new_read != read;
         // The other members learn of every move while the conversation is small; in a large
         // group that would be members² events per message, so there the marks are stored and
@@ -366,6 +373,18 @@ impl Shard {
         } else {
             Arc::from([])
         };
+        // The marks record and a log entry per member told. Past the budget the move is
+        // dropped before it changes anything; the device's next report carries it.
+        if !self
+            .writes
+            .allow_n(&req.user, (1 + recipients.len()) as f64)
+        {
+            tracing::debug!(user = %req.user, "marks dropped: over the write budget");
+            return None;
+        }
+        state
+            .marks
+            .insert(req.user.clone(), (new_delivered, new_read));
         let erase = erasable(state);
         Some(CommitItem::Marks {
             receipt: Receipt {
@@ -413,6 +432,17 @@ impl Shard {
     fn membership(&mut self, req: MembershipRequest, owned: &mut Owned) -> Option<CommitItem> {
         if self.store.is_poisoned() {
             let _ = req.reply.send(Err(RouterError::Unavailable));
+            return None;
+        }
+        // The change's record, its event and a log entry per member.
+        let members = match &req.op {
+            MemberOp::Create(record) => record.members.len(),
+            _ => self
+                .state(owned, req.conversation)
+                .map_or(0, |s| s.names.len()),
+        };
+        if !self.writes.allow_n(&req.by, (3 + members) as f64) {
+            let _ = req.reply.send(Err(write_limit(&self.writes, 3 + members)));
             return None;
         }
         if let MemberOp::Delete(seq) = req.op {
@@ -622,6 +652,16 @@ impl Shard {
         };
         Ok(Some((seq, change, write, recipients)))
     }
+}
+
+/// The refusal of a request whose writes exceed the user's budget.
+fn write_limit(writes: &super::limiter::SendLimiter, cost: usize) -> RouterError {
+    metrics::counter!(names::WRITES_REFUSED, "budget" => "writes").increment(1);
+    RouterError::Limit(format!(
+        "this costs {cost} store writes and the budget is {} a second (limits.writes_per_second; \
+         a message costs a log entry per member); slow down and retry (a send with the same id)",
+        writes.rate()
+    ))
 }
 
 /// The watermark name of `until_delivered` erasure.

@@ -48,6 +48,7 @@ async fn a_read_error_mid_batch_leaves_no_ack_without_its_write() {
     // Few log heads held, so the commit thread reads heads from the store as it goes.
     config.store.cached_logs = 2;
     config.limits.sends_per_second = 1_000_000;
+    config.limits.writes_per_second = 1_000_000;
     let router = Router::start(store.clone(), &config).expect("router");
     let users: Vec<String> = (0..8).map(|i| format!("user{i}")).collect();
     for u in &users {

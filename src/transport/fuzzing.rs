@@ -111,6 +111,7 @@ impl World {
         config.store.cached_members = 8;
         config.store.cached_logs = 2;
         config.limits.sends_per_second = 1_000_000;
+        config.limits.writes_per_second = 1_000_000;
         config.push.retries = 0;
         let store = Store::open(&config.data, config.store.durability).expect("a store");
         let router = Router::start(Arc::new(store), &config).expect("a router");
@@ -136,6 +137,7 @@ impl World {
                 device: "fuzz".into(),
                 shared: shared.clone(),
                 feed: Default::default(),
+                acks: Default::default(),
             });
         }
         Self {

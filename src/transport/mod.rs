@@ -5,6 +5,7 @@
 //! the handshake) and moves the permit into the connection's own task, where the handshake,
 //! `Hello` and everything after run.
 
+mod budget;
 mod devices;
 #[doc(hidden)]
 pub mod fuzzing;

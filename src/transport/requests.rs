@@ -117,6 +117,8 @@ pub(crate) struct Actor {
     pub(crate) shared: Arc<Shared>,
     /// The connection's feed once it syncs ([`crate::router::DeviceFeed::id`]), else 0.
     pub(crate) feed: AtomicU64,
+    /// The device's acknowledged cursor on its way to the store, coalesced.
+    pub(crate) acks: super::budget::Acks,
 }
 
 impl Actor {
@@ -130,7 +132,11 @@ impl Actor {
         let reply = match frame {
             ClientFrame::Ping { nonce } => ServerFrame::Pong { nonce },
             ClientFrame::Ack { cursor } => {
-                router.ack(&self.user, &self.device, cursor);
+                // A flood of acks becomes at most ten cursor writes a second: the commit
+                // queue they share with every shard is not theirs to fill.
+                if let Some(cursor) = self.acks.offer(cursor) {
+                    router.ack(&self.user, &self.device, cursor);
+                }
                 return Control::Quiet;
             }
             ClientFrame::Presence { request, user } => {
@@ -226,6 +232,14 @@ impl Actor {
             }
         };
         Control::Reply(reply)
+    }
+
+    /// Hands the cursor that waited for its turn to the router (when it is due, and when
+    /// the connection ends).
+    pub(crate) fn flush_acks(&self) {
+        if let Some(cursor) = self.acks.take() {
+            self.router().ack(&self.user, &self.device, cursor);
+        }
     }
 
     /// The first frame of a conversation stream, which must be `Open`: the conversation and

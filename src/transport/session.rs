@@ -110,6 +110,8 @@ pub(crate) async fn serve_connection(
             &Refusal::new(ErrorCode::CONTROL_CLOSED, "the control stream ended"),
         );
     }
+    // The last acknowledged cursor, if it was still waiting for its turn.
+    session.actor.flush_acks();
     drop(claim);
     gauge.decrement(1.0);
     debug!(reason = ?conn.close_reason(), "connection ended");
@@ -118,6 +120,15 @@ pub(crate) async fn serve_connection(
 struct Session {
     conn: quinn::Connection,
     actor: Actor,
+    /// The frames this connection may send, shared by all its streams.
+    budget: super::budget::FrameBudget,
+}
+
+impl Session {
+    /// Charges a frame to the connection's budget, waiting while it is spent.
+    async fn charge(&self, frame: &ClientFrame) {
+        self.budget.take(super::budget::cost(frame)).await;
+    }
 }
 
 async fn authenticate(
@@ -194,7 +205,9 @@ async fn authenticate(
             device,
             shared: shared.clone(),
             feed: Default::default(),
+            acks: Default::default(),
         },
+        budget: super::budget::FrameBudget::new(shared.limits.frames_per_second),
     };
     Some((session, reader, writer, claim))
 }
@@ -234,12 +247,18 @@ impl Session {
         loop {
             // `FrameReader::next` keeps partial frames in the reader, so losing the race to a
             // push loses no bytes.
+            let ack_due = self.actor.acks.due();
             let next = tokio::select! {
                 next = reader.next::<ClientFrame>() => next,
                 Some(push) = pushes.recv() => {
                     if Box::pin(self.push(push, &mut writer)).await.is_err() {
                         return;
                     }
+                    continue;
+                }
+                () = async { tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now)).await },
+                    if ack_due.is_some() => {
+                    self.actor.flush_acks();
                     continue;
                 }
             };
@@ -258,6 +277,7 @@ impl Session {
                     return;
                 }
             };
+            self.charge(&frame).await;
             let reply = match Box::pin(self.actor.control(frame, delivery.is_some())).await {
                 Control::Reply(reply) => reply,
                 Control::Quiet => continue,
@@ -390,6 +410,21 @@ impl Session {
         }
     }
 
+    /// `Open`, charged to the budget.
+    async fn charged_open(
+        &self,
+        frame: ClientFrame,
+    ) -> Result<(ConversationId, ServerFrame), ServerFrame> {
+        self.charge(&frame).await;
+        self.actor.open(frame).await
+    }
+
+    /// A conversation stream's frame, charged to the budget.
+    async fn charged(&self, conversation: ConversationId, frame: ClientFrame) -> Step {
+        self.charge(&frame).await;
+        self.actor.conversation(conversation, frame).await
+    }
+
     /// One conversation stream: `Open`, then sends and history requests.
     async fn conversation_stream(
         self: Arc<Self>,
@@ -400,7 +435,7 @@ impl Session {
         let mut reader = FrameReader::new(recv, limits.max_frame);
         let mut writer = FrameWriter::new(send, limits.max_frame);
         let conversation = match reader.next::<ClientFrame>().await {
-            Ok(Some(frame)) => match self.actor.open(frame).await {
+            Ok(Some(frame)) => match Box::pin(self.charged_open(frame)).await {
                 Ok((conversation, opened)) => {
                     if writer.send(&opened).await.is_err() {
                         return;
@@ -432,7 +467,7 @@ impl Session {
         let mut violation = None;
         loop {
             let pending = match reader.next::<ClientFrame>().await {
-                Ok(Some(frame)) => match self.actor.conversation(conversation, frame).await {
+                Ok(Some(frame)) => match self.charged(conversation, frame).await {
                     Step::Answer(pending) => pending,
                     Step::Quiet => continue,
                     Step::Stop(error) => {
@@ -624,7 +659,11 @@ impl Session {
     /// Reads the marks a device sends on a delivery stream.
     async fn read_marks(self: Arc<Self>, conversation: ConversationId, mut reader: FrameReader) {
         loop {
-            match reader.next::<ClientFrame>().await {
+            let frame = reader.next::<ClientFrame>().await;
+            if let Ok(Some(frame)) = &frame {
+                self.charge(frame).await;
+            }
+            match frame {
                 Ok(Some(ClientFrame::Delivered { up_to })) => {
                     self.actor.marks(conversation, up_to, 0).await
                 }

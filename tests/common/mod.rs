@@ -206,7 +206,10 @@ pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
     let config = dir.join("test.toml");
     std::fs::write(
         &config,
-        format!("[limits]\nsends_per_second = 1000000\n{extra}"),
+        format!(
+            "[limits]\nsends_per_second = 1000000\nwrites_per_second = 1000000\n\
+             frames_per_second = 1000000\n{extra}"
+        ),
     )
     .expect("config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_plover"))
