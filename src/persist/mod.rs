@@ -569,7 +569,9 @@ impl Store {
     /// newer messages follow. Otherwise the page is the newest `limit` messages below `before`
     /// (or the end) and `more` says whether older ones precede it.
     ///
-    /// Nothing below `min_seq` is served (a member's history starts at their joining).
+    /// Nothing below `min_seq` is served (a member's history starts at their joining). The
+    /// page also ends (with `more`) before its stored bytes would pass `max_bytes`, though it
+    /// always holds one message if any: a page cut to one frame is never decoded whole first.
     pub fn history(
         &self,
         conv: ConversationId,
@@ -577,6 +579,7 @@ impl Store {
         after: Option<u64>,
         limit: usize,
         min_seq: u64,
+        max_bytes: usize,
     ) -> Result<(Vec<Message>, bool), StoreError> {
         let lo = keys::message(conv, after.map_or(0, |a| a.saturating_add(1)).max(min_seq));
         let hi = match before {
@@ -596,12 +599,18 @@ impl Store {
         } else {
             Box::new(range.rev())
         };
+        let mut bytes = 0usize;
         for guard in iter {
             if out.len() == limit {
                 more = true;
                 break;
             }
             let value = guard.value()?;
+            bytes = bytes.saturating_add(value.len());
+            if bytes > max_bytes && !out.is_empty() {
+                more = true;
+                break;
+            }
             out.push(decode::<Message>("messages", &value)?);
         }
         if !forward {
@@ -1082,21 +1091,39 @@ mod tests {
         assert_eq!(store.last_seq(3).expect("last"), 0);
         let seqs = |v: &[Message]| v.iter().map(|m| m.seq).collect::<Vec<_>>();
 
-        let (page, more) = store.history(1, None, None, 3, 0).expect("h");
+        let (page, more) = store.history(1, None, None, 3, 0, usize::MAX).expect("h");
         assert_eq!((seqs(&page), more), (vec![8, 9, 10], true));
-        let (page, more) = store.history(1, Some(8), None, 3, 0).expect("h");
+        let (page, more) = store
+            .history(1, Some(8), None, 3, 0, usize::MAX)
+            .expect("h");
         assert_eq!((seqs(&page), more), (vec![5, 6, 7], true));
-        let (page, more) = store.history(1, Some(3), None, 5, 0).expect("h");
+        let (page, more) = store
+            .history(1, Some(3), None, 5, 0, usize::MAX)
+            .expect("h");
         assert_eq!((seqs(&page), more), (vec![1, 2], false));
-        let (page, more) = store.history(1, None, Some(7), 2, 0).expect("h");
+        let (page, more) = store
+            .history(1, None, Some(7), 2, 0, usize::MAX)
+            .expect("h");
         assert_eq!((seqs(&page), more), (vec![8, 9], true));
-        let (page, more) = store.history(1, None, Some(8), 5, 0).expect("h");
+        let (page, more) = store
+            .history(1, None, Some(8), 5, 0, usize::MAX)
+            .expect("h");
         assert_eq!((seqs(&page), more), (vec![9, 10], false));
         // A member who joined at 6 sees nothing before it, whichever way they page.
-        let (page, more) = store.history(1, Some(9), None, 10, 6).expect("h");
+        let (page, more) = store
+            .history(1, Some(9), None, 10, 6, usize::MAX)
+            .expect("h");
         assert_eq!((seqs(&page), more), (vec![6, 7, 8], false));
-        let (page, _) = store.history(1, None, Some(2), 2, 6).expect("h");
+        let (page, _) = store
+            .history(1, None, Some(2), 2, 6, usize::MAX)
+            .expect("h");
         assert_eq!(seqs(&page), vec![6, 7]);
+        // A byte budget ends the page early (with `more`), but never before one message.
+        let (page, more) = store.history(1, None, None, 10, 0, 1).expect("h");
+        assert_eq!((seqs(&page), more), (vec![10], true));
+        let one = postcard::to_stdvec(&msg(1, 1)).expect("size").len();
+        let (page, more) = store.history(1, None, Some(0), 10, 0, 3 * one).expect("h");
+        assert_eq!((seqs(&page), more), (vec![1, 2, 3], true));
         assert_eq!(
             store
                 .idempotent(1, "alice", &ClientMsgId([4; 16]))

@@ -55,6 +55,9 @@ pub(super) enum CommitItem {
         since: std::time::Instant,
         /// The sending connection's feed, which gets the message in the answer instead.
         origin: u64,
+        /// The body's share of the bytes in flight ([`super::BODY_BYTES_IN_FLIGHT`]),
+        /// released once the batch is done.
+        held: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// A member's marks moved: store them and append the receipt to each recipient's log;
     /// under `until_delivered`, remove the bodies of the seq range everyone now has.
@@ -201,6 +204,8 @@ impl CommitThread {
         let mut barriers = Vec::new();
         // (members, their new log positions, the event): handed out once the batch is durable.
         let mut deliveries: Vec<Fanout> = Vec::new();
+        // The bodies' shares of the bytes in flight, given back when the batch is done.
+        let mut bodies = Vec::new();
         // Conversations whose members this batch changes.
         let mut changed: Vec<crate::framing::ConversationId> = Vec::new();
         let mut stop = false;
@@ -217,7 +222,9 @@ impl CommitThread {
                     reply,
                     since,
                     origin,
+                    held,
                 } => {
+                    bodies.extend(held);
                     if failed.is_some() {
                         let _ = reply.send(Err(RouterError::Unavailable));
                         continue;

@@ -32,6 +32,8 @@ pub struct DeviceFeed {
     lagging: Arc<AtomicBool>,
     catching_up: bool,
     store: Arc<Store>,
+    /// Catch-up reads go through the router's gate like every other request's.
+    gate: super::gate::Gate,
     /// The registration's id: live messages sent with it as origin are skipped.
     id: u64,
     _registration: Registration,
@@ -55,6 +57,7 @@ impl DeviceFeed {
         rx: mpsc::Receiver<Delivery>,
         lagging: Arc<AtomicBool>,
         store: Arc<Store>,
+        gate: super::gate::Gate,
     ) -> Self {
         Self {
             user,
@@ -63,6 +66,7 @@ impl DeviceFeed {
             lagging,
             catching_up: true,
             store,
+            gate,
             id: registration.id(),
             _registration: registration,
         }
@@ -125,9 +129,9 @@ impl DeviceFeed {
         let store = self.store.clone();
         let user = self.user.clone();
         let after = self.next - 1;
-        tokio::task::spawn_blocking(move || read_events(&store, &user, after, CATCH_UP_PAGE))
+        self.gate
+            .run(move || read_events(&store, &user, after, CATCH_UP_PAGE))
             .await
-            .map_err(|e| RouterError::Internal(e.to_string()))?
     }
 }
 

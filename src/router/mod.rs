@@ -11,6 +11,7 @@
 mod cache;
 mod commit;
 mod feed;
+mod gate;
 mod limiter;
 mod presence;
 mod retention;
@@ -51,6 +52,12 @@ use shard::{
 const SHARD_QUEUE: usize = 4096;
 /// Items the commit channel holds before shards wait.
 const COMMIT_QUEUE: usize = 8192;
+/// Bytes of message bodies between the connections and the store (in the shard and commit
+/// queues and the batch being written), across all senders. The queues are bounded in items
+/// (4,096 and 8,192), which in bodies of 60 KiB would be 720 MiB; past this many bytes a
+/// sender waits for the store instead. 64 MiB is over a second of the commit thread's
+/// throughput with any body size.
+const BODY_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 
 /// Errors of the router, each mapped to a wire code by [`RouterError::code`].
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +177,8 @@ impl MembershipEpochs {
 
 struct Inner {
     store: Arc<Store>,
+    /// Every store call made for a request goes through it (see `gate.rs`).
+    gate: gate::Gate,
     epochs: Arc<MembershipEpochs>,
     sessions: Arc<Sessions>,
     presence: Arc<Presence>,
@@ -183,8 +192,12 @@ struct Inner {
     commit_thread: Mutex<Option<JoinHandle<()>>>,
     outbound_queue: usize,
     history_page: u32,
+    /// The largest frame: what one page of history can carry.
+    max_frame: u32,
     max_group: usize,
     limiter: limiter::SendLimiter,
+    /// Bytes of bodies in flight (see [`BODY_BYTES_IN_FLIGHT`]).
+    bodies: Arc<tokio::sync::Semaphore>,
 }
 
 /// The router handle; cheap to clone.
@@ -199,21 +212,18 @@ impl std::fmt::Debug for Router {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, RouterError> + Send + 'static,
-) -> Result<T, RouterError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| RouterError::Internal(e.to_string()))?
-}
-
 impl Router {
     /// Starts the shard threads and the commit thread over `store`.
     ///
     /// Must be called within a tokio runtime (the notifier's task starts here).
     pub fn start(store: Arc<Store>, config: &Config) -> Result<Self, RouterError> {
         let sessions = Arc::new(Sessions::default());
-        let presence = Arc::new(Presence::new(store.clone(), config.presence.debounce));
+        let gate = gate::Gate::new(gate::BLOCKING_REQUESTS);
+        let presence = Arc::new(Presence::new(
+            store.clone(),
+            config.presence.debounce,
+            gate.clone(),
+        ));
         let online = presence.clone();
         let notifier = crate::push::Notifier::start(
             store.clone(),
@@ -265,6 +275,7 @@ impl Router {
         }
         Ok(Self {
             inner: Arc::new(Inner {
+                gate,
                 epochs,
                 presence,
                 notifier,
@@ -277,8 +288,10 @@ impl Router {
                 commit_thread: Mutex::new(Some(commit_thread)),
                 outbound_queue: config.limits.outbound_queue,
                 history_page: config.limits.history_page,
+                max_frame: config.limits.max_frame,
                 max_group: config.limits.max_group,
                 limiter: limiter::SendLimiter::new(config.limits.sends_per_second),
+                bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
             }),
         })
     }
@@ -324,21 +337,30 @@ impl Router {
         self.charge(user, "registering pushers")?;
         let notifier = self.inner.notifier.clone();
         let user = user.to_owned();
-        blocking(move || Ok(notifier.register(&user, &pusher)?)).await
+        self.inner
+            .gate
+            .run(move || Ok(notifier.register(&user, &pusher)?))
+            .await
     }
 
     /// Removes a pusher by key; returns whether it existed.
     pub async fn unregister_pusher(&self, user: &str, key: &str) -> Result<bool, RouterError> {
         let notifier = self.inner.notifier.clone();
         let (user, key) = (user.to_owned(), key.to_owned());
-        blocking(move || Ok(notifier.unregister(&user, &key)?)).await
+        self.inner
+            .gate
+            .run(move || Ok(notifier.unregister(&user, &key)?))
+            .await
     }
 
     /// A user's pushers.
     pub async fn pushers(&self, user: &str) -> Result<Vec<Pusher>, RouterError> {
         let notifier = self.inner.notifier.clone();
         let user = user.to_owned();
-        blocking(move || Ok(notifier.pushers(&user)?)).await
+        self.inner
+            .gate
+            .run(move || Ok(notifier.pushers(&user)?))
+            .await
     }
 
     /// Opts a conversation the user belongs to in or out of bodies in their notifications.
@@ -352,18 +374,23 @@ impl Router {
         self.members(user, conversation).await?;
         let notifier = self.inner.notifier.clone();
         let user = user.to_owned();
-        blocking(move || Ok(notifier.set_content(&user, conversation, include)?)).await
+        self.inner
+            .gate
+            .run(move || Ok(notifier.set_content(&user, conversation, include)?))
+            .await
     }
 
     /// Records a user at their first authenticated connection.
     pub async fn ensure_user(&self, user: &str) -> Result<(), RouterError> {
         let store = self.inner.store.clone();
         let user = user.to_owned();
-        blocking(move || {
-            store.ensure_user(&user, now_ms())?;
-            Ok(())
-        })
-        .await
+        self.inner
+            .gate
+            .run(move || {
+                store.ensure_user(&user, now_ms())?;
+                Ok(())
+            })
+            .await
     }
 
     /// Binds a stream to a conversation the caller belongs to.
@@ -375,7 +402,10 @@ impl Router {
     ) -> Result<Opened, RouterError> {
         let router = self.clone();
         let user = user.to_owned();
-        blocking(move || router.open_blocking(&user, target, create)).await
+        self.inner
+            .gate
+            .run(move || router.open_blocking(&user, target, create))
+            .await
     }
 
     fn open_blocking(
@@ -448,6 +478,14 @@ impl Router {
         origin: u64,
     ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
         self.charge(from, "sending")?;
+        let share = u32::try_from(body.len().clamp(1, BODY_BYTES_IN_FLIGHT)).unwrap_or(u32::MAX);
+        let held = self
+            .inner
+            .bodies
+            .clone()
+            .acquire_many_owned(share)
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
         let shard = self.shard(conversation);
         let request = SendRequest {
@@ -459,6 +497,7 @@ impl Router {
             reply,
             since: std::time::Instant::now(),
             origin,
+            held,
         };
         shard
             .send(ShardRequest::Send(request))
@@ -478,12 +517,14 @@ impl Router {
         self.charge(user, "clearing history")?;
         let store = self.inner.store.clone();
         let user = user.to_owned();
-        blocking(move || {
-            member_record(&store, conversation, &user)?;
-            let up_to = up_to.min(store.last_seq(conversation)?);
-            Ok(store.set_cleared(conversation, &user, up_to)?)
-        })
-        .await
+        self.inner
+            .gate
+            .run(move || {
+                member_record(&store, conversation, &user)?;
+                let up_to = up_to.min(store.last_seq(conversation)?);
+                Ok(store.set_cleared(conversation, &user, up_to)?)
+            })
+            .await
     }
 
     /// Removes the bodies that retention policies say must go: `ttl` messages past their time
@@ -528,11 +569,13 @@ impl Router {
     ) -> Result<Arc<[String]>, RouterError> {
         let store = self.inner.store.clone();
         let user = user.to_owned();
-        blocking(move || {
-            let record = member_record(&store, conversation, &user)?;
-            Ok(record.names().into())
-        })
-        .await
+        self.inner
+            .gate
+            .run(move || {
+                let record = member_record(&store, conversation, &user)?;
+                Ok(record.names().into())
+            })
+            .await
     }
 
     /// A page of a conversation the caller belongs to, oldest first.
@@ -552,20 +595,25 @@ impl Router {
         }
         let store = self.inner.store.clone();
         let user = user.to_owned();
-        blocking(move || {
-            let record = member_record(&store, conversation, &user)?;
-            // A member reads from their joining on, and not what they cleared for themselves.
-            let since = record.member(&user).map_or(1, |m| m.since);
-            let from = since.max(store.cleared(conversation, &user)? + 1);
-            let (page, more) = store.history(conversation, before, after, limit as usize, from)?;
-            let now = now_ms();
-            let page = page
-                .into_iter()
-                .map(|m| expire(m, record.retention, now))
-                .collect();
-            Ok((page, more))
-        })
-        .await
+        let max_bytes = self.inner.max_frame as usize;
+        self.inner
+            .gate
+            .run(move || {
+                let record = member_record(&store, conversation, &user)?;
+                // A member reads from their joining on, and not what they cleared for themselves.
+                let since = record.member(&user).map_or(1, |m| m.since);
+                let from = since.max(store.cleared(conversation, &user)? + 1);
+                // Decode no more than a frame can carry: the page is cut to one frame anyway.
+                let (page, more) =
+                    store.history(conversation, before, after, limit as usize, from, max_bytes)?;
+                let now = now_ms();
+                let page = page
+                    .into_iter()
+                    .map(|m| expire(m, record.retention, now))
+                    .collect();
+                Ok((page, more))
+            })
+            .await
     }
 
     /// A page of the caller's conversations with ids above `after`, by id, and whether more
@@ -578,46 +626,48 @@ impl Router {
     ) -> Result<(Vec<ConversationInfo>, bool), RouterError> {
         let store = self.inner.store.clone();
         let user = user.to_owned();
-        blocking(move || {
-            let mut out = Vec::new();
-            let ids: Vec<ConversationId> = store
-                .conversations_of(&user)?
-                .into_iter()
-                .filter(|c| *c > after)
-                .collect();
-            let more = ids.len() > limit;
-            for conversation in ids.into_iter().take(limit) {
-                let Some(record) = store.conversation(conversation)? else {
-                    continue;
-                };
-                let last_seq = store.last_seq(conversation)?;
-                let inline = record.members.len() <= INLINE_MEMBERS;
-                let marks: Vec<Marks> = store
-                    .marks(conversation)?
+        self.inner
+            .gate
+            .run(move || {
+                let mut out = Vec::new();
+                let ids: Vec<ConversationId> = store
+                    .conversations_of(&user)?
                     .into_iter()
-                    .filter(|(u, _, _)| record.is_member(u) && (inline || *u == user))
-                    .map(|(user, delivered, read)| Marks {
-                        user,
-                        delivered,
-                        read,
-                    })
+                    .filter(|c| *c > after)
                     .collect();
-                let read = marks.iter().find(|m| m.user == user).map_or(0, |m| m.read);
-                out.push(ConversationInfo {
-                    conversation,
-                    kind: record.kind,
-                    member_count: record.members.len() as u32,
-                    members: if inline { record.names() } else { Vec::new() },
-                    title: record.title,
-                    last_seq,
-                    marks,
-                    unread: last_seq.saturating_sub(read),
-                    retention: record.retention,
-                });
-            }
-            Ok((out, more))
-        })
-        .await
+                let more = ids.len() > limit;
+                for conversation in ids.into_iter().take(limit) {
+                    let Some(record) = store.conversation(conversation)? else {
+                        continue;
+                    };
+                    let last_seq = store.last_seq(conversation)?;
+                    let inline = record.members.len() <= INLINE_MEMBERS;
+                    let marks: Vec<Marks> = store
+                        .marks(conversation)?
+                        .into_iter()
+                        .filter(|(u, _, _)| record.is_member(u) && (inline || *u == user))
+                        .map(|(user, delivered, read)| Marks {
+                            user,
+                            delivered,
+                            read,
+                        })
+                        .collect();
+                    let read = marks.iter().find(|m| m.user == user).map_or(0, |m| m.read);
+                    out.push(ConversationInfo {
+                        conversation,
+                        kind: record.kind,
+                        member_count: record.members.len() as u32,
+                        members: if inline { record.names() } else { Vec::new() },
+                        title: record.title,
+                        last_seq,
+                        marks,
+                        unread: last_seq.saturating_sub(read),
+                        retention: record.retention,
+                    });
+                }
+                Ok((out, more))
+            })
+            .await
     }
 
     /// A page of a conversation's members (name order, after `after`) with their roles and
@@ -631,36 +681,38 @@ impl Router {
     ) -> Result<(Vec<MemberInfo>, bool), RouterError> {
         let store = self.inner.store.clone();
         let (user, after) = (user.to_owned(), after.to_owned());
-        blocking(move || {
-            let record = member_record(&store, conversation, &user)?;
-            let mut marks: HashMap<String, (u64, u64)> = store
-                .marks(conversation)?
-                .into_iter()
-                .map(|(u, d, r)| (u, (d, r)))
-                .collect();
-            let rest: Vec<_> = record
-                .members
-                .iter()
-                .filter(|m| m.user.as_str() > after.as_str())
-                .collect();
-            let more = rest.len() > limit;
-            let page = rest
-                .into_iter()
-                .take(limit)
-                .map(|m| {
-                    let (delivered, read) = marks.remove(&m.user).unwrap_or((0, 0));
-                    MemberInfo {
-                        user: m.user.clone(),
-                        admin: m.admin,
-                        since: m.since,
-                        delivered,
-                        read,
-                    }
-                })
-                .collect();
-            Ok((page, more))
-        })
-        .await
+        self.inner
+            .gate
+            .run(move || {
+                let record = member_record(&store, conversation, &user)?;
+                let mut marks: HashMap<String, (u64, u64)> = store
+                    .marks(conversation)?
+                    .into_iter()
+                    .map(|(u, d, r)| (u, (d, r)))
+                    .collect();
+                let rest: Vec<_> = record
+                    .members
+                    .iter()
+                    .filter(|m| m.user.as_str() > after.as_str())
+                    .collect();
+                let more = rest.len() > limit;
+                let page = rest
+                    .into_iter()
+                    .take(limit)
+                    .map(|m| {
+                        let (delivered, read) = marks.remove(&m.user).unwrap_or((0, 0));
+                        MemberInfo {
+                            user: m.user.clone(),
+                            admin: m.admin,
+                            since: m.since,
+                            delivered,
+                            read,
+                        }
+                    })
+                    .collect();
+                Ok((page, more))
+            })
+            .await
     }
 
     /// Creates a group of `creator` (its first admin) and `members`; returns its id.
@@ -709,21 +761,24 @@ impl Router {
             created_ms: now_ms(),
             retention,
         };
-        let conversation = blocking(move || {
-            let store = &router.inner.store;
-            for name in &names {
-                if !store.user_exists(name)? {
-                    return Err(RouterError::UnknownUser(name.clone()));
+        let conversation = self
+            .inner
+            .gate
+            .run(move || {
+                let store = &router.inner.store;
+                for name in &names {
+                    if !store.user_exists(name)? {
+                        return Err(RouterError::UnknownUser(name.clone()));
+                    }
                 }
-            }
-            let _guard = router
-                .inner
-                .directory
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            Ok(store.allocate_conversation()?)
-        })
-        .await?;
+                let _guard = router
+                    .inner
+                    .directory
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                Ok(store.allocate_conversation()?)
+            })
+            .await?;
         self.change(conversation, creator, device, MemberOp::Create(record))
             .await?;
         Ok(conversation)
@@ -780,19 +835,28 @@ impl Router {
             .sessions
             .register(user, self.inner.outbound_queue);
         // Let the cursor acknowledged on the device's previous connection land first.
+        // Queued without parking a thread on a full commit queue: a reconnect storm waits
+        // here as futures, and leaves the blocking pool to `Open` and `History`.
         let (barrier, landed) = oneshot::channel();
-        let commit = self.inner.commit.clone();
-        blocking(move || {
-            commit
-                .send(CommitItem::Barrier(barrier))
-                .map_err(|_| RouterError::ShuttingDown)
-        })
-        .await?;
+        let mut item = CommitItem::Barrier(barrier);
+        loop {
+            match self.inner.commit.try_send(item) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) => {
+                    item = back;
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(RouterError::ShuttingDown),
+            }
+        }
         landed.await.map_err(|_| RouterError::ShuttingDown)?;
         let store = self.inner.store.clone();
         let (u, d) = (user.to_owned(), device.to_owned());
-        let (stored, head) =
-            blocking(move || Ok((store.device_cursor(&u, &d)?, store.log_head(&u)?))).await?;
+        let (stored, head) = self
+            .inner
+            .gate
+            .run(move || Ok((store.device_cursor(&u, &d)?, store.log_head(&u)?)))
+            .await?;
         let cursor = cursor.or(stored).unwrap_or(0).min(head);
         let feed = DeviceFeed::new(
             user.to_owned(),
@@ -801,6 +865,7 @@ impl Router {
             rx,
             lagging,
             self.inner.store.clone(),
+            self.inner.gate.clone(),
         );
         Ok(Subscription { cursor, head, feed })
     }

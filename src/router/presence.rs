@@ -69,6 +69,8 @@ struct UserState {
 pub struct Presence {
     users: Mutex<HashMap<String, UserState>>,
     store: Arc<Store>,
+    /// Its store calls go through the router's gate.
+    gate: super::gate::Gate,
     debounce: Duration,
     next_id: AtomicU64,
 }
@@ -101,10 +103,11 @@ impl Drop for PresenceGuard {
 }
 
 impl Presence {
-    pub(super) fn new(store: Arc<Store>, debounce: Duration) -> Self {
+    pub(super) fn new(store: Arc<Store>, debounce: Duration, gate: super::gate::Gate) -> Self {
         Self {
             users: Mutex::new(HashMap::new()),
             store,
+            gate,
             debounce,
             next_id: AtomicU64::new(1),
         }
@@ -163,8 +166,11 @@ impl Presence {
         handle.spawn(async move {
             let store = presence.store.clone();
             let u = user.clone();
-            let stored = tokio::task::spawn_blocking(move || store.set_last_seen(&u, now)).await;
-            if !matches!(stored, Ok(Ok(()))) {
+            let stored = presence
+                .gate
+                .run(move || Ok(store.set_last_seen(&u, now)?))
+                .await;
+            if stored.is_err() {
                 tracing::warn!(user, "could not store last_seen");
             }
             // Do not keep the registry (and the store) alive through the wait: a server that
@@ -180,7 +186,7 @@ impl Presence {
                 let mut users = presence.lock();
                 match users.get_mut(&user) {
                     Some(state) if state.generation == generation && state.conns.is_empty() => {
-                        if matches!(stored, Ok(Ok(()))) {
+                        if stored.is_ok() {
                             // Offline for good: the store answers for them from now on, and
                             // the registry holds only users who are (or just were) online.
                             users.remove(&user);
@@ -206,8 +212,8 @@ impl Presence {
         handle.spawn(async move {
             let store = self.store.clone();
             let u = user.clone();
-            let peers = tokio::task::spawn_blocking(move || peers_of(&store, &u)).await;
-            let Ok(Ok(peers)) = peers else {
+            let peers = self.gate.run(move || peers_of(&store, &u)).await;
+            let Ok(peers) = peers else {
                 return;
             };
             let push = Arc::new(Push::Presence {
@@ -232,9 +238,10 @@ impl Presence {
         if asker != user {
             let store = self.store.clone();
             let (a, u) = (asker.to_owned(), user.to_owned());
-            let shared = tokio::task::spawn_blocking(move || store.share_conversation(&a, &u))
-                .await
-                .map_err(|e| RouterError::Internal(e.to_string()))??;
+            let shared = self
+                .gate
+                .run(move || Ok(store.share_conversation(&a, &u)?))
+                .await?;
             if !shared {
                 return Err(RouterError::Forbidden(format!(
                     "you share no conversation with {user:?}"
@@ -256,9 +263,7 @@ impl Presence {
         }
         let store = self.store.clone();
         let u = user.to_owned();
-        let stored = tokio::task::spawn_blocking(move || store.last_seen(&u))
-            .await
-            .map_err(|e| RouterError::Internal(e.to_string()))??;
+        let stored = self.gate.run(move || Ok(store.last_seen(&u)?)).await?;
         Ok((false, stored.unwrap_or(0)))
     }
 
@@ -316,7 +321,11 @@ mod tests {
     async fn the_registry_forgets_users_once_they_are_offline_and_the_store_remembers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path(), Durability::Buffered).expect("store"));
-        let presence = Arc::new(Presence::new(store, Duration::from_millis(20)));
+        let presence = Arc::new(Presence::new(
+            store,
+            Duration::from_millis(20),
+            crate::router::gate::Gate::new(4),
+        ));
         let users: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
         let guards: Vec<_> = users.iter().map(|u| presence.connect(u)).collect();
         assert_eq!(presence.lock().len(), 100);

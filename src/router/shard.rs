@@ -53,6 +53,8 @@ pub(super) struct SendRequest {
     pub(super) since: std::time::Instant,
     /// The sending connection's feed (see [`Delivery::origin`]), 0 if it has none.
     pub(super) origin: u64,
+    /// The body's share of the bytes in flight.
+    pub(super) held: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A change to a group's membership.
@@ -326,6 +328,7 @@ impl Shard {
             reply: req.reply,
             since: req.since,
             origin: req.origin,
+            held: Some(req.held),
         })
     }
 
@@ -486,6 +489,7 @@ impl Shard {
                     reply: req.reply,
                     since: std::time::Instant::now(),
                     origin: 0,
+                    held: None,
                 })
             }
             Ok(None) => {

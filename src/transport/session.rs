@@ -24,6 +24,14 @@ use crate::router::{DeviceFeed, Push};
 const LINGER: Duration = Duration::from_secs(1);
 /// Encoded frames queued towards one delivery stream before the dispatcher waits for it.
 const DELIVERY_STREAM_QUEUE: usize = 64;
+/// Encoded event bytes queued towards one device, across its delivery streams, before the
+/// dispatcher waits (and the device's feed, once its own queue is full, falls back to
+/// catch-up from the store). Counted in frames alone, 32 streams of 64 frames of 64 KiB
+/// would be 128 MiB per connection; this is the connection's send window again.
+const DELIVERY_BYTES: usize = 1024 * 1024;
+
+/// An encoded event on its way to a delivery stream, with its share of [`DELIVERY_BYTES`].
+type Queued = (Bytes, tokio::sync::OwnedSemaphorePermit);
 
 impl From<AuthError> for Refusal {
     fn from(e: AuthError) -> Self {
@@ -256,7 +264,9 @@ impl Session {
                     }
                     continue;
                 }
-                () = async { tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now)).await },
+                // Boxed: a timer is as large as the rest of this loop's state, and only a
+                // client that acks faster than ten times a second ever waits on it.
+                () = async { Box::pin(tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now))).await },
                     if ack_due.is_some() => {
                     self.actor.flush_acks();
                     continue;
@@ -360,7 +370,8 @@ impl Session {
             let epoch = router.membership_epoch(conversation);
             let list = match members.get(&conversation) {
                 Some((at, list)) if *at == epoch => list.clone(),
-                _ => match router.members(&self.actor.user, conversation).await {
+                // Boxed, like the control stream's requests: rare, and large.
+                _ => match Box::pin(router.members(&self.actor.user, conversation)).await {
                     Ok(list) => {
                         // A small cache: membership of a conversation one types in rarely
                         // changes; bounded so a client cannot grow it without limit.
@@ -461,6 +472,10 @@ impl Session {
         // Answers go out in request order through a bounded queue: when `inflight_sends`
         // answers are pending, the reader waits, and so does the client (flow control).
         let (pending_tx, pending_rx) = mpsc::channel(limits.inflight_sends);
+        // And in bytes: answers wait here encoded, so a client that never reads them holds
+        // the server to `ANSWER_BYTES` per stream (plus QUIC's send window), not to
+        // `inflight_sends` pages of up to `max_frame` each.
+        let answer_bytes = Arc::new(tokio::sync::Semaphore::new(ANSWER_BYTES));
         let mut answers = AbortOnDrop(tokio::spawn(
             write_answers(writer, pending_rx).in_current_span(),
         ));
@@ -471,7 +486,7 @@ impl Session {
                     Step::Answer(pending) => pending,
                     Step::Quiet => continue,
                     Step::Stop(error) => {
-                        let _ = pending_tx.send(Pending::Frame(error)).await;
+                        let _ = pending_tx.send(Answer::unbudgeted(error)).await;
                         reader.stop(ErrorCode::UNEXPECTED_FRAME.0);
                         break;
                     }
@@ -480,12 +495,15 @@ impl Session {
                 Err(e) => {
                     violation = protocol_violation(&e);
                     if let Some(refusal) = &violation {
-                        let _ = pending_tx.send(Pending::Frame(refusal.frame())).await;
+                        let _ = pending_tx.send(Answer::unbudgeted(refusal.frame())).await;
                     }
                     break;
                 }
             };
-            if pending_tx.send(pending).await.is_err() {
+            let Some(answer) = Answer::new(pending, limits.max_frame, &answer_bytes).await else {
+                break;
+            };
+            if pending_tx.send(answer).await.is_err() {
                 break;
             }
         }
@@ -498,9 +516,79 @@ impl Session {
     }
 }
 
-async fn write_answers(mut writer: FrameWriter, mut pending: mpsc::Receiver<Pending>) {
-    while let Some(p) = pending.recv().await {
-        if writer.send(&p.resolve().await).await.is_err() {
+/// Bytes of answers one conversation stream may hold, encoded, before it reads the next
+/// request: four frames of the default size, twice the stream's receive window.
+const ANSWER_BYTES: usize = 256 * 1024;
+/// What an answer still to come (a `Sent`) is counted as: its frame's size, about.
+const LATER_ANSWER_BYTES: usize = 64;
+
+/// An answer owed on a conversation stream, with its share of the stream's byte budget
+/// (released once written).
+struct Answer {
+    frame: AnswerFrame,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+enum AnswerFrame {
+    /// Ready, encoded.
+    Encoded(Bytes),
+    /// Resolved once the message is durable.
+    Later(Pending),
+}
+
+impl Answer {
+    /// An answer with its budget taken (waiting while the stream's answers are over it), or
+    /// `None` when the stream is gone.
+    async fn new(
+        pending: Pending,
+        max_frame: u32,
+        budget: &Arc<tokio::sync::Semaphore>,
+    ) -> Option<Self> {
+        let frame = match pending {
+            Pending::Frame(frame) => AnswerFrame::Encoded(encode_answer(&frame, max_frame)),
+            later @ Pending::Ack { .. } => AnswerFrame::Later(later),
+        };
+        let size = match &frame {
+            AnswerFrame::Encoded(bytes) => bytes.len(),
+            AnswerFrame::Later(_) => LATER_ANSWER_BYTES,
+        };
+        let permits = u32::try_from(size.clamp(1, ANSWER_BYTES)).unwrap_or(u32::MAX);
+        let bytes = budget.clone().acquire_many_owned(permits).await.ok()?;
+        Some(Self {
+            frame,
+            _bytes: Some(bytes),
+        })
+    }
+
+    /// The stream's last answer (its error), outside the budget.
+    fn unbudgeted(frame: ServerFrame) -> Self {
+        Self {
+            frame: AnswerFrame::Later(Pending::Frame(frame)),
+            _bytes: None,
+        }
+    }
+}
+
+/// A frame encoded for a conversation stream; one that does not fit (never expected: pages
+/// are cut to fit) becomes an `internal` error.
+fn encode_answer(frame: &ServerFrame, max_frame: u32) -> Bytes {
+    let mut buf = bytes::BytesMut::new();
+    if let Err(e) = crate::framing::codec::encode(frame, max_frame, &mut buf) {
+        warn!(error = %e, "cannot encode an answer");
+        buf.clear();
+        let error = ServerFrame::error(ErrorCode::INTERNAL, "cannot encode the answer");
+        let _ = crate::framing::codec::encode(&error, max_frame, &mut buf);
+    }
+    buf.freeze()
+}
+
+async fn write_answers(mut writer: FrameWriter, mut answers: mpsc::Receiver<Answer>) {
+    while let Some(answer) = answers.recv().await {
+        let written = match answer.frame {
+            AnswerFrame::Encoded(bytes) => writer.send_encoded(&mut [bytes]).await,
+            AnswerFrame::Later(pending) => writer.send(&pending.resolve().await).await,
+        };
+        if written.is_err() {
             return;
         }
     }
@@ -509,7 +597,7 @@ async fn write_answers(mut writer: FrameWriter, mut pending: mpsc::Receiver<Pend
 
 /// A delivery stream the server keeps open towards the device for one conversation.
 struct DeliveryStream {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Queued>,
     task: AbortOnDrop,
     last_used: u64,
 }
@@ -526,6 +614,7 @@ impl Session {
         let mut closing: HashMap<ConversationId, AbortOnDrop> = HashMap::new();
         let mut tick: u64 = 0;
         let mut scratch = bytes::BytesMut::new();
+        let queued_bytes = Arc::new(tokio::sync::Semaphore::new(DELIVERY_BYTES));
         loop {
             let batch = match feed.next_batch().await {
                 Ok(batch) => batch,
@@ -614,7 +703,11 @@ impl Session {
                     continue;
                 };
                 stream.last_used = tick;
-                if stream.tx.send(bytes).await.is_err() {
+                let share = u32::try_from(bytes.len().clamp(1, DELIVERY_BYTES)).unwrap_or(u32::MAX);
+                let Ok(share) = queued_bytes.clone().acquire_many_owned(share).await else {
+                    return;
+                };
+                if stream.tx.send((bytes, share)).await.is_err() {
                     // The stream task ended: the connection is gone.
                     return;
                 }
@@ -626,7 +719,7 @@ impl Session {
     async fn delivery_stream(
         self: Arc<Self>,
         conversation: ConversationId,
-        mut rx: mpsc::Receiver<Bytes>,
+        mut rx: mpsc::Receiver<Queued>,
     ) {
         let max = self.actor.shared.limits.max_frame;
         let (send, recv) = match self.conn.open_bi().await {
@@ -640,11 +733,17 @@ impl Session {
         let _marks = AbortOnDrop(marks);
         let mut writer = FrameWriter::new(send, max);
         let mut chunks = Vec::with_capacity(DELIVERY_STREAM_QUEUE);
-        while let Some(first) = rx.recv().await {
+        // The shares are given back once their bytes are written (into QUIC's send buffer).
+        let mut shares = Vec::with_capacity(DELIVERY_STREAM_QUEUE);
+        while let Some((first, share)) = rx.recv().await {
             chunks.push(first);
+            shares.push(share);
             while chunks.len() < DELIVERY_STREAM_QUEUE {
                 match rx.try_recv() {
-                    Ok(b) => chunks.push(b),
+                    Ok((b, share)) => {
+                        chunks.push(b);
+                        shares.push(share);
+                    }
                     Err(_) => break,
                 }
             }
@@ -652,6 +751,7 @@ impl Session {
                 return;
             }
             chunks.clear();
+            shares.clear();
         }
         writer.finish(Duration::from_secs(5)).await;
     }
