@@ -369,7 +369,34 @@ mod tests {
                 },
                 "04 17 04 07 01",
             ),
+            (
+                ClientFrame::RegisterPusher {
+                    request: 5,
+                    pusher: Pusher::WebPush {
+                        endpoint: "e".into(),
+                        p256dh: Some("p".into()),
+                        auth: Some("a".into()),
+                    },
+                },
+                "0b 14 05 01 01 65 01 01 70 01 01 61",
+            ),
+            (
+                ClientFrame::SetRetention {
+                    request: 6,
+                    policy: Retention::Keep,
+                },
+                "03 13 06 00",
+            ),
         ]
+    }
+
+    #[test]
+    #[ignore = "prints the vectors, for PROTOCOL.md"]
+    fn print_vectors() {
+        for (frame, _) in all() {
+            let bytes = codec::encode_to_vec(&frame, 1 << 16).expect("encode");
+            println!("{frame:?}\n  {}", hex(&bytes));
+        }
     }
 
     #[test]

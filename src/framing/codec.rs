@@ -1,7 +1,8 @@
 //! Length-prefixed postcard frames over `Buf`/`BufMut`.
 //!
 //! A frame is `varint(len) ++ postcard(value)`, where the varint is unsigned LEB128 (7 bits a
-//! byte, low bits first, at most 5 bytes for a `u32`). The length is checked against the
+//! byte, low bits first, at most 5 bytes for a `u32`, and minimal: a prefix that ends in a
+//! zero byte after a continuation is refused, so every length has one encoding). The length is checked against the
 //! configured maximum as soon as the prefix is complete, before the body is buffered or any
 //! memory is reserved for it, and the body must be consumed exactly: leftover bytes are an error.
 
@@ -20,7 +21,7 @@ pub enum FrameError {
     /// More bytes are needed before a frame can be decoded; nothing was consumed.
     #[error("incomplete frame: more bytes needed")]
     Incomplete,
-    /// The length prefix is longer than 5 bytes or overflows a `u32`.
+    /// The length prefix is longer than 5 bytes, overflows a `u32`, or is not minimal.
     #[error("malformed length prefix")]
     BadLength,
     /// The announced length is above the configured maximum.
@@ -50,7 +51,8 @@ fn peek_len(src: &[u8]) -> Result<(u64, usize), FrameError> {
     for (i, byte) in src.iter().take(MAX_VARINT_LEN).enumerate() {
         value |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
-            if value > u64::from(u32::MAX) {
+            // A last byte of zero after a continuation adds nothing: an overlong encoding.
+            if value > u64::from(u32::MAX) || (i > 0 && *byte == 0) {
                 return Err(FrameError::BadLength);
             }
             return Ok((value, i + 1));
@@ -183,6 +185,26 @@ mod tests {
             peek_len(&[0xff, 0xff, 0xff, 0xff, 0x1f]),
             Err(FrameError::BadLength)
         );
+        // Non-minimal: 0 as `80 00`, 2 as `82 00`, 130 as `82 81 00`.
+        for overlong in [&[0x80, 0x00][..], &[0x82, 0x00], &[0x82, 0x81, 0x00]] {
+            assert_eq!(
+                peek_len(overlong),
+                Err(FrameError::BadLength),
+                "{overlong:?}"
+            );
+        }
+        assert_eq!(peek_len(&[0x00]), Ok((0, 1)), "zero itself is one byte");
+        assert_eq!(peek_len(&[0x80, 0x01]), Ok((128, 2)));
+    }
+
+    /// Inside a body, varints are postcard's: its decoder takes a non-minimal encoding
+    /// (PROTOCOL.md says so; encoders must write minimal ones, as the pinned vectors are).
+    #[test]
+    fn body_varints_may_be_non_minimal() {
+        #[derive(serde::Deserialize, PartialEq, Debug)]
+        struct One(u64);
+        assert_eq!(decode_body::<One>(&[0x2a]), Ok(One(42)));
+        assert_eq!(decode_body::<One>(&[0xaa, 0x00]), Ok(One(42)));
     }
 
     #[test]

@@ -378,7 +378,84 @@ mod tests {
                 },
                 "21 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 01 02 63 79",
             ),
+            (
+                change(ConversationChange::Created {
+                    title: "g".into(),
+                    members: vec!["al".into(), "cy".into()],
+                }),
+                "27 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 00 01 67 02 02 61 6c 02 63 79",
+            ),
+            (
+                change(ConversationChange::Removed { user: "cy".into() }),
+                "21 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 02 02 63 79",
+            ),
+            (
+                change(ConversationChange::Left {
+                    promoted: Some("cy".into()),
+                }),
+                "22 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 03 01 02 63 79",
+            ),
+            (
+                change(ConversationChange::Promoted { user: "cy".into() }),
+                "21 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 04 02 63 79",
+            ),
+            (
+                change(ConversationChange::Retention {
+                    policy: crate::framing::Retention::Ttl(60),
+                }),
+                "20 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 05 02 3c",
+            ),
+            (
+                change(ConversationChange::Erased),
+                "1e 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 06",
+            ),
+            (
+                ServerFrame::Error {
+                    code: ErrorCode::INVALID_REQUEST,
+                    message: "no".into(),
+                    request: Some(4),
+                },
+                "07 09 0d 02 6e 6f 01 04",
+            ),
+            (
+                ServerFrame::Opened {
+                    conversation: 9,
+                    kind: ConversationKind::Group,
+                    title: "g".into(),
+                    member_count: 2,
+                    members: vec!["al".into(), "cy".into()],
+                    admins: vec!["al".into()],
+                    last_seq: 3,
+                },
+                "12 04 09 01 01 67 02 02 02 61 6c 02 63 79 01 02 61 6c 03",
+            ),
         ]
+    }
+
+    /// A change event of conversation 9 at seq 3, as the members' logs carry it.
+    fn change(change: ConversationChange) -> ServerFrame {
+        ServerFrame::Event {
+            log: 7,
+            event: Event::Message(Message {
+                conversation: 9,
+                seq: 3,
+                from: "al".into(),
+                device: "d".into(),
+                ts: 1,
+                id: ClientMsgId([0; 16]),
+                body: Bytes::new(),
+                change: Some(change),
+            }),
+        }
+    }
+
+    #[test]
+    #[ignore = "prints the vectors, for PROTOCOL.md"]
+    fn print_vectors() {
+        for (frame, _) in all() {
+            let bytes = codec::encode_to_vec(&frame, 1 << 16).expect("encode");
+            println!("{frame:?}\n  {}", hex(&bytes));
+        }
     }
 
     #[test]
