@@ -108,6 +108,14 @@ pub struct PushConfig {
     pub concurrency: usize,
     /// Offers queued between the commit thread and the notifier before new ones are dropped.
     pub queue: usize,
+    /// Lets pushers post over plain http and to loopback, private, link-local and
+    /// unique-local addresses. Off: a user's pusher could otherwise make the server probe
+    /// its own network. On only for development and tests with local receivers.
+    pub allow_private_targets: bool,
+    /// Pushers one user may register; a new one past it is refused with `limit`. Ten: a
+    /// person's devices and apps, while stale registrations cannot pile up (one message
+    /// once caused 350 requests).
+    pub max_pushers: usize,
 }
 
 impl Default for PushConfig {
@@ -119,6 +127,8 @@ impl Default for PushConfig {
             retry_base: Duration::from_secs(1),
             concurrency: 16,
             queue: 10_000,
+            allow_private_targets: false,
+            max_pushers: 10,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Push notifications to a real HTTP receiver on 127.0.0.1: coalescing, none while online,
-//! durable across a restart, retries, rejected keys, and RFC 8291 encryption.
+//! durable across a restart, retries, rejected keys, RFC 8291 encryption, and the targets a
+//! pusher may have.
 mod common;
 
 use base64::Engine;
@@ -64,8 +65,15 @@ impl Receiver {
                     body,
                 });
                 let (status, answer) = script.pop_front().unwrap_or((200, "{}".into()));
-                let _ = request
-                    .respond(tiny_http::Response::from_string(answer).with_status_code(status));
+                let mut response =
+                    tiny_http::Response::from_string(answer.clone()).with_status_code(status);
+                // A redirect's script line names where it points.
+                if (300..400).contains(&status)
+                    && let Ok(location) = tiny_http::Header::from_bytes("Location", answer)
+                {
+                    response.add_header(location);
+                }
+                let _ = request.respond(response);
             }
         });
         Self {
@@ -125,7 +133,11 @@ fn gateway(url: &str, key: &str) -> Pusher {
 
 #[tokio::test]
 async fn a_burst_to_an_offline_user_is_one_notification_and_an_online_user_gets_none() {
-    let server = TestServer::start_with(|c| c.push.coalesce = Duration::from_millis(400)).await;
+    let server = TestServer::start_with(|c| {
+        c.push.allow_private_targets = true;
+        c.push.coalesce = Duration::from_millis(400);
+    })
+    .await;
     let receiver = Receiver::start(vec![]);
     let conv = setup(&server, gateway(&receiver.url, "key-1")).await;
     for i in 0..5 {
@@ -162,7 +174,11 @@ async fn a_burst_to_an_offline_user_is_one_notification_and_an_online_user_gets_
 
 #[tokio::test]
 async fn pending_notifications_survive_a_restart() {
-    let server = TestServer::start_with(|c| c.push.coalesce = Duration::from_secs(30)).await;
+    let server = TestServer::start_with(|c| {
+        c.push.allow_private_targets = true;
+        c.push.coalesce = Duration::from_secs(30);
+    })
+    .await;
     let receiver = Receiver::start(vec![]);
     let conv = setup(&server, gateway(&receiver.url, "key-r")).await;
     conv.send("one").await.expect("send");
@@ -171,7 +187,9 @@ async fn pending_notifications_survive_a_restart() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(receiver.requests().is_empty());
     drop(conv);
-    let server = server.restart().await;
+    let server = server
+        .restart_with(|c| c.push.allow_private_targets = true)
+        .await;
     let got = receiver.wait_for(1).await;
     assert_eq!(got[0].json()["notification"]["counts"]["unread"], 2);
     server.stop().await;
@@ -180,6 +198,7 @@ async fn pending_notifications_survive_a_restart() {
 #[tokio::test]
 async fn a_failing_gateway_is_retried_and_a_rejected_key_is_removed() {
     let server = TestServer::start_with(|c| {
+        c.push.allow_private_targets = true;
         c.push.coalesce = Duration::from_millis(100);
         c.push.retry_base = Duration::from_millis(100);
     })
@@ -225,7 +244,11 @@ async fn a_failing_gateway_is_retried_and_a_rejected_key_is_removed() {
 
 #[tokio::test]
 async fn web_push_is_encrypted_per_rfc_8291_and_decrypts_with_the_device_keys() {
-    let server = TestServer::start_with(|c| c.push.coalesce = Duration::from_millis(100)).await;
+    let server = TestServer::start_with(|c| {
+        c.push.allow_private_targets = true;
+        c.push.coalesce = Duration::from_millis(100);
+    })
+    .await;
     let receiver = Receiver::start(vec![]);
     let (keys, auth) = ece::generate_keypair_and_auth_secret().expect("keys");
     let public = keys.pub_as_raw().expect("public key");
@@ -264,6 +287,7 @@ async fn web_push_is_encrypted_per_rfc_8291_and_decrypts_with_the_device_keys() 
 #[tokio::test]
 async fn a_dead_gateway_does_not_hold_up_everyone_elses_notifications() {
     let server = TestServer::start_with(|c| {
+        c.push.allow_private_targets = true;
         c.push.coalesce = Duration::from_millis(100);
         c.push.concurrency = 8;
         c.push.timeout = Duration::from_secs(6);
@@ -314,6 +338,117 @@ async fn a_dead_gateway_does_not_hold_up_everyone_elses_notifications() {
         "bob waited {:?} behind the dead gateway's 6 s timeouts",
         sent.elapsed()
     );
+    alice.close().await;
+    server.stop().await;
+}
+
+/// By default a pusher must be https and public; a user may hold at most `push.max_pushers`;
+/// a gateway pusher of the same app registered again from the same device replaces the old.
+#[tokio::test]
+async fn pusher_targets_are_public_https_and_few() {
+    let server = TestServer::start_with(|c| c.push.max_pushers = 3).await;
+    let bob = server.connect("bob", "phone").await;
+    for (url, why) in [
+        ("http://push.example", "plain http"),
+        ("https://127.0.0.1:9/x", "loopback"),
+        ("https://10.0.0.1/x", "private"),
+        (
+            "https://169.254.169.254/latest",
+            "link-local (cloud metadata)",
+        ),
+        ("https://[fd00::1]/x", "unique-local"),
+        ("https://localhost/x", "a name that resolves to loopback"),
+    ] {
+        let err = bob.register_pusher(gateway(url, "k")).await.expect_err(why);
+        assert_eq!(
+            err.code(),
+            Some(plover::framing::ErrorCode::INVALID_REQUEST),
+            "{why}: {err}"
+        );
+    }
+    // Public addresses pass (nothing is sent until a notification is due).
+    bob.register_pusher(gateway("https://8.8.8.8", "k1"))
+        .await
+        .expect("public");
+    // The same app from the same device: the new registration replaces the old.
+    bob.register_pusher(gateway("https://8.8.8.8", "k2"))
+        .await
+        .expect("again");
+    let keys = |p: Vec<Pusher>| p.iter().map(|p| p.key().to_owned()).collect::<Vec<_>>();
+    assert_eq!(keys(bob.pushers().await.expect("list")), vec!["k2"]);
+    let tablet = server.connect("bob", "tablet").await;
+    tablet
+        .register_pusher(gateway("https://8.8.8.8", "k3"))
+        .await
+        .expect("tablet");
+    tablet
+        .register_pusher(Pusher::WebPush {
+            endpoint: "https://8.8.4.4/e".into(),
+            p256dh: None,
+            auth: None,
+        })
+        .await
+        .expect("web push");
+    let err = tablet
+        .register_pusher(Pusher::WebPush {
+            endpoint: "https://8.8.4.4/f".into(),
+            p256dh: None,
+            auth: None,
+        })
+        .await
+        .expect_err("a fourth");
+    assert_eq!(err.code(), Some(plover::framing::ErrorCode::LIMIT), "{err}");
+    // Replacing one in place is not a new one.
+    tablet
+        .register_pusher(gateway("https://8.8.8.8", "k3"))
+        .await
+        .expect("same key");
+    assert_eq!(keys(bob.pushers().await.expect("list")).len(), 3);
+    tablet.close().await;
+    bob.close().await;
+    server.stop().await;
+}
+
+/// A redirect is not followed (it could point anywhere, the server's own network included),
+/// and a stored pusher whose address is not public gets nothing once private targets are no
+/// longer allowed: the check runs at every request, not only at registration.
+#[tokio::test]
+async fn redirects_are_not_followed_and_every_request_is_checked() {
+    let elsewhere = Receiver::start(vec![]);
+    let redirecting = Receiver::start(vec![(
+        302,
+        &format!("{}/_matrix/push/v1/notify", elsewhere.url),
+    )]);
+    let server = TestServer::start_with(|c| {
+        c.push.allow_private_targets = true;
+        c.push.coalesce = Duration::from_millis(100);
+        c.push.retries = 1;
+    })
+    .await;
+    let conv = setup(&server, gateway(&redirecting.url, "key-r")).await;
+    conv.send("one").await.expect("send");
+    redirecting.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(elsewhere.requests().is_empty(), "the redirect was followed");
+    drop(conv);
+
+    // The same store, private targets no longer allowed: the stored pusher is not posted to.
+    let server = server
+        .restart_with(|c| c.push.coalesce = Duration::from_millis(100))
+        .await;
+    let alice = server.connect("alice", "phone").await;
+    let conv = alice
+        .open(Target::Direct("bob".into()), false)
+        .await
+        .expect("open");
+    conv.send("two").await.expect("send");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        redirecting.requests().len(),
+        1,
+        "posted to a private address"
+    );
+    drop(conv);
     alice.close().await;
     server.stop().await;
 }

@@ -454,6 +454,14 @@ impl Pusher {
             Pusher::WebPush { endpoint, .. } => endpoint,
         }
     }
+
+    /// Where its notifications are posted: the gateway's URL or the endpoint.
+    pub fn url(&self) -> &str {
+        match self {
+            Pusher::Gateway { url, .. } => url,
+            Pusher::WebPush { endpoint, .. } => endpoint,
+        }
+    }
 }
 
 #[cfg(test)]

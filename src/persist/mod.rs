@@ -20,7 +20,7 @@
 //! | `presence` | user | last seen, Unix ms |
 //! | `cleared` | conversation, user | the last seq the user hid from their own history |
 //! | `watermarks` | name, conversation | retention progress (`erased`, `swept`) |
-//! | `pushers` | user, 0, key | postcard `Pusher` |
+//! | `pushers` | user, 0, key | `ff`, postcard (registering device, `Pusher`) |
 //! | `pending_push` | user, 0, first arrival | postcard [`PendingPush`] |
 //! | `push_content` | user, 0, conversation | empty: bodies go in this conversation's pushes |
 //! | `meta` | name | value (`next_conversation`) |
@@ -213,6 +213,10 @@ impl ConversationRecord {
         }
     }
 }
+
+/// The first byte of a pusher record that carries its device: `(device, pusher)` follows.
+/// Records from before start with the `Pusher` variant's index (0 or 1), never this.
+const PUSHER_WITH_DEVICE: u8 = 0xff;
 
 /// Journal size after which fjall rotates it: 64 MiB, an eighth of fjall's default, so that
 /// removed bodies leave the journals after at most that much newer writing.
@@ -790,19 +794,39 @@ impl Store {
 
     // ----- push -----
 
-    /// Registers (or replaces) a pusher of `user`.
+    /// Registers (or replaces) a pusher of `user`, with the device that registered it.
     pub fn put_pusher(
         &self,
         user: &str,
+        device: &str,
         pusher: &crate::framing::Pusher,
     ) -> Result<(), StoreError> {
+        let mut value = vec![PUSHER_WITH_DEVICE];
+        value.extend(encode(&(device, pusher)));
         let mut b = self.batch();
-        b.batch.insert(
-            &self.pushers,
-            keys::device(user, pusher.key()),
-            encode(pusher),
-        );
+        b.batch
+            .insert(&self.pushers, keys::device(user, pusher.key()), value);
         b.commit()
+    }
+
+    /// A user's pushers, each with the device that registered it (`None` for one stored
+    /// before devices were recorded).
+    pub fn pusher_records(
+        &self,
+        user: &str,
+    ) -> Result<Vec<(Option<String>, crate::framing::Pusher)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.pushers.prefix(keys::name_prefix(user)) {
+            let value = guard.value()?;
+            out.push(match value.split_first() {
+                Some((&PUSHER_WITH_DEVICE, rest)) => {
+                    let (device, pusher) = decode("pushers", rest)?;
+                    (Some(device), pusher)
+                }
+                _ => (None, decode("pushers", &value)?),
+            });
+        }
+        Ok(out)
     }
 
     /// Removes a pusher; returns whether it existed.
@@ -819,11 +843,11 @@ impl Store {
 
     /// A user's pushers.
     pub fn pushers_of(&self, user: &str) -> Result<Vec<crate::framing::Pusher>, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.pushers.prefix(keys::name_prefix(user)) {
-            out.push(decode("pushers", &guard.value()?)?);
-        }
-        Ok(out)
+        Ok(self
+            .pusher_records(user)?
+            .into_iter()
+            .map(|(_, pusher)| pusher)
+            .collect())
     }
 
     /// Every user with at least one pusher.

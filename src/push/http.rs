@@ -22,12 +22,22 @@ pub(super) enum Outcome {
     Retry(String),
 }
 
-fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .build(),
+/// An agent that follows no redirect (a redirect could point anywhere, the server's own
+/// network included) and, unless private targets are allowed, connects to public addresses
+/// only ([`super::target::PublicOnly`]), whatever the host resolves to at that moment.
+fn agent(timeout: Duration, allow_private: bool) -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build();
+    if allow_private {
+        return ureq::Agent::new_with_config(config);
+    }
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::new(),
+        super::target::PublicOnly::default(),
     )
 }
 
@@ -40,23 +50,25 @@ pub(super) fn send(
     pusher: &Pusher,
     pending: &PendingPush,
     timeout: Duration,
+    allow_private: bool,
 ) -> Outcome {
+    let agent = agent(timeout, allow_private);
     match pusher {
         Pusher::Gateway {
             url,
             app_id,
             pushkey,
-        } => gateway(user, url, app_id, pushkey, pending, timeout),
+        } => gateway(&agent, user, url, app_id, pushkey, pending),
         Pusher::WebPush {
             endpoint,
             p256dh,
             auth,
         } => web_push(
+            &agent,
             endpoint,
             p256dh.as_deref(),
             auth.as_deref(),
             pending,
-            timeout,
         ),
     }
 }
@@ -64,6 +76,9 @@ pub(super) fn send(
 fn classify(status: u16) -> Option<Outcome> {
     match status {
         200..=299 => None,
+        300..=399 => Some(Outcome::Failed(format!(
+            "HTTP {status}: redirects are not followed"
+        ))),
         404 | 410 => Some(Outcome::Rejected),
         408 | 429 | 500..=599 => Some(Outcome::Retry(format!("HTTP {status}"))),
         _ => Some(Outcome::Failed(format!("HTTP {status}"))),
@@ -71,12 +86,12 @@ fn classify(status: u16) -> Option<Outcome> {
 }
 
 fn gateway(
+    agent: &ureq::Agent,
     user: &str,
     url: &str,
     app_id: &str,
     pushkey: &str,
     pending: &PendingPush,
-    timeout: Duration,
 ) -> Outcome {
     let url = if url.ends_with(GATEWAY_PATH) {
         url.to_owned()
@@ -96,7 +111,7 @@ fn gateway(
     if let Some(body) = &pending.body {
         notification["content"] = json!({"body": STANDARD.encode(body)});
     }
-    let response = agent(timeout)
+    let response = agent
         .post(&url)
         .send_json(json!({ "notification": notification }));
     let mut response = match response {
@@ -140,14 +155,14 @@ pub(crate) fn web_push_payload(pending: &PendingPush) -> serde_json::Value {
 }
 
 fn web_push(
+    agent: &ureq::Agent,
     endpoint: &str,
     p256dh: Option<&str>,
     auth: Option<&str>,
     pending: &PendingPush,
-    timeout: Duration,
 ) -> Outcome {
     let payload = web_push_payload(pending).to_string();
-    let request = agent(timeout)
+    let request = agent
         .post(endpoint)
         .header("TTL", "86400")
         .header("Urgency", "high");

@@ -13,6 +13,7 @@
 //! says so in the log).
 
 mod http;
+pub mod target;
 
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -136,9 +137,9 @@ impl Notifier {
         }
     }
 
-    /// Registers a pusher for `user`.
-    pub fn register(&self, user: &str, pusher: &Pusher) -> Result<(), StoreError> {
-        self.store.put_pusher(user, pusher)?;
+    /// Registers (or replaces) a pusher of `user`, registered from `device`.
+    pub fn register(&self, user: &str, device: &str, pusher: &Pusher) -> Result<(), StoreError> {
+        self.store.put_pusher(user, device, pusher)?;
         write(&self.with_pushers).insert(user.to_owned());
         Ok(())
     }
@@ -327,6 +328,7 @@ impl Notifier {
         let mut backoff = self.config.retry_base;
         for attempt in 1..=self.config.retries {
             let (p, n, timeout) = (pusher.clone(), pending.clone(), self.config.timeout);
+            let allow_private = self.config.allow_private_targets;
             let u = user.to_owned();
             let outcome = {
                 // The host's slot first, so that waiting for a busy host holds no global one.
@@ -334,7 +336,10 @@ impl Notifier {
                 let Ok(_host) = host.acquire().await else {
                     return;
                 };
-                match self.blocking(move || http::send(&u, &p, &n, timeout)).await {
+                match self
+                    .blocking(move || http::send(&u, &p, &n, timeout, allow_private))
+                    .await
+                {
                     Some(outcome) => outcome,
                     None => http::Outcome::Retry("the request task failed".into()),
                 }

@@ -196,6 +196,8 @@ struct Inner {
     max_frame: u32,
     max_group: usize,
     limiter: limiter::SendLimiter,
+    /// Where pushers may point, and how many a user may have.
+    push: crate::config::PushConfig,
     /// Bytes of bodies in flight (see [`BODY_BYTES_IN_FLIGHT`]).
     bodies: Arc<tokio::sync::Semaphore>,
 }
@@ -291,6 +293,7 @@ impl Router {
                 max_frame: config.limits.max_frame,
                 max_group: config.limits.max_group,
                 limiter: limiter::SendLimiter::new(config.limits.sends_per_second),
+                push: config.push.clone(),
                 bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
             }),
         })
@@ -331,15 +334,59 @@ impl Router {
         )))
     }
 
-    /// Registers a pusher for `user`.
-    pub async fn register_pusher(&self, user: &str, pusher: Pusher) -> Result<(), RouterError> {
+    /// Registers a pusher for `user` from `device`. Its URL must be an allowed target
+    /// (`push/target.rs`); it replaces a pusher with the same key, and a gateway pusher of the
+    /// same app that the same device registered before (an app reinstalled, a push token
+    /// renewed); past `push.max_pushers` others it is refused with `limit`.
+    pub async fn register_pusher(
+        &self,
+        user: &str,
+        device: &str,
+        pusher: Pusher,
+    ) -> Result<(), RouterError> {
         check_pusher(&pusher)?;
         self.charge(user, "registering pushers")?;
         let notifier = self.inner.notifier.clone();
-        let user = user.to_owned();
+        let store = self.inner.store.clone();
+        let (allow_private, max) = (
+            self.inner.push.allow_private_targets,
+            self.inner.push.max_pushers,
+        );
+        let (user, device) = (user.to_owned(), device.to_owned());
         self.inner
             .gate
-            .run(move || Ok(notifier.register(&user, &pusher)?))
+            .run(move || {
+                crate::push::target::check_url(pusher.url(), allow_private)
+                    .map_err(RouterError::Invalid)?;
+                let same_app = |old: &Pusher| match (old, &pusher) {
+                    (Pusher::Gateway { app_id: a, .. }, Pusher::Gateway { app_id: b, .. }) => {
+                        a == b
+                    }
+                    _ => false,
+                };
+                let mut replaced = Vec::new();
+                let mut others = 0;
+                for (by, old) in store.pusher_records(&user)? {
+                    if old.key() == pusher.key() {
+                        continue;
+                    }
+                    if by.as_deref() == Some(device.as_str()) && same_app(&old) {
+                        replaced.push(old.key().to_owned());
+                    } else {
+                        others += 1;
+                    }
+                }
+                if others >= max {
+                    return Err(RouterError::Limit(format!(
+                        "{user} has {others} pushers, the most allowed (push.max_pushers); \
+                         remove one first"
+                    )));
+                }
+                for key in replaced {
+                    notifier.unregister(&user, &key)?;
+                }
+                Ok(notifier.register(&user, &device, &pusher)?)
+            })
             .await
     }
 

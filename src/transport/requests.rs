@@ -166,7 +166,7 @@ impl Actor {
             ClientFrame::RegisterPusher { request, pusher } => answer(
                 request,
                 router
-                    .register_pusher(&self.user, pusher)
+                    .register_pusher(&self.user, &self.device, pusher)
                     .await
                     .map(|()| ServerFrame::Done { request, seq: 1 }),
             ),

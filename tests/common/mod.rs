@@ -58,14 +58,23 @@ impl TestServer {
     }
 
     /// Stops the server and starts a new one on the same data, address and certificate.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// [`TestServer::restart`] with more configuration.
+    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut Config)) -> Self {
         self.shut_down().await;
         let TestServer {
             addr, dir, router, ..
         } = self;
         // The store is locked until its last handle is gone.
         drop(router);
-        Self::start_in(dir, |c| c.listen = addr).await
+        Self::start_in(dir, |c| {
+            c.listen = addr;
+            tweak(c);
+        })
+        .await
     }
 
     async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
