@@ -182,33 +182,42 @@ pub fn load_or_create_secret(data: &Path) -> Result<Vec<u8>, AuthError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(fail(e.to_string())),
     }
-    std::fs::create_dir_all(data).map_err(|e| fail(e.to_string()))?;
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| fail(e.to_string()))?;
     let text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let text = create_private_file(data, SECRET_FILE, &format!("{text}\n"))
+        .map_err(|e| fail(e.to_string()))?;
+    parse_secret(&text).ok_or_else(|| fail("not a hex secret".into()))
+}
 
-    // Write a temporary file, then link it into place: whoever links first wins, and a reader
-    // never sees a half-written secret.
-    let tmp = data.join(format!(".{SECRET_FILE}.{}", std::process::id()));
+/// Creates `<data>/<name>` holding `contents`, readable by its owner only, unless it exists;
+/// returns what the file holds then (ours, or what another process wrote first).
+///
+/// A temporary file is written and fsynced, then linked into place: whoever links first
+/// wins, and a reader never sees a half-written file.
+pub(crate) fn create_private_file(
+    data: &Path,
+    name: &str,
+    contents: &str,
+) -> std::io::Result<String> {
+    std::fs::create_dir_all(data)?;
+    let path = data.join(name);
+    let tmp = data.join(format!(".{name}.{}", std::process::id()));
     {
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&tmp).map_err(|e| fail(e.to_string()))?;
-        file.write_all(format!("{text}\n").as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| fail(e.to_string()))?;
+        let mut file = options.open(&tmp)?;
+        file.write_all(contents.as_bytes())
+            .and_then(|()| file.sync_all())?;
     }
     let linked = std::fs::hard_link(&tmp, &path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
-        Ok(()) => Ok(text.into_bytes()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let text = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
-            parse_secret(&text).ok_or_else(|| fail("not a hex secret".into()))
-        }
-        Err(e) => Err(fail(e.to_string())),
+        Ok(()) => Ok(contents.to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(&path),
+        Err(e) => Err(e),
     }
 }
 

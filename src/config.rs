@@ -116,6 +116,10 @@ pub struct PushConfig {
     /// person's devices and apps, while stale registrations cannot pile up (one message
     /// once caused 350 requests).
     pub max_pushers: usize,
+    /// The contact Web Push services see in the server's VAPID tokens (RFC 8292: `mailto:`
+    /// or `https:`), so that they can reach the operator about its traffic. Set it to a
+    /// real address in production.
+    pub vapid_subject: String,
 }
 
 impl Default for PushConfig {
@@ -129,6 +133,7 @@ impl Default for PushConfig {
             queue: 10_000,
             allow_private_targets: false,
             max_pushers: 10,
+            vapid_subject: "mailto:postmaster@localhost".into(),
         }
     }
 }

@@ -127,6 +127,17 @@ enum PushCommand {
         #[arg(value_parser = ["on", "off"])]
         setting: String,
     },
+    /// Print the server's VAPID public key (base64url), the `applicationServerKey` a Web
+    /// Push app subscribes with. Made in the data directory on first use; works while the
+    /// server runs.
+    VapidKey {
+        /// Data directory holding the key [default: ./plover-data].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Configuration file (for `data` and `push.vapid_subject`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -1153,6 +1164,20 @@ async fn receipts(args: ReceiptsArgs) -> Result<()> {
 
 async fn push(command: PushCommand) -> Result<()> {
     match command {
+        PushCommand::VapidKey { data, config } => {
+            let mut config = match &config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::default(),
+            };
+            if let Some(data) = data {
+                config.data = data;
+            }
+            let vapid = plover::push::vapid::Vapid::load_or_create(
+                &config.data,
+                &config.push.vapid_subject,
+            )?;
+            println!("{}", vapid.public_key());
+        }
         PushCommand::Register {
             client,
             gateway,

@@ -346,3 +346,29 @@ async fn retention_deletion_and_push_from_the_command_line() {
     assert_eq!(stdout(&out).trim(), "unregistered tok");
     assert!(stdout(&run(&bob, &["push", "list"])).is_empty());
 }
+
+#[test]
+fn push_vapid_key_prints_the_same_public_key_each_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_plover"))
+            .args(["push", "vapid-key", "--data"])
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    };
+    let first = key();
+    // An uncompressed P-256 point, base64url without padding.
+    assert_eq!(first.len(), 87, "{first}");
+    assert!(first.starts_with('B'), "{first}");
+    assert_eq!(key(), first, "kept in the data directory");
+}

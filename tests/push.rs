@@ -264,6 +264,30 @@ async fn web_push_is_encrypted_per_rfc_8291_and_decrypts_with_the_device_keys() 
     assert_eq!(request.path, "/push/device-1");
     assert_eq!(request.header("Content-Encoding"), Some("aes128gcm"));
     assert!(request.header("TTL").is_some());
+    // Signed per RFC 8292 with the server's key, the one `plover push vapid-key` prints,
+    // for the endpoint's origin.
+    let vapid = plover::push::vapid::Vapid::load_or_create(
+        &server.dir.path().join("data"),
+        "mailto:postmaster@localhost",
+    )
+    .expect("the server's key");
+    let authorization = request.header("Authorization").expect("VAPID");
+    let (token, key) = authorization
+        .strip_prefix("vapid t=")
+        .and_then(|h| h.split_once(", k="))
+        .expect("vapid t=..., k=...");
+    assert_eq!(key, vapid.public_key());
+    let point = URL_SAFE_NO_PAD.decode(key).expect("base64url");
+    let decoding = jsonwebtoken::DecodingKey::from_ec_components(
+        &URL_SAFE_NO_PAD.encode(&point[1..33]),
+        &URL_SAFE_NO_PAD.encode(&point[33..]),
+    )
+    .expect("P-256 key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&[receiver.url.as_str()]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(token, &decoding, &validation)
+        .expect("a valid, unexpired ES256 token for the endpoint's origin");
+    assert_eq!(claims.claims["sub"], "mailto:postmaster@localhost");
     let components = keys.raw_components().expect("components");
     let plain = ece::decrypt(&components, &auth, &request.body).expect("decrypts");
     let v: serde_json::Value = serde_json::from_slice(&plain).expect("JSON");

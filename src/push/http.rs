@@ -51,6 +51,7 @@ pub(super) fn send(
     pending: &PendingPush,
     timeout: Duration,
     allow_private: bool,
+    vapid: &super::vapid::Vapid,
 ) -> Outcome {
     let agent = agent(timeout, allow_private);
     match pusher {
@@ -65,6 +66,7 @@ pub(super) fn send(
             auth,
         } => web_push(
             &agent,
+            vapid,
             endpoint,
             p256dh.as_deref(),
             auth.as_deref(),
@@ -156,16 +158,23 @@ pub(crate) fn web_push_payload(pending: &PendingPush) -> serde_json::Value {
 
 fn web_push(
     agent: &ureq::Agent,
+    vapid: &super::vapid::Vapid,
     endpoint: &str,
     p256dh: Option<&str>,
     auth: Option<&str>,
     pending: &PendingPush,
 ) -> Outcome {
     let payload = web_push_payload(pending).to_string();
+    let now = crate::clock::now_ms() / 1000;
+    let authorization = match vapid.authorization(endpoint, now) {
+        Ok(a) => a,
+        Err(e) => return Outcome::Failed(format!("cannot sign the request: {e}")),
+    };
     let request = agent
         .post(endpoint)
         .header("TTL", "86400")
-        .header("Urgency", "high");
+        .header("Urgency", "high")
+        .header("Authorization", authorization.as_str());
     let response = match (p256dh, auth) {
         (Some(key), Some(secret)) => {
             let decode = |s: &str| URL_SAFE_NO_PAD.decode(s.trim_end_matches('='));

@@ -14,6 +14,7 @@
 
 mod http;
 pub mod target;
+pub mod vapid;
 
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -51,6 +52,8 @@ struct Offer {
 pub struct Notifier {
     store: Arc<Store>,
     config: PushConfig,
+    /// Signs Web Push requests (RFC 8292).
+    vapid: Arc<vapid::Vapid>,
     /// Users with at least one pusher: the commit thread's cheap first filter.
     with_pushers: RwLock<HashSet<String>>,
     /// (user, conversation) pairs whose notifications carry bodies.
@@ -88,6 +91,7 @@ impl Notifier {
     pub fn start(
         store: Arc<Store>,
         config: PushConfig,
+        vapid: Arc<vapid::Vapid>,
         online: Box<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> Result<Arc<Self>, StoreError> {
         let (tx, rx) = mpsc::channel(config.queue);
@@ -97,6 +101,7 @@ impl Notifier {
             with_pushers: RwLock::new(store.users_with_pushers()?.into_iter().collect()),
             content: RwLock::new(store.push_content_all()?.into_iter().collect()),
             store,
+            vapid,
             slots: Arc::new(Semaphore::new(config.concurrency)),
             hosts: std::sync::Mutex::default(),
             config,
@@ -329,6 +334,7 @@ impl Notifier {
         for attempt in 1..=self.config.retries {
             let (p, n, timeout) = (pusher.clone(), pending.clone(), self.config.timeout);
             let allow_private = self.config.allow_private_targets;
+            let vapid = self.vapid.clone();
             let u = user.to_owned();
             let outcome = {
                 // The host's slot first, so that waiting for a busy host holds no global one.
@@ -337,7 +343,7 @@ impl Notifier {
                     return;
                 };
                 match self
-                    .blocking(move || http::send(&u, &p, &n, timeout, allow_private))
+                    .blocking(move || http::send(&u, &p, &n, timeout, allow_private, &vapid))
                     .await
                 {
                     Some(outcome) => outcome,

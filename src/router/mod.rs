@@ -227,9 +227,13 @@ impl Router {
             gate.clone(),
         ));
         let online = presence.clone();
+        let vapid =
+            crate::push::vapid::Vapid::load_or_create(&config.data, &config.push.vapid_subject)
+                .map_err(|e| RouterError::Internal(e.to_string()))?;
         let notifier = crate::push::Notifier::start(
             store.clone(),
             config.push.clone(),
+            Arc::new(vapid),
             Box::new(move |user: &str| online.is_online(user)),
         )?;
         let (commit_tx, commit_rx) = sync_channel(COMMIT_QUEUE);
