@@ -328,7 +328,7 @@ async fn retention_deletion_and_push_from_the_command_line() {
             "push",
             "register",
             "--gateway",
-            "http://127.0.0.1:9/",
+            "https://8.8.8.8/",
             "--app-id",
             "app",
             "--pushkey",
@@ -336,6 +336,26 @@ async fn retention_deletion_and_push_from_the_command_line() {
         ],
     );
     assert_eq!(stdout(&out).trim(), "registered tok", "{}", stderr(&out));
+    // A target inside the server's network is refused, with the reason.
+    let out = run(
+        &bob,
+        &[
+            "push",
+            "register",
+            "--gateway",
+            "https://127.0.0.1:9/",
+            "--app-id",
+            "other",
+            "--pushkey",
+            "inward",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a public address"),
+        "{}",
+        stderr(&out)
+    );
     let out = run(&bob, &["push", "register", "--endpoint", "not a url"]);
     assert!(!out.status.success());
     let out = run(&bob, &["push", "list", "--json"]);
