@@ -68,7 +68,7 @@ fn setup(rt: &tokio::runtime::Runtime, durability: Durability) -> Setup {
         .iter()
         .chain(["alice".to_string(), "bob".to_string()].iter())
     {
-        store.ensure_user(m, 1).expect("user");
+        store.ensure_user(&*store, m, 1).expect("user");
     }
     let (direct, group) = rt.block_on(async {
         let direct = router

@@ -276,7 +276,7 @@ async fn a_thousand_member_group_reaches_every_online_device_and_every_log() {
     let all = names.clone();
     tokio::task::spawn_blocking(move || {
         for n in &all {
-            store.ensure_user(n, 1).expect("user");
+            store.ensure_user(&*store, n, 1).expect("user");
         }
     })
     .await

@@ -67,6 +67,9 @@ pub enum StoreError {
         /// What fjall found.
         reason: String,
     },
+    /// The writer (the commit thread) has stopped: the server is shutting down.
+    #[error("store: the server is shutting down; nothing was written")]
+    Stopped,
     /// An earlier write or fsync failed; the store refuses writes until the server restarts.
     #[error("store is read-only after a failed write; restart the server once the disk is healthy")]
     Poisoned,
@@ -385,13 +388,13 @@ impl Store {
 
     /// A failpoint (test builds only; nothing at all in others).
     #[cfg(test)]
-    fn failpoint(&self, point: &'static str) -> Result<(), StoreError> {
+    pub(crate) fn failpoint(&self, point: &'static str) -> Result<(), StoreError> {
         self.failpoints.hit(point)
     }
 
     #[cfg(not(test))]
     #[inline(always)]
-    fn failpoint(&self, _point: &'static str) -> Result<(), StoreError> {
+    pub(crate) fn failpoint(&self, _point: &'static str) -> Result<(), StoreError> {
         Ok(())
     }
 
@@ -408,6 +411,16 @@ impl Store {
             Durability::Sync => PersistMode::SyncData,
             Durability::Buffered => PersistMode::Buffer,
         }
+    }
+
+    /// Syncs the journal: what `buffered` durability acknowledged before this call is then
+    /// on disk. A failure poisons the store, as a failed commit does.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        if let Err(e) = self.db.persist(PersistMode::SyncData) {
+            self.poison(&e);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Flushes everything to disk (used at shutdown).
@@ -429,13 +442,12 @@ impl Store {
     // ----- users -----
 
     /// Records a user at their first authenticated connection. Returns whether they are new.
-    pub fn ensure_user(&self, user: &str, now_ms: u64) -> Result<bool, StoreError> {
+    pub fn ensure_user(&self, w: &dyn Writer, user: &str, now_ms: u64) -> Result<bool, StoreError> {
         if self.users.contains_key(user)? {
             return Ok(false);
         }
-        let mut b = self.batch();
-        b.batch.insert(&self.users, user, now_ms.to_be_bytes());
-        b.commit()?;
+        let user = user.to_owned();
+        w.write(Box::new(move |b| b.put_user(&user, now_ms)))?;
         Ok(true)
     }
 
@@ -460,17 +472,12 @@ impl Store {
     /// two users opening their conversation at once get the same one.
     pub fn create_direct(
         &self,
+        w: &dyn Writer,
         a: &str,
         b: &str,
         now_ms: u64,
     ) -> Result<ConversationId, StoreError> {
-        let next = match self.meta.get("next_conversation")? {
-            Some(v) => keys::head_u64(&v).ok_or(StoreError::Corrupt {
-                keyspace: "meta",
-                message: "next_conversation".into(),
-            })?,
-            None => 1,
-        };
+        let next = self.next_conversation()?;
         let mut names = vec![a.to_owned(), b.to_owned()];
         names.sort();
         names.dedup();
@@ -488,40 +495,34 @@ impl Store {
             created_ms: now_ms,
             retention: Retention::Keep,
         };
-        let mut batch = self.batch();
-        batch
-            .batch
-            .insert(&self.meta, "next_conversation", (next + 1).to_be_bytes());
-        batch
-            .batch
-            .insert(&self.conversations, next.to_be_bytes(), encode(&record));
-        for m in &record.members {
-            batch
-                .batch
-                .insert(&self.member_of, keys::member_of(&m.user, next), []);
-        }
-        batch
-            .batch
-            .insert(&self.direct, keys::direct(a, b), next.to_be_bytes());
-        batch.commit()?;
+        let (a, b) = (a.to_owned(), b.to_owned());
+        w.write(Box::new(move |batch| {
+            batch.put_next_conversation(next + 1);
+            batch.put_conversation(next, &record);
+            for m in &record.members {
+                batch.add_member_of(&m.user, next);
+            }
+            batch.put_direct(&a, &b, next);
+        }))?;
         Ok(next)
+    }
+
+    /// The id the next conversation gets.
+    fn next_conversation(&self) -> Result<ConversationId, StoreError> {
+        match self.meta.get("next_conversation")? {
+            Some(v) => keys::head_u64(&v).ok_or(StoreError::Corrupt {
+                keyspace: "meta",
+                message: "next_conversation".into(),
+            }),
+            None => Ok(1),
+        }
     }
 
     /// Allocates the next conversation id (the caller serialises calls, as for
     /// [`Store::create_direct`]). Durable before it returns, so an id is never handed out twice.
-    pub fn allocate_conversation(&self) -> Result<ConversationId, StoreError> {
-        let next = match self.meta.get("next_conversation")? {
-            Some(v) => keys::head_u64(&v).ok_or(StoreError::Corrupt {
-                keyspace: "meta",
-                message: "next_conversation".into(),
-            })?,
-            None => 1,
-        };
-        let mut batch = self.batch();
-        batch
-            .batch
-            .insert(&self.meta, "next_conversation", (next + 1).to_be_bytes());
-        batch.commit()?;
+    pub fn allocate_conversation(&self, w: &dyn Writer) -> Result<ConversationId, StoreError> {
+        let next = self.next_conversation()?;
+        w.write(Box::new(move |b| b.put_next_conversation(next + 1)))?;
         Ok(next)
     }
 
@@ -660,14 +661,10 @@ impl Store {
         Ok(self.presence.get(user)?.and_then(|v| keys::head_u64(&v)))
     }
 
-    /// Records when a user's last device went. Not fsynced on its own: it rides on the next
-    /// group commit or fjall's background flush.
-    pub fn set_last_seen(&self, user: &str, ms: u64) -> Result<(), StoreError> {
-        if self.is_poisoned() {
-            return Err(StoreError::Poisoned);
-        }
-        self.presence.insert(user, ms.to_be_bytes())?;
-        Ok(())
+    /// Records when a user's last device went (with the writer's next batch).
+    pub fn set_last_seen(&self, w: &dyn Writer, user: &str, ms: u64) -> Result<(), StoreError> {
+        let user = user.to_owned();
+        w.write(Box::new(move |b| b.put_last_seen(&user, ms)))
     }
 
     /// Whether two users share at least one conversation.
@@ -738,18 +735,14 @@ impl Store {
     /// Hides `conv`'s history up to `up_to` from `user` (never lowers an earlier mark).
     pub fn set_cleared(
         &self,
+        w: &dyn Writer,
         conv: ConversationId,
         user: &str,
         up_to: u64,
     ) -> Result<u64, StoreError> {
         let up_to = up_to.max(self.cleared(conv, user)?);
-        let mut b = self.batch();
-        b.batch.insert(
-            &self.cleared,
-            keys::conv_user(conv, user),
-            up_to.to_be_bytes(),
-        );
-        b.commit()?;
+        let user = user.to_owned();
+        w.write(Box::new(move |b| b.put_cleared(conv, &user, up_to)))?;
         Ok(up_to)
     }
 
@@ -797,16 +790,13 @@ impl Store {
     /// Registers (or replaces) a pusher of `user`, with the device that registered it.
     pub fn put_pusher(
         &self,
+        w: &dyn Writer,
         user: &str,
         device: &str,
         pusher: &crate::framing::Pusher,
     ) -> Result<(), StoreError> {
-        let mut value = vec![PUSHER_WITH_DEVICE];
-        value.extend(encode(&(device, pusher)));
-        let mut b = self.batch();
-        b.batch
-            .insert(&self.pushers, keys::device(user, pusher.key()), value);
-        b.commit()
+        let (user, device, pusher) = (user.to_owned(), device.to_owned(), pusher.clone());
+        w.write(Box::new(move |b| b.put_pusher(&user, &device, &pusher)))
     }
 
     /// A user's pushers, each with the device that registered it (`None` for one stored
@@ -830,14 +820,12 @@ impl Store {
     }
 
     /// Removes a pusher; returns whether it existed.
-    pub fn remove_pusher(&self, user: &str, key: &str) -> Result<bool, StoreError> {
+    pub fn remove_pusher(&self, w: &dyn Writer, user: &str, key: &str) -> Result<bool, StoreError> {
         let k = keys::device(user, key);
         if !self.pushers.contains_key(&k)? {
             return Ok(false);
         }
-        let mut b = self.batch();
-        b.batch.remove(&self.pushers, k);
-        b.commit()?;
+        w.write(Box::new(move |b| b.remove_key(Space::Pushers, k)))?;
         Ok(true)
     }
 
@@ -864,23 +852,29 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores (or replaces) pending notifications in one durable batch. Each is keyed by its
-    /// user and `first_ms`, so a newer one never overwrites one being delivered.
-    pub fn put_pending_pushes(&self, pending: &[(String, PendingPush)]) -> Result<(), StoreError> {
-        let mut b = self.batch();
-        for (user, p) in pending {
-            b.batch
-                .insert(&self.pending_push, keys::log(user, p.first_ms), encode(p));
-        }
-        b.commit()
+    /// Stores (or replaces) pending notifications with the writer's next batch. Each is
+    /// keyed by its user and `first_ms`, so a newer one never overwrites one being delivered.
+    pub fn put_pending_pushes(
+        &self,
+        w: &dyn Writer,
+        pending: Vec<(String, PendingPush)>,
+    ) -> Result<(), StoreError> {
+        w.write(Box::new(move |b| {
+            for (user, p) in &pending {
+                b.put_pending_push(user, p);
+            }
+        }))
     }
 
     /// Removes a pending notification once it went out (or was given up).
-    pub fn remove_pending_push(&self, user: &str, first_ms: u64) -> Result<(), StoreError> {
-        let mut b = self.batch();
-        b.batch
-            .remove(&self.pending_push, keys::log(user, first_ms));
-        b.commit()
+    pub fn remove_pending_push(
+        &self,
+        w: &dyn Writer,
+        user: &str,
+        first_ms: u64,
+    ) -> Result<(), StoreError> {
+        let key = keys::log(user, first_ms);
+        w.write(Box::new(move |b| b.remove_key(Space::PendingPush, key)))
     }
 
     /// Every pending notification (at start).
@@ -900,18 +894,19 @@ impl Store {
     /// Opts a conversation in or out of bodies in `user`'s notifications.
     pub fn set_push_content(
         &self,
+        w: &dyn Writer,
         user: &str,
         conv: ConversationId,
         include: bool,
     ) -> Result<(), StoreError> {
-        let mut b = self.batch();
         let key = keys::member_of(user, conv);
-        if include {
-            b.batch.insert(&self.push_content, key, []);
-        } else {
-            b.batch.remove(&self.push_content, key);
-        }
-        b.commit()
+        w.write(Box::new(move |b| {
+            if include {
+                b.put_key(Space::PushContent, key);
+            } else {
+                b.remove_key(Space::PushContent, key);
+            }
+        }))
     }
 
     /// Every (user, conversation) opted in to bodies in notifications.
@@ -964,6 +959,36 @@ impl Store {
             .devices
             .get(keys::device(user, device))?
             .and_then(|v| keys::head_u64(&v)))
+    }
+}
+
+/// The keyspaces whose keys side writes set or remove whole.
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    Pushers,
+    PendingPush,
+    PushContent,
+}
+
+/// A write to add to a batch: what a [`Writer`] commits.
+pub type SideWrite = Box<dyn FnOnce(&mut StoreBatch<'_>) + Send>;
+
+/// Commits writes that are not the hot path's (a new user or direct conversation, a cleared
+/// history, pushers, pending notifications, last seen). The server's writer is the commit
+/// thread (`router/commit.rs`): such a write joins the next group commit and shares its
+/// fsync, rather than taking fjall's journal lock for an fsync of its own while the messages
+/// wait. The [`Store`] itself commits it alone (tools, tests, the last writes at shutdown).
+pub trait Writer: Send + Sync {
+    /// Adds `write` to a batch and waits until that batch is durable (or failed). Blocking.
+    fn write(&self, write: SideWrite) -> Result<(), StoreError>;
+}
+
+/// The store itself commits each write as a batch of its own.
+impl Writer for Store {
+    fn write(&self, write: SideWrite) -> Result<(), StoreError> {
+        let mut batch = self.batch();
+        write(&mut batch);
+        batch.commit()
     }
 }
 
@@ -1047,6 +1072,76 @@ impl StoreBatch<'_> {
             keys::device(user, device),
             cursor.to_be_bytes(),
         );
+    }
+
+    /// Records a user's first connection.
+    pub fn put_user(&mut self, user: &str, first_ms: u64) {
+        self.batch
+            .insert(&self.store.users, user, first_ms.to_be_bytes());
+    }
+
+    /// Sets the id the next conversation gets.
+    pub fn put_next_conversation(&mut self, next: ConversationId) {
+        self.batch
+            .insert(&self.store.meta, "next_conversation", next.to_be_bytes());
+    }
+
+    /// Indexes the direct conversation of two users.
+    pub fn put_direct(&mut self, a: &str, b: &str, conv: ConversationId) {
+        self.batch
+            .insert(&self.store.direct, keys::direct(a, b), conv.to_be_bytes());
+    }
+
+    /// Records how far `user` cleared their history of `conv`.
+    pub fn put_cleared(&mut self, conv: ConversationId, user: &str, up_to: u64) {
+        self.batch.insert(
+            &self.store.cleared,
+            keys::conv_user(conv, user),
+            up_to.to_be_bytes(),
+        );
+    }
+
+    /// Registers (or replaces) a pusher, with the device that registered it.
+    pub fn put_pusher(&mut self, user: &str, device: &str, pusher: &crate::framing::Pusher) {
+        let mut value = vec![PUSHER_WITH_DEVICE];
+        value.extend(encode(&(device, pusher)));
+        self.batch
+            .insert(&self.store.pushers, keys::device(user, pusher.key()), value);
+    }
+
+    /// Stores (or replaces) a pending notification.
+    pub fn put_pending_push(&mut self, user: &str, pending: &PendingPush) {
+        self.batch.insert(
+            &self.store.pending_push,
+            keys::log(user, pending.first_ms),
+            encode(pending),
+        );
+    }
+
+    /// Records when a user's last device went.
+    pub fn put_last_seen(&mut self, user: &str, ms: u64) {
+        self.batch
+            .insert(&self.store.presence, user, ms.to_be_bytes());
+    }
+
+    fn space(&self, space: Space) -> &Keyspace {
+        match space {
+            Space::Pushers => &self.store.pushers,
+            Space::PendingPush => &self.store.pending_push,
+            Space::PushContent => &self.store.push_content,
+        }
+    }
+
+    /// Sets an empty-valued key.
+    fn put_key(&mut self, space: Space, key: Vec<u8>) {
+        let ks = self.space(space).clone();
+        self.batch.insert(&ks, key, []);
+    }
+
+    /// Removes a key.
+    fn remove_key(&mut self, space: Space, key: Vec<u8>) {
+        let ks = self.space(space).clone();
+        self.batch.remove(&ks, key);
     }
 
     /// Number of writes in the batch.
@@ -1196,14 +1291,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), Durability::Sync).expect("open");
         assert_eq!(store.direct_between("a", "b").expect("d"), None);
-        let id = store.create_direct("b", "a", 1).expect("create");
+        let id = store.create_direct(&store, "b", "a", 1).expect("create");
         assert_eq!(store.direct_between("a", "b").expect("d"), Some(id));
         assert_eq!(store.conversations_of("a").expect("c"), vec![id]);
         let rec = store.conversation(id).expect("c").expect("exists");
         assert_eq!(rec.retention, Retention::Keep);
         assert_eq!(rec.names(), vec!["a".to_string(), "b".to_string()]);
         assert!(rec.is_member("a") && !rec.is_member("c"));
-        let id2 = store.create_direct("a", "c", 1).expect("create");
+        let id2 = store.create_direct(&store, "a", "c", 1).expect("create");
         assert_ne!(id, id2);
     }
 }

@@ -54,6 +54,8 @@ pub struct Notifier {
     config: PushConfig,
     /// Signs Web Push requests (RFC 8292).
     vapid: Arc<vapid::Vapid>,
+    /// Commits its writes with the next group commit.
+    writer: Arc<dyn crate::persist::Writer>,
     /// Users with at least one pusher: the commit thread's cheap first filter.
     with_pushers: RwLock<HashSet<String>>,
     /// (user, conversation) pairs whose notifications carry bodies.
@@ -92,6 +94,7 @@ impl Notifier {
         store: Arc<Store>,
         config: PushConfig,
         vapid: Arc<vapid::Vapid>,
+        writer: Arc<dyn crate::persist::Writer>,
         online: Box<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> Result<Arc<Self>, StoreError> {
         let (tx, rx) = mpsc::channel(config.queue);
@@ -102,6 +105,7 @@ impl Notifier {
             content: RwLock::new(store.push_content_all()?.into_iter().collect()),
             store,
             vapid,
+            writer,
             slots: Arc::new(Semaphore::new(config.concurrency)),
             hosts: std::sync::Mutex::default(),
             config,
@@ -144,14 +148,14 @@ impl Notifier {
 
     /// Registers (or replaces) a pusher of `user`, registered from `device`.
     pub fn register(&self, user: &str, device: &str, pusher: &Pusher) -> Result<(), StoreError> {
-        self.store.put_pusher(user, device, pusher)?;
+        self.store.put_pusher(&*self.writer, user, device, pusher)?;
         write(&self.with_pushers).insert(user.to_owned());
         Ok(())
     }
 
     /// Removes a pusher; returns whether it existed.
     pub fn unregister(&self, user: &str, key: &str) -> Result<bool, StoreError> {
-        let removed = self.store.remove_pusher(user, key)?;
+        let removed = self.store.remove_pusher(&*self.writer, user, key)?;
         if self.store.pushers_of(user)?.is_empty() {
             write(&self.with_pushers).remove(user);
         }
@@ -170,7 +174,8 @@ impl Notifier {
         conversation: ConversationId,
         include: bool,
     ) -> Result<(), StoreError> {
-        self.store.set_push_content(user, conversation, include)?;
+        self.store
+            .set_push_content(&*self.writer, user, conversation, include)?;
         let key = (user.to_owned(), conversation);
         if include {
             write(&self.content).insert(key);
@@ -200,7 +205,8 @@ impl Notifier {
         loop {
             tokio::select! {
                 _ = stopped.changed() => {
-                    self.persist(&mut dirty, &pending).await;
+                    // Written on its own: the commit thread stops right after the notifier.
+                    self.persist(&mut dirty, &pending, true).await;
                     sending.abort_all();
                     return;
                 }
@@ -228,7 +234,7 @@ impl Notifier {
                     dirty.insert(offer.user);
                 }
                 _ = tick.tick() => {
-                    self.persist(&mut dirty, &pending).await;
+                    self.persist(&mut dirty, &pending, false).await;
                     metrics::gauge!(crate::metrics::names::PUSH_PENDING).set(pending.len() as f64);
                     let now = tokio::time::Instant::now();
                     let due: Vec<String> = pending
@@ -245,11 +251,13 @@ impl Notifier {
         }
     }
 
-    /// Writes the pending notifications that changed since the last write, in one batch.
+    /// Writes the pending notifications that changed since the last write, with the next
+    /// group commit (or, when `alone`, in a batch of their own).
     async fn persist(
         &self,
         dirty: &mut HashSet<String>,
         pending: &HashMap<String, (PendingPush, tokio::time::Instant)>,
+        alone: bool,
     ) {
         if dirty.is_empty() {
             return;
@@ -259,7 +267,15 @@ impl Notifier {
             .filter_map(|u| pending.get(&u).map(|(p, _)| (u, p.clone())))
             .collect();
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.put_pending_pushes(&batch)).await {
+        let writer = self.writer.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            if alone {
+                store.put_pending_pushes(&*store, batch)
+            } else {
+                store.put_pending_pushes(&*writer, batch)
+            }
+        });
+        match written.await {
             Ok(Ok(())) => {}
             _ => warn!("could not store pending notifications"),
         }
@@ -285,10 +301,10 @@ impl Notifier {
                 self.send_with_retries(&user, &pusher, &pending).await;
             }
         }
-        let store = self.store.clone();
+        let (store, writer) = (self.store.clone(), self.writer.clone());
         let first = pending.first_ms;
         let _ = self
-            .blocking(move || store.remove_pending_push(&user, first))
+            .blocking(move || store.remove_pending_push(&*writer, &user, first))
             .await;
     }
 

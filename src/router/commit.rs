@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvError};
+use std::sync::mpsc::{Receiver, RecvError, SyncSender};
 use tokio::sync::oneshot;
 
 use super::RouterError;
@@ -16,7 +16,7 @@ use super::cache::Generations;
 use super::sessions::{Delivery, Sessions};
 use crate::framing::{Event, Message, Receipt};
 use crate::metrics::names;
-use crate::persist::{LogEntry, Store};
+use crate::persist::{LogEntry, SideWrite, Store, StoreError, Writer};
 
 /// The answer to a send: the message's place in its conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,15 +84,38 @@ pub(super) enum CommitItem {
     /// Answer once everything queued before it is committed (reads that must see earlier
     /// writes, such as a device's cursor acknowledged on its previous connection).
     Barrier(oneshot::Sender<()>),
+    /// A write off the hot path (a new user, a direct conversation, pushers, pending
+    /// notifications, last seen...): it joins the batch and shares its fsync; the answer
+    /// says whether that batch is durable.
+    Side {
+        write: SideWrite,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Finish the current batch and stop.
     Stop,
+}
+
+/// The [`Writer`] of the running server: side writes go to the commit thread, which adds
+/// them to its next batch. Blocking (a full commit queue waits, then the batch's fsync).
+pub(super) struct CommitWriter(pub(super) SyncSender<CommitItem>);
+
+impl Writer for CommitWriter {
+    fn write(&self, write: SideWrite) -> Result<(), StoreError> {
+        let (reply, done) = oneshot::channel();
+        self.0
+            .send(CommitItem::Side { write, reply })
+            .map_err(|_| StoreError::Stopped)?;
+        done.blocking_recv().map_err(|_| StoreError::Stopped)?
+    }
 }
 
 /// Writes a batch may hold per item of `commit_batch`: a direct message costs about five.
 const WRITES_PER_ITEM: usize = 4;
 
 /// The `kind` labels of [`names::COMMIT_ITEMS`], indexed by [`CommitItem::kind`].
-const KINDS: [&str; 6] = ["message", "marks", "deleted", "wait", "cursor", "barrier"];
+const KINDS: [&str; 7] = [
+    "message", "marks", "deleted", "wait", "cursor", "barrier", "side",
+];
 
 impl CommitItem {
     /// Which of [`KINDS`] the item is (`Stop` counts as a barrier).
@@ -104,6 +127,7 @@ impl CommitItem {
             CommitItem::Wait { .. } => 3,
             CommitItem::Cursor { .. } => 4,
             CommitItem::Barrier(_) | CommitItem::Stop => 5,
+            CommitItem::Side { .. } => 6,
         }
     }
 
@@ -118,6 +142,7 @@ impl CommitItem {
             CommitItem::Wait { .. }
             | CommitItem::Cursor { .. }
             | CommitItem::Barrier(_)
+            | CommitItem::Side { .. }
             | CommitItem::Stop => 1,
         }
     }
@@ -210,6 +235,8 @@ impl CommitThread {
         let mut changed: Vec<crate::framing::ConversationId> = Vec::new();
         let mut stop = false;
         let mut failed: Option<RouterError> = None;
+        // The side writes' answers, given once the batch is durable (or failed).
+        let mut sides: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::new();
         // Cursors this batch writes, so that two acks of a device in one batch compare too.
         let mut cursors: HashMap<(String, String), u64> = HashMap::new();
 
@@ -369,10 +396,20 @@ impl CommitThread {
                     Err(e) => tracing::warn!(error = %e, %user, %device, "cursor not recorded"),
                 },
                 CommitItem::Barrier(reply) => barriers.push(reply),
+                CommitItem::Side { write, reply } => {
+                    if failed.is_some() {
+                        let _ = reply.send(Err(StoreError::Poisoned));
+                        continue;
+                    }
+                    write(&mut batch);
+                    sides.push(reply);
+                }
                 CommitItem::Stop => stop = true,
             }
         }
 
+        // Test builds: a failure of this thread's commit only (not of a batch of its own).
+        let failed = failed.or_else(|| self.store.failpoint("group_commit").err().map(Into::into));
         let result = match failed {
             // The shards sequenced what this batch held: their last seqs, marks and retry
             // ids are ahead of the store now, and a retry of one of those ids would be
@@ -396,6 +433,9 @@ impl CommitThread {
                 }
                 for (reply, sent) in replies {
                     let _ = reply.send(Ok(sent));
+                }
+                for side in sides {
+                    let _ = side.send(Ok(()));
                 }
                 let acked = std::time::Instant::now();
                 for since in ack_since {
@@ -432,6 +472,9 @@ impl CommitThread {
                 heads.clear();
                 for (reply, _) in replies {
                     let _ = reply.send(Err(RouterError::Unavailable));
+                }
+                for side in sides {
+                    let _ = side.send(Err(StoreError::Poisoned));
                 }
             }
         }

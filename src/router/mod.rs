@@ -40,7 +40,7 @@ use crate::framing::{
 };
 use crate::framing::{Pusher, Retention};
 use crate::persist::{ConversationRecord, MemberRecord};
-use crate::persist::{Store, StoreError};
+use crate::persist::{Store, StoreError, Writer};
 use commit::{CommitItem, CommitThread};
 pub(crate) use retention::expire;
 use shard::{
@@ -179,6 +179,8 @@ struct Inner {
     store: Arc<Store>,
     /// Every store call made for a request goes through it (see `gate.rs`).
     gate: gate::Gate,
+    /// Side writes, through the commit thread.
+    writer: Arc<dyn Writer>,
     epochs: Arc<MembershipEpochs>,
     sessions: Arc<Sessions>,
     presence: Arc<Presence>,
@@ -189,6 +191,8 @@ struct Inner {
     /// calls on a `spawn_blocking` thread, never across an await.
     directory: Mutex<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// In `buffered` durability, the thread that syncs the journal, and what stops it.
+    syncer: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
     commit_thread: Mutex<Option<JoinHandle<()>>>,
     outbound_queue: usize,
     history_page: u32,
@@ -221,10 +225,14 @@ impl Router {
     pub fn start(store: Arc<Store>, config: &Config) -> Result<Self, RouterError> {
         let sessions = Arc::new(Sessions::default());
         let gate = gate::Gate::new(gate::BLOCKING_REQUESTS);
+        // Every write off the hot path goes through the commit thread and its fsync.
+        let (commit_tx, commit_rx) = sync_channel(COMMIT_QUEUE);
+        let writer: Arc<dyn Writer> = Arc::new(commit::CommitWriter(commit_tx.clone()));
         let presence = Arc::new(Presence::new(
             store.clone(),
             config.presence.debounce,
             gate.clone(),
+            writer.clone(),
         ));
         let online = presence.clone();
         let vapid =
@@ -234,9 +242,9 @@ impl Router {
             store.clone(),
             config.push.clone(),
             Arc::new(vapid),
+            writer.clone(),
             Box::new(move |user: &str| online.is_online(user)),
         )?;
-        let (commit_tx, commit_rx) = sync_channel(COMMIT_QUEUE);
         let epochs = Arc::new(MembershipEpochs::new());
         let commit = CommitThread {
             store: store.clone(),
@@ -254,6 +262,26 @@ impl Router {
                 .map_err(|e| RouterError::Internal(format!("cannot start thread: {e}")))
         };
         let commit_thread = spawn("plover-commit".into(), Box::new(move || commit.run()))?;
+        let syncer = match config.store.durability {
+            crate::config::Durability::Sync => None,
+            crate::config::Durability::Buffered => {
+                let (stop, stopped) = std::sync::mpsc::channel::<()>();
+                let (store, every) = (store.clone(), config.store.buffered_sync);
+                let thread = spawn(
+                    "plover-sync".into(),
+                    Box::new(move || {
+                        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                            stopped.recv_timeout(every)
+                        {
+                            if store.is_poisoned() || store.sync().is_err() {
+                                return;
+                            }
+                        }
+                    }),
+                )?;
+                Some((stop, thread))
+            }
+        };
         let mut shards = Vec::new();
         let mut threads = Vec::new();
         // Writes per user, fan-out included: charged by the shards, which know the members.
@@ -282,6 +310,7 @@ impl Router {
         Ok(Self {
             inner: Arc::new(Inner {
                 gate,
+                writer,
                 epochs,
                 presence,
                 notifier,
@@ -291,6 +320,7 @@ impl Router {
                 commit: commit_tx,
                 directory: Mutex::new(()),
                 threads: Mutex::new(threads),
+                syncer: Mutex::new(syncer),
                 commit_thread: Mutex::new(Some(commit_thread)),
                 outbound_queue: config.limits.outbound_queue,
                 history_page: config.limits.history_page,
@@ -433,12 +463,12 @@ impl Router {
 
     /// Records a user at their first authenticated connection.
     pub async fn ensure_user(&self, user: &str) -> Result<(), RouterError> {
-        let store = self.inner.store.clone();
+        let (store, writer) = (self.inner.store.clone(), self.inner.writer.clone());
         let user = user.to_owned();
         self.inner
             .gate
             .run(move || {
-                store.ensure_user(&user, now_ms())?;
+                store.ensure_user(&*writer, &user, now_ms())?;
                 Ok(())
             })
             .await
@@ -495,7 +525,7 @@ impl Router {
                             Some(id) => id,
                             None => {
                                 self.charge(user, "starting conversations")?;
-                                store.create_direct(user, &peer, now_ms())?
+                                store.create_direct(&*self.inner.writer, user, &peer, now_ms())?
                             }
                         }
                     }
@@ -566,14 +596,14 @@ impl Router {
         up_to: u64,
     ) -> Result<u64, RouterError> {
         self.charge(user, "clearing history")?;
-        let store = self.inner.store.clone();
+        let (store, writer) = (self.inner.store.clone(), self.inner.writer.clone());
         let user = user.to_owned();
         self.inner
             .gate
             .run(move || {
                 member_record(&store, conversation, &user)?;
                 let up_to = up_to.min(store.last_seq(conversation)?);
-                Ok(store.set_cleared(conversation, &user, up_to)?)
+                Ok(store.set_cleared(&*writer, conversation, &user, up_to)?)
             })
             .await
     }
@@ -582,7 +612,12 @@ impl Router {
     /// and `until_delivered` messages older than `max_undelivered`. Returns how many bodies it
     /// removed. Blocking; the server runs it every `retention.sweep_interval`.
     pub fn sweep_blocking(&self, max_undelivered: std::time::Duration) -> Result<u64, RouterError> {
-        retention::sweep(&self.inner.store, now_ms(), max_undelivered)
+        retention::sweep(
+            &self.inner.store,
+            &*self.inner.writer,
+            now_ms(),
+            max_undelivered,
+        )
     }
 
     /// Moves `user`'s delivered and read marks in a conversation forward. Fire and forget:
@@ -827,7 +862,7 @@ impl Router {
                     .directory
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                Ok(store.allocate_conversation()?)
+                Ok(store.allocate_conversation(&*router.inner.writer)?)
             })
             .await?;
         self.change(conversation, creator, device, MemberOp::Create(record))
@@ -962,6 +997,16 @@ impl Router {
             .take();
         if let Some(t) = commit {
             let _ = t.join();
+        }
+        let syncer = self
+            .inner
+            .syncer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some((stop, thread)) = syncer {
+            drop(stop);
+            let _ = thread.join();
         }
         if !self.inner.store.is_poisoned() {
             self.inner.presence.record_all_last_seen();

@@ -71,6 +71,8 @@ pub struct Presence {
     store: Arc<Store>,
     /// Its store calls go through the router's gate.
     gate: super::gate::Gate,
+    /// Last seen is written with the next group commit.
+    writer: Arc<dyn crate::persist::Writer>,
     debounce: Duration,
     next_id: AtomicU64,
 }
@@ -103,11 +105,17 @@ impl Drop for PresenceGuard {
 }
 
 impl Presence {
-    pub(super) fn new(store: Arc<Store>, debounce: Duration, gate: super::gate::Gate) -> Self {
+    pub(super) fn new(
+        store: Arc<Store>,
+        debounce: Duration,
+        gate: super::gate::Gate,
+        writer: Arc<dyn crate::persist::Writer>,
+    ) -> Self {
         Self {
             users: Mutex::new(HashMap::new()),
             store,
             gate,
+            writer,
             debounce,
             next_id: AtomicU64::new(1),
         }
@@ -164,11 +172,11 @@ impl Presence {
             return;
         };
         handle.spawn(async move {
-            let store = presence.store.clone();
+            let (store, writer) = (presence.store.clone(), presence.writer.clone());
             let u = user.clone();
             let stored = presence
                 .gate
-                .run(move || Ok(store.set_last_seen(&u, now)?))
+                .run(move || Ok(store.set_last_seen(&*writer, &u, now)?))
                 .await;
             if stored.is_err() {
                 tracing::warn!(user, "could not store last_seen");
@@ -296,7 +304,8 @@ impl Presence {
             .map(|(u, _)| u.clone())
             .collect();
         for user in online {
-            let _ = self.store.set_last_seen(&user, now);
+            // At shutdown, after the commit thread: each in a batch of its own.
+            let _ = self.store.set_last_seen(&*self.store, &user, now);
         }
     }
 }
@@ -321,10 +330,12 @@ mod tests {
     async fn the_registry_forgets_users_once_they_are_offline_and_the_store_remembers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path(), Durability::Buffered).expect("store"));
+        let writer: Arc<dyn crate::persist::Writer> = store.clone();
         let presence = Arc::new(Presence::new(
             store,
             Duration::from_millis(20),
             crate::router::gate::Gate::new(4),
+            writer,
         ));
         let users: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
         let guards: Vec<_> = users.iter().map(|u| presence.connect(u)).collect();

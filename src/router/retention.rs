@@ -38,6 +38,7 @@ pub(crate) fn expire(msg: Message, retention: Retention, now_ms: u64) -> Message
 /// One pass over the conversations whose policy removes bodies over time.
 pub(super) fn sweep(
     store: &Store,
+    writer: &dyn crate::persist::Writer,
     now_ms: u64,
     max_undelivered: Duration,
 ) -> Result<u64, RouterError> {
@@ -55,7 +56,7 @@ pub(super) fn sweep(
             if page.is_empty() {
                 break;
             }
-            let mut batch = store.batch();
+            let mut tombstones = Vec::new();
             let mut done = true;
             for msg in &page {
                 // Server time only grows with seq (up to clock steps), so the first message
@@ -65,13 +66,19 @@ pub(super) fn sweep(
                     break;
                 }
                 if has_body(msg) {
-                    batch.put_message(&tombstone(msg));
+                    tombstones.push(tombstone(msg));
                     removed += 1;
                 }
                 next = msg.seq + 1;
             }
-            batch.put_watermark(SWEPT, conv, next);
-            batch.commit()?;
+            // With the next group commit, sharing its fsync.
+            let swept = next;
+            writer.write(Box::new(move |batch| {
+                for t in &tombstones {
+                    batch.put_message(t);
+                }
+                batch.put_watermark(SWEPT, conv, swept);
+            }))?;
             if !done || page.len() < 256 {
                 break;
             }

@@ -52,7 +52,7 @@ async fn a_read_error_mid_batch_leaves_no_ack_without_its_write() {
     let router = Router::start(store.clone(), &config).expect("router");
     let users: Vec<String> = (0..8).map(|i| format!("user{i}")).collect();
     for u in &users {
-        store.ensure_user(u, 1).expect("user");
+        store.ensure_user(&*store, u, 1).expect("user");
     }
     let mut convs = Vec::new();
     for pair in users.chunks(2) {
@@ -111,4 +111,38 @@ async fn a_read_error_mid_batch_leaves_no_ack_without_its_write() {
         .await
         .expect("join")
         .ok();
+}
+
+/// A router over a fresh store whose next group commit fails.
+async fn failing_group_commit() -> (tempfile::TempDir, Arc<Store>, Router) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::open(dir.path(), Durability::Buffered).expect("open"));
+    let mut config = Config::default();
+    config.data = dir.path().join("data");
+    let router = Router::start(store.clone(), &config).expect("router");
+    store.ensure_user(&*store, "bob", 1).expect("bob");
+    store.failpoints.arm("group_commit", 0, 1);
+    (dir, store, router)
+}
+
+/// Writes off the hot path ride the commit thread's batch and share its fsync: when that
+/// batch fails, they fail with it (before, each committed and fsynced a batch of its own,
+/// under the journal lock the group commit waits for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn side_writes_share_the_group_commit() {
+    let (_dir, store, router) = failing_group_commit().await;
+    assert!(router.ensure_user("newcomer").await.is_err());
+    assert!(!store.user_exists("newcomer").expect("read"), "not written");
+    assert_eq!(store.failpoints.fired("group_commit"), 1);
+
+    let (_dir, store, router) = failing_group_commit().await;
+    store.ensure_user(&*store, "alice", 1).expect("alice");
+    assert!(
+        router
+            .open("alice", Target::Direct("bob".into()), true)
+            .await
+            .is_err()
+    );
+    assert_eq!(store.direct_between("alice", "bob").expect("read"), None);
+    assert_eq!(store.failpoints.fired("group_commit"), 1);
 }
