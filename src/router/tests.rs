@@ -117,8 +117,10 @@ async fn a_read_error_mid_batch_leaves_no_ack_without_its_write() {
 async fn failing_group_commit() -> (tempfile::TempDir, Arc<Store>, Router) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(Store::open(dir.path(), Durability::Buffered).expect("open"));
-    let mut config = Config::default();
-    config.data = dir.path().join("data");
+    let config = Config {
+        data: dir.path().join("data"),
+        ..Config::default()
+    };
     let router = Router::start(store.clone(), &config).expect("router");
     store.ensure_user(&*store, "bob", 1).expect("bob");
     store.failpoints.arm("group_commit", 0, 1);
