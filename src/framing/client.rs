@@ -391,15 +391,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "prints the vectors, for PROTOCOL.md"]
-    fn print_vectors() {
-        for (frame, _) in all() {
-            let bytes = codec::encode_to_vec(&frame, 1 << 16).expect("encode");
-            println!("{frame:?}\n  {}", hex(&bytes));
-        }
-    }
-
-    #[test]
     fn every_frame_round_trips() {
         for (frame, _) in all() {
             let bytes = codec::encode_to_vec(&frame, 1 << 16).expect("encode");
