@@ -377,8 +377,21 @@ impl Notifier {
                         pusher = pusher.key(),
                         "push key rejected: removing the pusher"
                     );
-                    if let Err(e) = self.unregister(user, pusher.key()) {
-                        warn!(error = %e, "could not remove a rejected pusher");
+                    // On a blocking thread: the removal waits for a group commit.
+                    let (store, writer) = (self.store.clone(), self.writer.clone());
+                    let (u, key) = (user.to_owned(), pusher.key().to_owned());
+                    let removed = self
+                        .blocking(move || {
+                            store.remove_pusher(&*writer, &u, &key)?;
+                            store.pushers_of(&u).map(|left| left.is_empty())
+                        })
+                        .await;
+                    match removed {
+                        Some(Ok(true)) => {
+                            write(&self.with_pushers).remove(user);
+                        }
+                        Some(Ok(false)) => {}
+                        _ => warn!(user, "could not remove a rejected pusher"),
                     }
                     return;
                 }
