@@ -237,6 +237,25 @@ async fn a_failing_gateway_is_retried_and_a_rejected_key_is_removed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(gone, "the rejected key was removed");
+    // And the notification is done with: nothing stays pending to be sent again.
+    let store = server.router.store().clone();
+    let mut settled = false;
+    for _ in 0..50 {
+        let s = store.clone();
+        let left = tokio::task::spawn_blocking(move || s.pending_pushes())
+            .await
+            .expect("join")
+            .expect("read");
+        if left.is_empty() {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        settled,
+        "the notification to the rejected key stays pending"
+    );
     bob.close().await;
     drop(conv);
     server.stop().await;
