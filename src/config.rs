@@ -252,9 +252,11 @@ pub struct Limits {
     pub sends_per_second: u32,
     /// Store writes a user's requests may cause per second, with bursts of twice that: a
     /// message costs its fan-out (a log entry per member, plus three), a receipt one per
-    /// member told, a membership change likewise. 10,000: 2,000 direct messages a second,
-    /// or 10 a second to a group of 1,000, so one sender to a large group cannot take the
-    /// commit thread from everyone else (`plover bench flood`, kind `group`).
+    /// member told, a membership change likewise. 2,000: more than the send limit allows in
+    /// direct messages (five writes each), 57 messages a second to a group of 32, two to a
+    /// group of 1,000 (bursts of twice that). Measured with `plover bench flood --flood-kinds
+    /// group` (a sender to 500 members beside 100 users at 1,000 msgs/s): others' p99 went
+    /// 2.5-3.3x the quiet run's with 10,000, 1.4-1.9x with 2,000.
     pub writes_per_second: u32,
     /// Frames one connection may send per second, with bursts of twice that; a `History`,
     /// `ListConversations` or `Members` request counts for the work it asks (1 + limit/10,
@@ -285,7 +287,7 @@ impl Default for Limits {
             inflight_sends: 256,
             history_page: 500,
             sends_per_second: 200,
-            writes_per_second: 10_000,
+            writes_per_second: 2_000,
             frames_per_second: 1_000,
             max_group: 1024,
             receipt_fanout: 32,
