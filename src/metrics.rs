@@ -43,7 +43,8 @@ pub mod names {
     pub const CACHED_MEMBERS: &str = "plover_cached_members";
     /// Gauge: users' log heads held in memory (`store.cached_logs`).
     pub const CACHED_LOG_HEADS: &str = "plover_cached_log_heads";
-    /// Counter: entries dropped from a bounded cache, by `cache` (conversations, log_heads),
+    /// Counter: entries dropped from a bounded cache, by `cache` (conversations, log_heads,
+    /// device_cursors),
     /// to be read from the store again when next used. A steady rate means the cache is
     /// smaller than the working set.
     pub const CACHE_DROPS: &str = "plover_cache_drops_total";

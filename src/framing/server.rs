@@ -363,19 +363,7 @@ mod tests {
                 "0b 0e 09 01 02 63 79 00 03 04 03 01",
             ),
             (
-                ServerFrame::Event {
-                    log: 7,
-                    event: Event::Message(Message {
-                        conversation: 9,
-                        seq: 3,
-                        from: "al".into(),
-                        device: "d".into(),
-                        ts: 1,
-                        id: ClientMsgId([0; 16]),
-                        body: Bytes::new(),
-                        change: Some(ConversationChange::Added { user: "cy".into() }),
-                    }),
-                },
+                change(ConversationChange::Added { user: "cy".into() }),
                 "21 08 07 00 09 03 02 61 6c 01 64 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 01 02 63 79",
             ),
             (

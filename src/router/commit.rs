@@ -6,7 +6,6 @@
 //! writer of the sync logs, it assigns each user's log positions in commit order, so a log never
 //! has a hole and never reuses a position, whichever shard sequenced the message.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvError, SyncSender};
 use tokio::sync::oneshot;
@@ -173,7 +172,10 @@ impl CommitThread {
     pub(super) fn run(self) {
         // Each user's last log position, read from the store on first use. Dropped only
         // between batches, when every head held has been written.
-        let mut heads: Generations<String, u64> = Generations::new(self.cached_logs, |_| 1);
+        let mut held = Held {
+            heads: Generations::new(self.cached_logs, |_| 1),
+            cursors: Generations::new(self.cached_logs, |_| 1),
+        };
         let mut items = Vec::with_capacity(self.max_batch);
         loop {
             let mut work = match self.rx.recv() {
@@ -196,21 +198,27 @@ impl CommitThread {
                     Err(_) => break,
                 }
             }
-            let stop = self.commit(&mut items, &mut heads);
+            let stop = self.commit(&mut items, &mut held);
             if stop {
                 return;
             }
-            let dropped = heads.make_room(|_| false);
+            let dropped = held.heads.make_room(|_| false);
             if dropped > 0 {
                 metrics::counter!(names::CACHE_DROPS, "cache" => "log_heads")
                     .increment(dropped as u64);
             }
-            metrics::gauge!(names::CACHED_LOG_HEADS).set(heads.len() as f64);
+            let dropped = held.cursors.make_room(|_| false);
+            if dropped > 0 {
+                metrics::counter!(names::CACHE_DROPS, "cache" => "device_cursors")
+                    .increment(dropped as u64);
+            }
+            metrics::gauge!(names::CACHED_LOG_HEADS).set(held.heads.len() as f64);
         }
     }
 
     /// Commits one batch; returns whether a `Stop` was in it.
-    fn commit(&self, items: &mut Vec<CommitItem>, heads: &mut Generations<String, u64>) -> bool {
+    fn commit(&self, items: &mut Vec<CommitItem>, held: &mut Held) -> bool {
+        let heads = &mut held.heads;
         let mut batch = self.store.batch();
         let started = std::time::Instant::now();
         metrics::histogram!(names::COMMIT_BATCH).record(items.len() as f64);
@@ -237,8 +245,6 @@ impl CommitThread {
         let mut failed: Option<RouterError> = None;
         // The side writes' answers, given once the batch is durable (or failed).
         let mut sides: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::new();
-        // Cursors this batch writes, so that two acks of a device in one batch compare too.
-        let mut cursors: HashMap<(String, String), u64> = HashMap::new();
 
         for item in items.drain(..) {
             match item {
@@ -387,8 +393,14 @@ impl CommitThread {
                     user,
                     device,
                     cursor,
-                } => match forward_cursor(&self.store, heads, &mut cursors, &user, &device, cursor)
-                {
+                } => match forward_cursor(
+                    &self.store,
+                    heads,
+                    &mut held.cursors,
+                    &user,
+                    &device,
+                    cursor,
+                ) {
                     Ok(Some(cursor)) => batch.put_cursor(&user, &device, cursor),
                     Ok(None) => {}
                     // A cursor is advisory (the device's next ack carries a later one): a
@@ -468,8 +480,10 @@ impl CommitThread {
             }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed: nothing in it was acknowledged");
-                // The cached heads counted positions that were never written.
-                heads.clear();
+                // The cached heads counted positions that were never written, and the
+                // cached cursors may hold ones that were never stored.
+                held.heads.clear();
+                held.cursors.clear();
                 for (reply, _) in replies {
                     let _ = reply.send(Err(RouterError::Unavailable));
                 }
@@ -509,6 +523,14 @@ fn append(
     Ok(positions)
 }
 
+/// What the commit thread holds between batches, each a bounded cache that the store can
+/// rebuild: users' log heads, and devices' stored cursors. This thread is the only writer of
+/// both, so a held value is exact, and a device's repeated acks cost no store read.
+struct Held {
+    heads: Generations<String, u64>,
+    cursors: Generations<(String, String), u64>,
+}
+
 /// The cursor to store for a device's `Ack`: never past the user's log head (a device cannot
 /// have what the log does not hold yet, and a cursor above the head would hide every later
 /// event from a `Sync` without a cursor), and never behind what the device acknowledged
@@ -517,7 +539,7 @@ fn append(
 fn forward_cursor(
     store: &Store,
     heads: &mut Generations<String, u64>,
-    written: &mut HashMap<(String, String), u64>,
+    cursors: &mut Generations<(String, String), u64>,
     user: &str,
     device: &str,
     cursor: u64,
@@ -527,7 +549,7 @@ fn forward_cursor(
         None => *heads.insert(user.to_owned(), store.log_head(user)?),
     };
     let key = (user.to_owned(), device.to_owned());
-    let before = match written.get(&key) {
+    let before = match cursors.get_mut(&key) {
         Some(c) => Some(*c),
         None => store.device_cursor(user, device)?,
     };
@@ -535,7 +557,7 @@ fn forward_cursor(
     if before.is_some_and(|b| cursor <= b) {
         return Ok(None);
     }
-    written.insert(key, cursor);
+    cursors.insert(key, cursor);
     Ok(Some(cursor))
 }
 
