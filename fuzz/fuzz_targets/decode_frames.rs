@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use plover::framing::{ClientDatagram, ClientFrame, FrameError, ServerDatagram, ServerFrame, codec};
+use plover_proto::{ClientDatagram, ClientFrame, FrameError, ServerDatagram, ServerFrame, codec};
 
 const MAX: u32 = 64 * 1024;
 

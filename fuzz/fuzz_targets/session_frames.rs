@@ -1,7 +1,7 @@
 //! Arbitrary frame sequences fed to a server session: the same request code as a connection's
 //! control and conversation streams, over a real router and store (no network). Each input is
 //! a user byte, then records of a stream selector byte and one length-prefixed frame; see
-//! `plover::transport::fuzzing`. The harness panics when an answer breaks an invariant: an
+//! `plover_server::transport::fuzzing`. The harness panics when an answer breaks an invariant: an
 //! internal error, a retried id with a new seq, two ids with one seq, a log going backwards.
 //!
 //! The harness keeps its store between inputs (as a server does), so run with
@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use plover::transport::fuzzing::Harness;
+use plover_server::transport::fuzzing::Harness;
 use std::sync::{LazyLock, Mutex};
 
 // A static, never dropped: the router's threads outlive the fuzzer's last input.

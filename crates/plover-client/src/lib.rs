@@ -1,0 +1,281 @@
+//! The client SDK that the CLI, the tests and the load generator use.
+//!
+//! - [`Connection`]: one authenticated connection; open conversation streams, list
+//!   conversations, ping.
+//! - [`Conversation`]: send (with an id of your choosing for retries) and read history.
+//! - [`EventStream`]: the device's events after its cursor, across reconnects, each once.
+//! - [`Client`]: sends that survive a lost connection by retrying with the same id.
+
+mod connection;
+mod endpoint;
+mod events;
+
+pub use connection::{Ack, Connection, ControlPush, Conversation, Welcome};
+pub use endpoint::endpoint;
+pub use events::{
+    CURSOR_ACK_INTERVAL, CursorTracker, DELIVERED_DELAY, DELIVERED_MAX_DELAY, EventStream,
+    Incoming, LogEvent, TYPING_REPEAT, TYPING_TTL,
+};
+
+use bytes::Bytes;
+use rustls_pki_types::CertificateDer;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use plover_proto::{ClientMsgId, ErrorCode, Target};
+
+/// Errors of the client.
+///
+/// Cloneable, so that one failure can answer every request waiting on a connection: sources
+/// that are not `Clone` are kept behind an `Arc`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server refused: an `Error` frame, a failed send, or a close with an error code.
+    #[error("{message} ({code})")]
+    Refused {
+        /// The server's code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server's address could not be resolved.
+    #[error("cannot resolve {server}: {source}")]
+    Resolve {
+        /// The address as given.
+        server: String,
+        /// Why.
+        source: Arc<std::io::Error>,
+    },
+    /// No UDP socket could be opened for the endpoint.
+    #[error("cannot open a UDP socket: {0}")]
+    Bind(#[source] Arc<std::io::Error>),
+    /// The connection could not be started (a bad server name, an endpoint closed).
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection was lost, or the handshake failed.
+    #[error("connection lost: {0}")]
+    Lost(#[source] quinn::ConnectionError),
+    /// A stream failed while the connection stayed up.
+    #[error("stream failed: {0}")]
+    Stream(#[source] Arc<plover_quic::StreamError>),
+    /// The server ended a stream this request was waiting on.
+    #[error("the server closed the {0}")]
+    Closed(&'static str),
+    /// A datagram (a typing indicator) could not be sent.
+    #[error("datagram: {0}")]
+    Datagram(#[from] quinn::SendDatagramError),
+    /// A frame could not be encoded.
+    #[error("cannot encode a frame: {0}")]
+    Encode(#[from] postcard::Error),
+    /// The server sent something this client does not expect.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// No answer in time.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    /// The certificates to trust could not be read, or TLS refused its settings.
+    #[error("{0}")]
+    Tls(#[source] Arc<plover_quic::TlsError>),
+    /// The TLS settings have no cipher suite QUIC can use for its initial packets.
+    #[error("TLS for QUIC: {0}")]
+    QuicTls(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+impl ClientError {
+    /// Whether trying again (after reconnecting) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Refused { code, .. } => {
+                matches!(*code, ErrorCode::SHUTDOWN | ErrorCode::UNAVAILABLE)
+            }
+            Self::Resolve { .. }
+            | Self::Bind(_)
+            | Self::Lost(_)
+            | Self::Stream(_)
+            | Self::Closed(_)
+            | Self::Datagram(_)
+            | Self::Timeout(_) => true,
+            Self::Connect(_)
+            | Self::Encode(_)
+            | Self::Protocol(_)
+            | Self::Tls(_)
+            | Self::QuicTls(_) => false,
+        }
+    }
+
+    /// The server's code, when the server refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(close) => Self::Refused {
+                code: ErrorCode(u16::try_from(close.error_code.into_inner()).unwrap_or(u16::MAX)),
+                message: String::from_utf8_lossy(&close.reason).into_owned(),
+            },
+            other => Self::Lost(other),
+        }
+    }
+}
+
+impl From<plover_quic::TlsError> for ClientError {
+    fn from(e: plover_quic::TlsError) -> Self {
+        Self::Tls(Arc::new(e))
+    }
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the server.
+    pub server: String,
+    /// Name to verify the server's certificate against; defaults to the host of `server`.
+    pub server_name: Option<String>,
+    /// Certificates to trust.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The bearer token.
+    pub token: String,
+    /// This device's name.
+    pub device: String,
+    /// QUIC keep-alive interval (the heartbeat).
+    pub keep_alive: Duration,
+    /// How long connecting and authenticating may take.
+    pub connect_timeout: Duration,
+    /// An endpoint (UDP socket) to share between connections, as a load generator does;
+    /// `None` gives each connection its own.
+    pub endpoint: Option<quinn::Endpoint>,
+}
+
+impl ClientConfig {
+    /// A config trusting the PEM certificate(s) in `ca`.
+    pub fn new(
+        server: impl Into<String>,
+        ca: &Path,
+        token: impl Into<String>,
+        device: impl Into<String>,
+    ) -> Result<Self, ClientError> {
+        let roots = plover_quic::tls::load_certs(ca)?;
+        Ok(Self::with_roots(server, roots, token, device))
+    }
+
+    /// A config trusting the given certificates.
+    pub fn with_roots(
+        server: impl Into<String>,
+        roots: Vec<CertificateDer<'static>>,
+        token: impl Into<String>,
+        device: impl Into<String>,
+    ) -> Self {
+        Self {
+            server: server.into(),
+            server_name: None,
+            roots,
+            token: token.into(),
+            device: device.into(),
+            keep_alive: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            endpoint: None,
+        }
+    }
+
+    fn server_name(&self) -> String {
+        if let Some(name) = &self.server_name {
+            return name.clone();
+        }
+        let host = match self.server.rsplit_once(':') {
+            Some((host, _port)) => host,
+            None => self.server.as_str(),
+        };
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned()
+    }
+}
+
+/// A client that reconnects and retries sends with the same id, so a message is stored once
+/// even when an ack was lost with the connection.
+pub struct Client {
+    config: ClientConfig,
+    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// How many times a send is tried before giving up.
+    pub attempts: u32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.config.server)
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client that connects on first use.
+    pub fn new(config: ClientConfig) -> Self {
+        Self {
+            config,
+            conn: tokio::sync::Mutex::new(None),
+            attempts: 5,
+        }
+    }
+
+    /// The current connection, connecting if needed.
+    pub async fn connection(&self) -> Result<Arc<Connection>, ClientError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref()
+            && conn.quic().close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
+        let conn = Arc::new(Connection::connect(&self.config).await?);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn drop_connection(&self) {
+        self.conn.lock().await.take();
+    }
+
+    /// Sends `body` to `target` and waits until it is durable, reconnecting and retrying with
+    /// the same message id on connection failures.
+    pub async fn send(&self, target: Target, body: Bytes) -> Result<Ack, ClientError> {
+        let id = ClientMsgId::random();
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = async {
+                let conn = self.connection().await?;
+                let conv = conn.open(target.clone(), true).await?;
+                conv.send_with_id(id, body.clone()).await
+            }
+            .await;
+            match result {
+                Ok(ack) => return Ok(ack),
+                Err(e) if e.is_retryable() && attempt < self.attempts => {
+                    tracing::debug!(error = %e, attempt, "send failed; retrying with the same id");
+                    self.drop_connection().await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Closes the connection, if any.
+    pub async fn close(&self) {
+        if let Some(conn) = self.conn.lock().await.take()
+            && let Ok(conn) = Arc::try_unwrap(conn)
+        {
+            conn.close().await;
+        }
+    }
+}

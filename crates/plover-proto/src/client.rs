@@ -1,0 +1,427 @@
+//! Frames a client sends.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::types::{ClientMsgId, Pusher, Retention, Target};
+
+/// Every frame a client may send, on any stream.
+///
+/// The control stream takes `Hello` first, then `Ping`, `Sync`, `Ack` and `ListConversations`.
+/// A conversation stream takes `Open` first, then `Send` and `History`. Anything else is answered
+/// with an `Error` (code `UNEXPECTED_FRAME`). Variant order is the wire format: append, never
+/// reorder (the pinned vectors below fail if you do).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// Opens the session: protocol version, bearer token, and this device's name.
+    Hello {
+        /// [`super::PROTOCOL_VERSION`] of the client.
+        version: u16,
+        /// A JWT minted by `plover token`.
+        token: String,
+        /// The device's stable name (1 to 64 characters of `[A-Za-z0-9._-]`).
+        device: String,
+    },
+    /// Liveness probe; answered with `Pong` carrying the same nonce.
+    Ping {
+        /// Any value; echoed back.
+        nonce: u64,
+    },
+    /// Starts event delivery after the given position of the user's sync log.
+    Sync {
+        /// The last position this device has; `None` uses the position the server last saw
+        /// this device acknowledge.
+        cursor: Option<u64>,
+    },
+    /// The device has every event up to and including `cursor`.
+    Ack {
+        /// A position of the user's sync log.
+        cursor: u64,
+    },
+    /// Asks for a page of the caller's conversations, by id.
+    ListConversations {
+        /// Echoed in the answer.
+        request: u32,
+        /// Only conversations with a larger id (0: from the start).
+        after: u64,
+        /// At most this many (capped at 100).
+        limit: u32,
+    },
+    /// First frame of a conversation stream.
+    Open {
+        /// Which conversation.
+        target: Target,
+        /// Whether a direct conversation that does not exist yet may be created.
+        create: bool,
+    },
+    /// Sends a message in the stream's conversation.
+    Send {
+        /// The client's id; a retry with the same id gets the original answer.
+        id: ClientMsgId,
+        /// The opaque payload.
+        body: Bytes,
+    },
+    /// Asks for a page of the stream's conversation, oldest first.
+    History {
+        /// Echoed in the answer.
+        request: u32,
+        /// Only messages with `seq < before`.
+        before: Option<u64>,
+        /// Only messages with `seq > after`.
+        after: Option<u64>,
+        /// At most this many (capped by the server's limit).
+        limit: u32,
+    },
+    /// Every message up to `up_to` reached this device (the SDK sends it on receipt). On a
+    /// conversation or delivery stream.
+    Delivered {
+        /// A sequence number of the stream's conversation.
+        up_to: u64,
+    },
+    /// The user has read every message up to `up_to`. On a conversation or delivery stream.
+    Read {
+        /// A sequence number of the stream's conversation.
+        up_to: u64,
+    },
+    /// Asks whether `user` is online, or when they were last seen.
+    Presence {
+        /// Echoed in the answer.
+        request: u32,
+        /// Whom to ask about; refused unless the two share a conversation.
+        user: String,
+    },
+    /// Creates a group with the caller as its first admin. On the control stream.
+    CreateGroup {
+        /// Echoed in the answer.
+        request: u32,
+        /// The group's title (1 to 200 bytes).
+        title: String,
+        /// The other members (users who have connected at least once).
+        members: Vec<String>,
+        /// How long message bodies stay on the server.
+        retention: Retention,
+    },
+    /// Adds a member (admins only). On the group's conversation stream.
+    AddMember {
+        /// Echoed in the answer.
+        request: u32,
+        /// Who.
+        user: String,
+    },
+    /// Removes a member (admins only). On the group's conversation stream.
+    RemoveMember {
+        /// Echoed in the answer.
+        request: u32,
+        /// Who.
+        user: String,
+    },
+    /// Leaves the group. On the group's conversation stream.
+    Leave {
+        /// Echoed in the answer.
+        request: u32,
+    },
+    /// Makes a member an admin (admins only). On the group's conversation stream.
+    Promote {
+        /// Echoed in the answer.
+        request: u32,
+        /// Who.
+        user: String,
+    },
+    /// Asks for a page of the stream's conversation's members, with roles and marks.
+    Members {
+        /// Echoed in the answer.
+        request: u32,
+        /// Only members whose name sorts after this ("" from the start).
+        after: String,
+        /// At most this many (capped at 200).
+        limit: u32,
+    },
+    /// Deletes one of the caller's own messages for everyone. On a conversation stream.
+    Delete {
+        /// Echoed in the answer.
+        request: u32,
+        /// The message.
+        seq: u64,
+    },
+    /// Hides the conversation's history up to `up_to` from the caller only. On a conversation
+    /// stream.
+    ClearHistory {
+        /// Echoed in the answer.
+        request: u32,
+        /// The last seq to hide.
+        up_to: u64,
+    },
+    /// Sets the retention policy (either member of a direct conversation; a group's admins).
+    SetRetention {
+        /// Echoed in the answer.
+        request: u32,
+        /// The new policy.
+        policy: Retention,
+    },
+    /// Registers where this device's notifications go (replacing one with the same key).
+    /// On the control stream; answered with `Done`.
+    RegisterPusher {
+        /// Echoed in the answer.
+        request: u32,
+        /// Where.
+        pusher: Pusher,
+    },
+    /// Removes a pusher by its key (push key or endpoint). On the control stream; `Done`.
+    UnregisterPusher {
+        /// Echoed in the answer.
+        request: u32,
+        /// The push key or endpoint.
+        key: String,
+    },
+    /// Lists the user's pushers. On the control stream; answered with `Pushers`.
+    ListPushers {
+        /// Echoed in the answer.
+        request: u32,
+    },
+    /// Opts a conversation in or out of message bodies in notifications (off by default:
+    /// bodies may be end-to-end encrypted). On the control stream; `Done`.
+    PushContent {
+        /// Echoed in the answer.
+        request: u32,
+        /// The conversation.
+        conversation: u64,
+        /// Whether notifications carry the body.
+        include: bool,
+    },
+}
+
+impl ClientFrame {
+    /// The variant's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "Hello",
+            Self::Ping { .. } => "Ping",
+            Self::Sync { .. } => "Sync",
+            Self::Ack { .. } => "Ack",
+            Self::ListConversations { .. } => "ListConversations",
+            Self::Open { .. } => "Open",
+            Self::Send { .. } => "Send",
+            Self::History { .. } => "History",
+            Self::Delivered { .. } => "Delivered",
+            Self::Read { .. } => "Read",
+            Self::Presence { .. } => "Presence",
+            Self::CreateGroup { .. } => "CreateGroup",
+            Self::AddMember { .. } => "AddMember",
+            Self::RemoveMember { .. } => "RemoveMember",
+            Self::Leave { .. } => "Leave",
+            Self::Promote { .. } => "Promote",
+            Self::Members { .. } => "Members",
+            Self::Delete { .. } => "Delete",
+            Self::ClearHistory { .. } => "ClearHistory",
+            Self::SetRetention { .. } => "SetRetention",
+            Self::RegisterPusher { .. } => "RegisterPusher",
+            Self::UnregisterPusher { .. } => "UnregisterPusher",
+            Self::ListPushers { .. } => "ListPushers",
+            Self::PushContent { .. } => "PushContent",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{codec, tests::hex};
+
+    fn all() -> Vec<(ClientFrame, &'static str)> {
+        vec![
+            (
+                ClientFrame::Hello {
+                    version: 2,
+                    token: "t.k.n".into(),
+                    device: "cli".into(),
+                },
+                "0c 00 02 05 74 2e 6b 2e 6e 03 63 6c 69",
+            ),
+            (ClientFrame::Ping { nonce: 300 }, "03 01 ac 02"),
+            (ClientFrame::Sync { cursor: Some(5) }, "03 02 01 05"),
+            (ClientFrame::Sync { cursor: None }, "02 02 00"),
+            (ClientFrame::Ack { cursor: 42 }, "02 03 2a"),
+            (
+                ClientFrame::ListConversations {
+                    request: 1,
+                    after: 0,
+                    limit: 100,
+                },
+                "04 04 01 00 64",
+            ),
+            (
+                ClientFrame::Open {
+                    target: Target::Direct("bob".into()),
+                    create: true,
+                },
+                "07 05 01 03 62 6f 62 01",
+            ),
+            (
+                ClientFrame::Open {
+                    target: Target::Conversation(7),
+                    create: false,
+                },
+                "04 05 00 07 00",
+            ),
+            (
+                ClientFrame::Send {
+                    id: ClientMsgId([0xab; 16]),
+                    body: Bytes::from_static(b"hi"),
+                },
+                "14 06 ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab 02 68 69",
+            ),
+            (
+                ClientFrame::History {
+                    request: 2,
+                    before: Some(10),
+                    after: None,
+                    limit: 50,
+                },
+                "06 07 02 01 0a 00 32",
+            ),
+            (ClientFrame::Delivered { up_to: 7 }, "02 08 07"),
+            (ClientFrame::Read { up_to: 300 }, "03 09 ac 02"),
+            (
+                ClientFrame::Presence {
+                    request: 3,
+                    user: "bob".into(),
+                },
+                "06 0a 03 03 62 6f 62",
+            ),
+            (
+                ClientFrame::CreateGroup {
+                    request: 4,
+                    title: "t".into(),
+                    members: vec!["bo".into(), "cy".into()],
+                    retention: Retention::Ttl(600),
+                },
+                "0e 0b 04 01 74 02 02 62 6f 02 63 79 02 d8 04",
+            ),
+            (
+                ClientFrame::AddMember {
+                    request: 5,
+                    user: "cy".into(),
+                },
+                "05 0c 05 02 63 79",
+            ),
+            (
+                ClientFrame::RemoveMember {
+                    request: 6,
+                    user: "cy".into(),
+                },
+                "05 0d 06 02 63 79",
+            ),
+            (ClientFrame::Leave { request: 7 }, "02 0e 07"),
+            (
+                ClientFrame::Promote {
+                    request: 8,
+                    user: "bo".into(),
+                },
+                "05 0f 08 02 62 6f",
+            ),
+            (
+                ClientFrame::Members {
+                    request: 9,
+                    after: "bo".into(),
+                    limit: 200,
+                },
+                "07 10 09 02 62 6f c8 01",
+            ),
+            (ClientFrame::Delete { request: 1, seq: 4 }, "03 11 01 04"),
+            (
+                ClientFrame::ClearHistory {
+                    request: 2,
+                    up_to: 9,
+                },
+                "03 12 02 09",
+            ),
+            (
+                ClientFrame::SetRetention {
+                    request: 3,
+                    policy: Retention::UntilDelivered,
+                },
+                "03 13 03 01",
+            ),
+            (
+                ClientFrame::RegisterPusher {
+                    request: 1,
+                    pusher: Pusher::Gateway {
+                        url: "u".into(),
+                        app_id: "a".into(),
+                        pushkey: "k".into(),
+                    },
+                },
+                "09 14 01 00 01 75 01 61 01 6b",
+            ),
+            (
+                ClientFrame::UnregisterPusher {
+                    request: 2,
+                    key: "k".into(),
+                },
+                "04 15 02 01 6b",
+            ),
+            (ClientFrame::ListPushers { request: 3 }, "02 16 03"),
+            (
+                ClientFrame::PushContent {
+                    request: 4,
+                    conversation: 7,
+                    include: true,
+                },
+                "04 17 04 07 01",
+            ),
+            (
+                ClientFrame::RegisterPusher {
+                    request: 5,
+                    pusher: Pusher::WebPush {
+                        endpoint: "e".into(),
+                        p256dh: Some("p".into()),
+                        auth: Some("a".into()),
+                    },
+                },
+                "0b 14 05 01 01 65 01 01 70 01 01 61",
+            ),
+            (
+                ClientFrame::SetRetention {
+                    request: 6,
+                    policy: Retention::Keep,
+                },
+                "03 13 06 00",
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for (frame, _) in all() {
+            let bytes = codec::encode_to_vec(&frame, 1 << 16).expect("encode");
+            let mut src = bytes::BytesMut::from(&bytes[..]);
+            let back: ClientFrame = codec::decode(&mut src, 1 << 16).expect("decode");
+            assert_eq!(back, frame);
+            assert!(src.is_empty());
+        }
+    }
+
+    #[test]
+    fn datagram_pinned_bytes() {
+        let d = crate::ClientDatagram::Typing { conversation: 7 };
+        let bytes = postcard::to_stdvec(&d).expect("encode");
+        assert_eq!(hex(&bytes), "00 07");
+        assert!(include_str!("../../../PROTOCOL.md").contains("`00 07`"));
+        let back: crate::ClientDatagram = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn pinned_byte_vectors() {
+        // These are the bytes PROTOCOL.md shows. If this fails, the wire format changed:
+        // bump the protocol version or undo the change.
+        for (frame, expected) in all() {
+            let bytes = codec::encode_to_vec(&frame, 1 << 16).expect("encode");
+            assert_eq!(hex(&bytes), expected, "{frame:?}");
+            assert!(
+                include_str!("../../../PROTOCOL.md").contains(expected),
+                "PROTOCOL.md lacks the example for {frame:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! The server's one typed configuration.
+//!
+//! Read from a TOML file (`plover serve --config FILE`) with unknown keys refused, then
+//! overridden by command-line flags. Every default below says why it is what it is;
+//! `plover.example.toml` at the repository root lists every key.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of its allowed range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// When a message counts as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The ack waits for an fsync of the batch holding the message (group commit). The default:
+    /// "sent" must survive a power cut.
+    #[default]
+    Sync,
+    /// The ack waits only for the OS page cache. Survives a process crash; a power cut loses
+    /// at most the last `store.buffered_sync` (100 ms) of acknowledged writes, since a
+    /// thread of the router syncs the journal that often. For benchmarks and test rigs.
+    Buffered,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// UDP address to listen on. Loopback by default: exposing a server is a deliberate act.
+    pub listen: SocketAddr,
+    /// Directory of the store and the token secret.
+    pub data: PathBuf,
+    /// Directory where the dev certificate is generated when `tls` names none.
+    pub certs: PathBuf,
+    /// This server's id, sent in `Welcome`. Defaults to the host name.
+    pub server_id: Option<String>,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Protocol and resource limits.
+    pub limits: Limits,
+    /// QUIC transport settings.
+    pub transport: TransportSettings,
+    /// The store.
+    pub store: StoreConfig,
+    /// Presence and typing.
+    pub presence: PresenceConfig,
+    /// Retention sweeps.
+    pub retention: RetentionConfig,
+    /// Push notifications.
+    pub push: PushConfig,
+    /// Metrics and health endpoints.
+    pub metrics: MetricsConfig,
+}
+
+/// Metrics and health endpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// TCP address for `/metrics`, `/healthz` and `/readyz` over plain HTTP. Off by default;
+    /// keep it on loopback or a private network: it is not authenticated.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Push notifications.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// How long a burst of messages to an offline user is gathered into one notification. A
+    /// second: long enough for a typed burst, short enough to feel immediate.
+    #[serde(with = "humantime_serde")]
+    pub coalesce: Duration,
+    /// One HTTP request's time limit: a slow gateway costs a delivery slot this long at most.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per notification and pusher before giving up.
+    pub retries: u32,
+    /// The first retry's delay, doubled at each further attempt.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// HTTP requests to gateways in flight at once; the rest wait their turn. At most 4 of
+    /// them go to one host, so a dead gateway cannot take them all.
+    pub concurrency: usize,
+    /// Offers queued between the commit thread and the notifier before new ones are dropped.
+    pub queue: usize,
+    /// Lets pushers post over plain http and to loopback, private, link-local and
+    /// unique-local addresses. Off: a user's pusher could otherwise make the server probe
+    /// its own network. On only for development and tests with local receivers.
+    pub allow_private_targets: bool,
+    /// Pushers one user may register; a new one past it is refused with `limit`. Ten: a
+    /// person's devices and apps, while stale registrations cannot pile up (one message
+    /// once caused 350 requests).
+    pub max_pushers: usize,
+    /// The contact Web Push services see in the server's VAPID tokens (RFC 8292: `mailto:`
+    /// or `https:`), so that they can reach the operator about its traffic. Set it to a
+    /// real address in production.
+    pub vapid_subject: String,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            coalesce: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            retries: 5,
+            retry_base: Duration::from_secs(1),
+            concurrency: 16,
+            queue: 10_000,
+            allow_private_targets: false,
+            max_pushers: 10,
+            vapid_subject: "mailto:postmaster@localhost".into(),
+        }
+    }
+}
+
+/// Retention sweeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// How often expired bodies are removed from the store. Reads never serve an expired body
+    /// whatever this is; it only bounds how long one stays on disk. A minute keeps the sweep's
+    /// cost negligible.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Under `until_delivered`, how long a body waits for a member who never comes back.
+    #[serde(with = "humantime_serde")]
+    pub max_undelivered: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            sweep_interval: Duration::from_secs(60),
+            max_undelivered: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Presence and typing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// How long a user must stay gone before peers are told: a phone switching networks
+    /// reconnects within a second or two and should not flicker offline.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+    /// Typing indicators a connection may send per second; more are dropped. Clients repeat
+    /// the indicator every few seconds, so a handful a second is already generous.
+    pub typing_per_second: u32,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_secs(2),
+            typing_per_second: 5,
+        }
+    }
+}
+
+/// TLS material.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. With `key`; when both are unset a self-signed dev certificate in
+    /// `certs` is used (generated on first start).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+/// Token verification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The HS256 secret. Unset: a random secret is generated into `<data>/secret.key` on first
+    /// start and kept there, which is what `plover token` reads.
+    pub secret: Option<String>,
+    /// How long a new connection has to complete the handshake and send `Hello`. Five seconds
+    /// is plenty for a phone on a bad network and short enough that idle sockets cost little.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Protocol and resource limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame body either side may send. 64 KiB holds any chat message with room to
+    /// spare while keeping a hostile frame cheap to refuse.
+    pub max_frame: u32,
+    /// Largest message body. Leaves room under `max_frame` for the frame's other fields.
+    pub max_body: u32,
+    /// Concurrent connections. Each idle connection costs tens of KB (see FACTS.md).
+    pub max_connections: usize,
+    /// Connections one user may hold at once, one per device (a device's new connection
+    /// replaces its old one). 16: a person's phone, tablet, desktops and browsers with room
+    /// to spare, while one stolen or runaway token cannot take the server's connections.
+    pub connections_per_user: usize,
+    /// Conversation streams a client may have open at once (plus its control stream). quinn
+    /// sets up state for the whole limit per connection, so keep it small.
+    pub max_streams: u32,
+    /// Delivery streams the server keeps open towards one device. The least recently used is
+    /// closed past this.
+    pub max_delivery_streams: usize,
+    /// Events queued towards one device before it is switched to catch-up from the store.
+    pub outbound_queue: usize,
+    /// Sends one conversation stream may have in flight before the server stops reading it.
+    pub inflight_sends: usize,
+    /// Most messages one history page may hold.
+    pub history_page: u32,
+    /// Writes a user may make per second, across their devices, with bursts of twice that:
+    /// messages, and also new conversations, group and retention changes, deletions, history
+    /// clearing and pusher changes. Past it the request is refused with `limit`. Far above
+    /// any person's typing, low enough that a runaway client cannot take a node's whole write
+    /// capacity whatever it floods with.
+    pub sends_per_second: u32,
+    /// Store writes a user's requests may cause per second, with bursts of twice that: a
+    /// message costs its fan-out (a log entry per member, plus three), a receipt one per
+    /// member told, a membership change likewise. 2,000: more than the send limit allows in
+    /// direct messages (five writes each), 57 messages a second to a group of 32, two to a
+    /// group of 1,000 (bursts of twice that). Measured with `plover bench flood --flood-kinds
+    /// group` (a sender to 500 members beside 100 users at 1,000 msgs/s): others' p99 went
+    /// 2.5-3.3x the quiet run's with 10,000, 1.4-1.9x with 2,000.
+    pub writes_per_second: u32,
+    /// Frames one connection may send per second, with bursts of twice that; a `History`,
+    /// `ListConversations` or `Members` request counts for the work it asks (1 + limit/10,
+    /// 1 + limit/10, 1 + limit/20). Past it the server reads the connection more slowly,
+    /// and QUIC flow control holds the client back: nothing is refused. 1,000: five times
+    /// what the send limit lets a device write, so only a flood meets it (`Ack`, `Read`,
+    /// `History` floods: `plover bench flood`).
+    pub frames_per_second: u32,
+    /// Most members a group may have. WhatsApp's figure: large enough for a community, small
+    /// enough that one message's fan-out (a log entry per member) stays a few milliseconds.
+    pub max_group: usize,
+    /// Largest conversation whose delivered/read receipts are pushed to every member. Above
+    /// it, receipts are stored and served on request (`plover receipts`), since pushing them
+    /// would cost members² events per message.
+    pub receipt_fanout: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: plover_proto::DEFAULT_MAX_FRAME,
+            max_body: 60 * 1024,
+            max_connections: 100_000,
+            connections_per_user: 16,
+            max_streams: 16,
+            max_delivery_streams: 32,
+            outbound_queue: 1024,
+            inflight_sends: 256,
+            history_page: 500,
+            sends_per_second: 200,
+            writes_per_second: 2_000,
+            frames_per_second: 1_000,
+            max_group: 1024,
+            receipt_fanout: 32,
+        }
+    }
+}
+
+/// QUIC transport settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportSettings {
+    /// A connection silent for this long is closed. Also how soon a vanished phone is noticed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Heartbeat interval announced to clients (they send `Ping` and QUIC keep-alives this
+    /// often). A third of the idle timeout, so two lost heartbeats do not drop a connection.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Bytes one stream may have unread. Two maximum frames, so a full frame never stalls.
+    pub stream_window: u32,
+    /// Bytes one connection may have unread across its streams: bounds per-connection memory.
+    pub connection_window: u32,
+    /// Handshakes under way past which new, unvalidated addresses must first answer a QUIC
+    /// Retry (address validation). 0 = always. 256 is more than a node sees in normal churn
+    /// and well below what a handshake flood reaches.
+    pub retry_above: usize,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            stream_window: 128 * 1024,
+            connection_window: 1024 * 1024,
+            retry_above: 256,
+        }
+    }
+}
+
+/// The store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// When a message counts as sent.
+    pub durability: Durability,
+    /// Most writes in one group commit: large enough to amortise an fsync over many messages,
+    /// small enough that one batch is a fraction of a millisecond of work.
+    pub commit_batch: usize,
+    /// Sequencer shards (threads). One per core is the sensible most.
+    pub shards: usize,
+    /// Conversation states (last seq, members, marks) held in memory across all shards,
+    /// counted in members (a direct conversation counts 2, a group its size): the least
+    /// recently used beyond this are read from the store again when next needed. About
+    /// 340 bytes of heap each (BENCHMARKS.md, "Bounded caches").
+    pub cached_members: usize,
+    /// Users whose sync-log head the commit thread holds in memory, likewise.
+    pub cached_logs: usize,
+    /// In `buffered` durability, how often the journal is synced: the most acknowledged
+    /// writes a power cut can take. 100 ms: a tenth of a second of messages, for a fsync
+    /// ten times a second whatever the load.
+    #[serde(with = "humantime_serde")]
+    pub buffered_sync: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Sync,
+            commit_batch: 1024,
+            shards: 2,
+            cached_members: 250_000,
+            cached_logs: 1_000_000,
+            buffered_sync: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data: PathBuf::from("./plover-data"),
+            certs: PathBuf::from("./certs"),
+            server_id: None,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            transport: TransportSettings::default(),
+            store: StoreConfig::default(),
+            presence: PresenceConfig::default(),
+            retention: RetentionConfig::default(),
+            push: PushConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.limits.max_frame < 1024 {
+            return invalid("limits.max_frame must be at least 1024");
+        }
+        if self.limits.max_body == 0 || self.limits.max_body + 512 > self.limits.max_frame {
+            return invalid("limits.max_body must be positive and at least 512 below max_frame");
+        }
+        if self.limits.max_streams == 0 || self.limits.max_streams > 1024 {
+            return invalid("limits.max_streams must be between 1 and 1024");
+        }
+        if self.limits.outbound_queue == 0 || self.limits.inflight_sends == 0 {
+            return invalid("limits.outbound_queue and limits.inflight_sends must be positive");
+        }
+        if self.limits.max_delivery_streams == 0 || self.limits.history_page == 0 {
+            return invalid("limits.max_delivery_streams and limits.history_page must be positive");
+        }
+        if self.limits.sends_per_second == 0 {
+            return invalid("limits.sends_per_second must be positive");
+        }
+        if self.limits.max_group < 2 {
+            return invalid("limits.max_group must be at least 2");
+        }
+        if self.store.commit_batch == 0 || self.store.shards == 0 {
+            return invalid("store.commit_batch and store.shards must be positive");
+        }
+        if self.store.cached_members < 2 * self.store.shards || self.store.cached_logs < 2 {
+            return invalid(
+                "store.cached_members must be at least 2 per shard and store.cached_logs at least 2",
+            );
+        }
+        if self.transport.heartbeat.is_zero()
+            || self.transport.heartbeat >= self.transport.idle_timeout
+        {
+            return invalid("transport.heartbeat must be positive and below idle_timeout");
+        }
+        if self.auth.timeout.is_zero() {
+            return invalid("auth.timeout must be positive");
+        }
+        if self.push.retries == 0 || self.push.concurrency == 0 || self.push.queue == 0 {
+            return invalid("push.retries, push.concurrency and push.queue must be positive");
+        }
+        if self.retention.sweep_interval.is_zero() {
+            return invalid("retention.sweep_interval must be positive");
+        }
+        if self.presence.typing_per_second == 0 {
+            return invalid("presence.typing_per_second must be positive");
+        }
+        if (self.tls.cert.is_some()) != (self.tls.key.is_some()) {
+            return invalid("tls.cert and tls.key go together");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        let text = include_str!("../../../plover.example.toml");
+        let parsed: Config = toml::from_str(text).expect("example parses");
+        parsed.validate().expect("example is valid");
+        let default = Config::default();
+        assert_eq!(parsed.listen, default.listen);
+        assert_eq!(parsed.limits.max_frame, default.limits.max_frame);
+        assert_eq!(
+            parsed.transport.idle_timeout,
+            default.transport.idle_timeout
+        );
+        assert_eq!(parsed.store.durability, default.store.durability);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<Config>("listne = \"127.0.0.1:1\"").expect_err("typo");
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let mut c = Config::default();
+        c.limits.max_body = c.limits.max_frame;
+        assert!(c.validate().is_err());
+    }
+}

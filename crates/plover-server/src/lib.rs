@@ -1,0 +1,30 @@
+//! The plover server: QUIC connections in, durable ordered conversations out.
+//!
+//! # Layout
+//!
+//! - [`transport`]: the quinn endpoint, one task per connection and per stream, frames in and
+//!   out, per-connection limits, and the mapping of errors to close codes.
+//! - [`router`]: sessions (user -> devices -> outbound queues), the conversation sequencers
+//!   (sharded, one owner thread per shard), group commit, fan-out and catch-up.
+//! - [`persist`]: the fjall store: messages, sync logs, conversations, members, cursors,
+//!   idempotency keys, pushers. Blocking; used only from the router's threads and the
+//!   blocking pool.
+//! - [`push`]: notifications to offline users through push gateways and Web Push endpoints.
+//! - [`auth`]: the signing secret and the JWTs minted by `plover token`.
+//! - [`config`]: the one typed configuration, read from TOML and overridden by flags.
+//! - [`server`]: wires the pieces together and runs until shutdown.
+//! - [`clock`]: the server's wall clock (timestamps only, never order), with a test hook.
+//! - [`metrics`]: metric names, and `/metrics`, `/healthz`, `/readyz` over plain HTTP.
+//!
+//! Arrows point one way: transport -> router -> push -> persist, and router -> persist.
+//! Wire types come from `plover-proto`, frames on quinn streams from `plover-quic`.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod metrics;
+pub mod persist;
+pub mod push;
+pub mod router;
+pub mod server;
+pub mod transport;

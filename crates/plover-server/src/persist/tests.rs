@@ -1,0 +1,181 @@
+//! The store's own tests: pages, reopening, direct pairs, removal from disk.
+
+use super::*;
+use bytes::Bytes;
+use plover_proto::{ClientMsgId, Message, Retention};
+
+fn msg(conv: u64, seq: u64) -> Message {
+    Message {
+        conversation: conv,
+        seq,
+        from: "alice".into(),
+        device: "d".into(),
+        ts: seq * 10,
+        id: ClientMsgId([seq as u8; 16]),
+        body: Bytes::from(format!("m{seq}")),
+        change: None,
+    }
+}
+
+#[test]
+fn messages_and_history_pages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), Durability::Sync).expect("open");
+    let mut b = store.batch();
+    for seq in 1..=10 {
+        b.put_message(&msg(1, seq));
+    }
+    b.put_message(&msg(2, 1));
+    b.commit().expect("commit");
+
+    assert_eq!(store.last_seq(1).expect("last"), 10);
+    assert_eq!(store.last_seq(3).expect("last"), 0);
+    let seqs = |v: &[Message]| v.iter().map(|m| m.seq).collect::<Vec<_>>();
+
+    let (page, more) = store.history(1, None, None, 3, 0, usize::MAX).expect("h");
+    assert_eq!((seqs(&page), more), (vec![8, 9, 10], true));
+    let (page, more) = store
+        .history(1, Some(8), None, 3, 0, usize::MAX)
+        .expect("h");
+    assert_eq!((seqs(&page), more), (vec![5, 6, 7], true));
+    let (page, more) = store
+        .history(1, Some(3), None, 5, 0, usize::MAX)
+        .expect("h");
+    assert_eq!((seqs(&page), more), (vec![1, 2], false));
+    let (page, more) = store
+        .history(1, None, Some(7), 2, 0, usize::MAX)
+        .expect("h");
+    assert_eq!((seqs(&page), more), (vec![8, 9], true));
+    let (page, more) = store
+        .history(1, None, Some(8), 5, 0, usize::MAX)
+        .expect("h");
+    assert_eq!((seqs(&page), more), (vec![9, 10], false));
+    // A member who joined at 6 sees nothing before it, whichever way they page.
+    let (page, more) = store
+        .history(1, Some(9), None, 10, 6, usize::MAX)
+        .expect("h");
+    assert_eq!((seqs(&page), more), (vec![6, 7, 8], false));
+    let (page, _) = store
+        .history(1, None, Some(2), 2, 6, usize::MAX)
+        .expect("h");
+    assert_eq!(seqs(&page), vec![6, 7]);
+    // A byte budget ends the page early (with `more`), but never before one message.
+    let (page, more) = store.history(1, None, None, 10, 0, 1).expect("h");
+    assert_eq!((seqs(&page), more), (vec![10], true));
+    let one = postcard::to_stdvec(&msg(1, 1)).expect("size").len();
+    let (page, more) = store.history(1, None, Some(0), 10, 0, 3 * one).expect("h");
+    assert_eq!((seqs(&page), more), (vec![1, 2, 3], true));
+    assert_eq!(
+        store
+            .idempotent(1, "alice", &ClientMsgId([4; 16]))
+            .expect("i"),
+        Some((4, 40))
+    );
+}
+
+#[test]
+fn logs_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(dir.path(), Durability::Sync).expect("open");
+        let mut b = store.batch();
+        for pos in 1..=5 {
+            b.append_log(
+                "bob",
+                pos,
+                &LogEntry::Message {
+                    conversation: 1,
+                    seq: pos,
+                },
+            );
+        }
+        b.append_log(
+            "bo",
+            1,
+            &LogEntry::Message {
+                conversation: 9,
+                seq: 1,
+            },
+        );
+        b.put_cursor("bob", "phone", 3);
+        b.commit().expect("commit");
+    }
+    let store = Store::open(dir.path(), Durability::Sync).expect("reopen");
+    assert_eq!(store.log_head("bob").expect("head"), 5);
+    assert_eq!(store.log_head("bo").expect("head"), 1);
+    let tail = store.read_log("bob", 3, 10).expect("read");
+    assert_eq!(tail.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![4, 5]);
+    assert_eq!(store.device_cursor("bob", "phone").expect("c"), Some(3));
+}
+
+#[test]
+fn direct_conversation_is_shared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), Durability::Sync).expect("open");
+    assert_eq!(store.direct_between("a", "b").expect("d"), None);
+    let id = store.create_direct(&store, "b", "a", 1).expect("create");
+    assert_eq!(store.direct_between("a", "b").expect("d"), Some(id));
+    assert_eq!(store.conversations_of("a").expect("c"), vec![id]);
+    let rec = store.conversation(id).expect("c").expect("exists");
+    assert_eq!(rec.retention, Retention::Keep);
+    assert_eq!(rec.names(), vec!["a".to_string(), "b".to_string()]);
+    assert!(rec.is_member("a") && !rec.is_member("c"));
+    let id2 = store.create_direct(&store, "a", "c", 1).expect("create");
+    assert_ne!(id, id2);
+}
+
+mod removal_tests {
+    use super::*;
+    use bytes::Bytes;
+    use plover_proto::{ClientMsgId, ConversationChange, Message};
+
+    #[test]
+    fn erased_bodies_leave_the_disk_after_compaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), Durability::Buffered).expect("open");
+        let body = Bytes::from(vec![0x5au8; 16 * 1024]);
+        let mut messages = Vec::new();
+        for seq in 1..=2000u64 {
+            // Bodies that do not compress (end-to-end encrypted payloads look like this).
+            let mut b = body.to_vec();
+            getrandom::fill(&mut b).expect("random");
+            messages.push(Message {
+                conversation: 1,
+                seq,
+                from: "alice".into(),
+                device: "d".into(),
+                ts: seq,
+                id: ClientMsgId([seq as u8; 16]),
+                body: Bytes::from(b),
+                change: None,
+            });
+        }
+        for chunk in messages.chunks(100) {
+            let mut w = store.batch();
+            for m in chunk {
+                w.put_message(m);
+            }
+            w.commit().expect("commit");
+        }
+        store.compact().expect("flush");
+        let full = store.messages_disk_space();
+        let total = store.disk_space().expect("size");
+        let mut w = store.batch();
+        for m in &messages {
+            w.put_message(&tombstone(m));
+        }
+        w.commit().expect("commit");
+        store.compact().expect("compact");
+        let after = store.messages_disk_space();
+        assert!(
+            full > 10_000_000 && after < full / 20,
+            "messages take {after} bytes on disk after erasing, {full} before"
+        );
+        // The journal is a preallocated file of a fixed size; the bodies it recorded go when
+        // it is rotated, after `DEFAULT_JOURNAL_SIZE` of newer writes.
+        assert!(store.disk_space().expect("size") < total);
+        let kept = store.message(1, 7).expect("read").expect("tombstone");
+        assert!(kept.body.is_empty() && kept.change == Some(ConversationChange::Erased));
+        assert_eq!((kept.seq, kept.from.as_str()), (7, "alice"));
+    }
+}

@@ -1,0 +1,91 @@
+//! Retention: what happens to message bodies over time.
+//!
+//! - `keep`: nothing; bodies stay until their sender deletes them.
+//! - `until_delivered`: the shard removes the bodies of every seq that all members have
+//!   received, as the marks move (`shard.rs`, `erasable`; `commit.rs`, `erase_range`); the sweep
+//!   removes those still undelivered after `retention.max_undelivered` (30 days by default).
+//! - `ttl`: reads never serve a body past its time ([`expire`], used by history and sync), and
+//!   the sweep removes such bodies from the store.
+//!
+//! A removed body becomes a tombstone (same seq, sender, device and time, empty body), so
+//! sequences stay gapless. The old value leaves the disk when fjall compacts the segment that
+//! holds it; after a sweep that removed many bodies, the sweep compacts the messages keyspace.
+
+use std::time::Duration;
+
+use super::RouterError;
+use crate::persist::{Store, has_body, tombstone};
+use plover_proto::{Message, Retention};
+
+/// The sweep's progress per conversation: every seq below this is done.
+const SWEPT: &str = "swept";
+
+/// Bodies removed in one sweep past which the sweep compacts the messages keyspace.
+const COMPACT_AFTER: u64 = 10_000;
+
+/// The message as a reader may see it at `now_ms`: a tombstone once a `ttl` has passed.
+pub(crate) fn expire(msg: Message, retention: Retention, now_ms: u64) -> Message {
+    match retention {
+        Retention::Ttl(secs)
+            if has_body(&msg) && msg.ts.saturating_add(secs.saturating_mul(1000)) <= now_ms =>
+        {
+            tombstone(&msg)
+        }
+        _ => msg,
+    }
+}
+
+/// One pass over the conversations whose policy removes bodies over time.
+pub(super) fn sweep(
+    store: &Store,
+    writer: &dyn crate::persist::Writer,
+    now_ms: u64,
+    max_undelivered: Duration,
+) -> Result<u64, RouterError> {
+    let mut removed = 0;
+    for (conv, record) in store.retained_conversations()? {
+        let age_ms = match record.retention {
+            Retention::Keep => continue,
+            Retention::Ttl(secs) => secs.saturating_mul(1000),
+            Retention::UntilDelivered => max_undelivered.as_millis() as u64,
+        };
+        let cutoff = now_ms.saturating_sub(age_ms);
+        let mut next = store.watermark(SWEPT, conv)?.max(1);
+        loop {
+            let page = store.messages_from(conv, next, 256)?;
+            if page.is_empty() {
+                break;
+            }
+            let mut tombstones = Vec::new();
+            let mut done = true;
+            for msg in &page {
+                // Server time only grows with seq (up to clock steps), so the first message
+                // still within its time ends the pass for this conversation.
+                if msg.ts > cutoff {
+                    done = false;
+                    break;
+                }
+                if has_body(msg) {
+                    tombstones.push(tombstone(msg));
+                    removed += 1;
+                }
+                next = msg.seq + 1;
+            }
+            // With the next group commit, sharing its fsync.
+            let swept = next;
+            writer.write(Box::new(move |batch| {
+                for t in &tombstones {
+                    batch.put_message(t);
+                }
+                batch.put_watermark(SWEPT, conv, swept);
+            }))?;
+            if !done || page.len() < 256 {
+                break;
+            }
+        }
+    }
+    if removed >= COMPACT_AFTER {
+        store.compact()?;
+    }
+    Ok(removed)
+}

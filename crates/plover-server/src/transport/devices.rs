@@ -1,0 +1,118 @@
+//! Which connection each (user, device) holds: one live connection per device, and at most
+//! `limits.connections_per_user` per user.
+//!
+//! A device's second connection replaces the first (closed with `replaced`): two connections
+//! of one device would share, and overwrite, the one cursor the server keeps for it, and a
+//! phone that reconnected before its old connection timed out would otherwise count twice.
+//! A user past the cap is refused with `limit`, so one token cannot take the server's
+//! connection budget.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::requests::Refusal;
+use plover_proto::ErrorCode;
+
+/// One live connection of a device.
+#[derive(Debug)]
+struct Held {
+    device: String,
+    id: usize,
+    conn: quinn::Connection,
+}
+
+/// The registry. A std `Mutex`: every operation is a few map updates, never held across an
+/// await, and a connection takes it twice in its life (claim, release).
+#[derive(Debug)]
+pub(crate) struct Devices {
+    users: Mutex<HashMap<String, Vec<Held>>>,
+    per_user: usize,
+}
+
+/// A device's claim on its connection; released when dropped (if not replaced meanwhile).
+#[derive(Debug)]
+pub(crate) struct Claim {
+    devices: Arc<Devices>,
+    user: String,
+    device: String,
+    id: usize,
+}
+
+impl Devices {
+    /// A registry allowing `per_user` connections to each user.
+    pub(crate) fn new(per_user: usize) -> Self {
+        Self {
+            users: Mutex::new(HashMap::new()),
+            per_user: per_user.max(1),
+        }
+    }
+
+    /// Registers `conn` as the device's connection: closes the device's previous one with
+    /// `replaced`, or refuses with `limit` when the user holds the most connections allowed
+    /// on other devices.
+    pub(crate) fn claim(
+        self: &Arc<Self>,
+        user: &str,
+        device: &str,
+        conn: &quinn::Connection,
+    ) -> Result<Claim, Refusal> {
+        let id = conn.stable_id();
+        let replaced = {
+            let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            let held = users.entry(user.to_owned()).or_default();
+            let previous = held.iter().position(|h| h.device == device);
+            if previous.is_none() && held.len() >= self.per_user {
+                return Err(Refusal::new(
+                    ErrorCode::LIMIT,
+                    format!(
+                        "{user} already holds {} connections, the most allowed \
+                         (limits.connections_per_user); close one, or reconnect a device \
+                         that is already connected (its new connection replaces the old)",
+                        held.len()
+                    ),
+                ));
+            }
+            let new = Held {
+                device: device.to_owned(),
+                id,
+                conn: conn.clone(),
+            };
+            match previous {
+                Some(i) => Some(std::mem::replace(&mut held[i], new)),
+                None => {
+                    held.push(new);
+                    None
+                }
+            }
+        };
+        if let Some(old) = replaced {
+            tracing::debug!(%user, %device, "a new connection of the device replaces the old");
+            old.conn.close(
+                quinn::VarInt::from(ErrorCode::REPLACED.0),
+                b"this device connected again; this connection is replaced",
+            );
+        }
+        Ok(Claim {
+            devices: self.clone(),
+            user: user.to_owned(),
+            device: device.to_owned(),
+            id,
+        })
+    }
+
+    fn release(&self, claim: &Claim) {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = users.get_mut(&claim.user) {
+            held.retain(|h| !(h.device == claim.device && h.id == claim.id));
+            if held.is_empty() {
+                users.remove(&claim.user);
+            }
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.devices.release(self);
+    }
+}

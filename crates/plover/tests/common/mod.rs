@@ -1,0 +1,386 @@
+//! A real server on 127.0.0.1:0 over real QUIC, and clients for it.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use plover_client::{ClientConfig, Connection, Conversation, EventStream, Incoming, LogEvent};
+use plover_proto::{Event, Target};
+use plover_server::auth::{TokenKeys, load_or_create_secret};
+use plover_server::config::Config;
+use plover_server::router::Router;
+use plover_server::server::Server;
+use std::path::Path;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub keys: TokenKeys,
+    pub router: Router,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data: dir.join("data"),
+        certs: dir.join("certs"),
+        server_id: Some("test".into()),
+        ..Config::default()
+    }
+}
+
+/// A server, bob known to it, and alice's phone with their direct conversation open.
+pub async fn alice_writes_to_bob() -> (TestServer, Connection, Conversation) {
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let alice = server.connect("alice", "phone").await;
+    let conv = alice
+        .open(Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    (server, alice, conv)
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, tweak).await
+    }
+
+    /// Stops the server and starts a new one on the same data, address and certificate.
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// [`TestServer::restart`] with more configuration.
+    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut Config)) -> Self {
+        self.shut_down().await;
+        let TestServer {
+            addr, dir, router, ..
+        } = self;
+        // The store is locked until its last handle is gone.
+        drop(router);
+        Self::start_in(dir, |c| {
+            c.listen = addr;
+            tweak(c);
+        })
+        .await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let keys = TokenKeys::new(&load_or_create_secret(&config.data).expect("secret"));
+        let server = Server::bind(config).await.expect("bind");
+        let addr = server.local_addr();
+        let router = server.router().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server run");
+        });
+        Self {
+            addr,
+            dir,
+            keys,
+            router,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("certs").join("cert.pem")
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.keys
+            .mint(user, None, Duration::from_secs(3600))
+            .expect("mint")
+    }
+
+    pub fn config(&self, user: &str, device: &str) -> ClientConfig {
+        ClientConfig::new(self.addr.to_string(), &self.ca(), self.token(user), device)
+            .expect("client config")
+    }
+
+    pub async fn connect(&self, user: &str, device: &str) -> Connection {
+        Connection::connect(&self.config(user, device))
+            .await
+            .expect("connect")
+    }
+
+    /// Connects once so the user exists on the server.
+    pub async fn register(&self, user: &str) {
+        self.connect(user, "setup").await.close().await;
+    }
+
+    pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
+
+    async fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server stops in time")
+                .expect("server task");
+        }
+    }
+}
+
+/// The next item of any kind within five seconds.
+pub async fn next_incoming(events: &mut EventStream) -> Incoming {
+    tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("stream open")
+        .expect("no error")
+}
+
+/// The next sync-log event within five seconds (presence and typing are skipped).
+pub async fn next_log(events: &mut EventStream) -> LogEvent {
+    loop {
+        if let Incoming::Log(e) = next_incoming(events).await {
+            return e;
+        }
+    }
+}
+
+/// The next message event within five seconds (receipts, presence and typing are skipped).
+pub async fn next_event(events: &mut EventStream) -> LogEvent {
+    loop {
+        let e = next_log(events).await;
+        if matches!(e.event, Event::Message(_)) {
+            return e;
+        }
+    }
+}
+
+/// The next receipt within five seconds (other items are skipped).
+pub async fn next_receipt(events: &mut EventStream) -> plover_proto::Receipt {
+    loop {
+        if let Event::Receipt(r) = next_log(events).await.event {
+            return r;
+        }
+    }
+}
+
+pub fn text(event: &LogEvent) -> String {
+    match &event.event {
+        Event::Message(m) => String::from_utf8_lossy(&m.body).into_owned(),
+        other => panic!("not a message: {other:?}"),
+    }
+}
+
+/// Asserts that no message arrives within `wait` (receipts, presence and typing may).
+pub async fn assert_quiet(events: &mut EventStream, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(e)) = tokio::time::timeout_at(deadline, events.next()).await {
+        if let Ok(Incoming::Log(LogEvent {
+            event: Event::Message(m),
+            ..
+        })) = e
+        {
+            panic!("unexpected message {m:?}");
+        }
+    }
+}
+
+/// Starts `plover serve` as a child process and returns it with its address.
+pub async fn spawn_server(dir: &Path) -> (Child, String) {
+    spawn_server_with(dir, "").await
+}
+
+/// [`spawn_server`] with more configuration (TOML tables after `[limits]`).
+pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
+    // Tests send faster than a person: lift the per-user rate limit.
+    let config = dir.join("test.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[limits]\nsends_per_second = 1000000\nwrites_per_second = 1000000\n\
+             frames_per_second = 1000000\n{extra}"
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plover"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .env("PLOVER_LOG", "info")
+        // Its end of the pipe closes when this process ends, however it ends: the server
+        // then stops too.
+        .arg("--stop-on-stdin-eof")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn plover serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.split("listening on ").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(20), rx)
+        .await
+        .expect("server starts in time")
+        .expect("listening line");
+    (child, addr)
+}
+
+/// A client of a server spawned by [`spawn_server`] in `dir` (its secret and certificate).
+pub fn spawned_client(
+    dir: &Path,
+    addr: &str,
+    keys: &TokenKeys,
+    user: &str,
+    device: &str,
+) -> ClientConfig {
+    let token = keys
+        .mint(user, None, Duration::from_secs(3600))
+        .expect("mint");
+    ClientConfig::new(addr, &dir.join("certs").join("cert.pem"), token, device).expect("config")
+}
+
+/// The resident set of a process, in bytes, from /proc.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Makes users known to the server, as their first connection would.
+pub async fn users(server: &TestServer, names: &[&str]) {
+    for n in names {
+        server.router.ensure_user(n).await.expect("user");
+    }
+}
+
+/// Every message of a conversation, oldest first, paging forward.
+pub async fn all_history(conv: &Conversation) -> Vec<plover_proto::Message> {
+    let mut history = Vec::new();
+    let mut after = 0;
+    loop {
+        let (page, more) = conv.history(None, Some(after), 500).await.expect("history");
+        after = page.last().map_or(after, |m| m.seq);
+        history.extend(page);
+        if !more {
+            return history;
+        }
+    }
+}
+
+/// A raw QUIC connection to the server, handshake done, nothing sent yet.
+pub async fn handshake(server: &TestServer) -> (quinn::Endpoint, quinn::Connection) {
+    let roots = plover_quic::tls::load_certs(&server.ca()).expect("ca");
+    let endpoint = plover_client::endpoint(&roots, Duration::from_secs(5)).expect("ep");
+    let conn = endpoint
+        .connect(server.addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (endpoint, conn)
+}
+
+/// Encodes one client frame with the default limit.
+pub fn encode(frame: &plover_proto::ClientFrame) -> Vec<u8> {
+    plover_proto::codec::encode_to_vec(frame, 1 << 16).expect("encode")
+}
+
+/// A raw connection whose control stream has sent `Hello` as (`user`, `device`), and the
+/// server's first answer to it.
+pub async fn raw_hello(
+    server: &TestServer,
+    user: &str,
+    device: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    plover_quic::FrameReader,
+    plover_proto::ServerFrame,
+) {
+    let (endpoint, conn) = handshake(server).await;
+    let (mut send, recv) = conn.open_bi().await.expect("bi");
+    send.write_all(&encode(&plover_proto::ClientFrame::Hello {
+        version: plover_proto::PROTOCOL_VERSION,
+        token: server.token(user),
+        device: device.into(),
+    }))
+    .await
+    .expect("write");
+    let mut reader = plover_quic::FrameReader::new(recv, 1 << 16);
+    let answer = tokio::time::timeout(Duration::from_secs(5), reader.next())
+        .await
+        .expect("an answer to Hello")
+        .expect("read")
+        .expect("frame");
+    (endpoint, conn, send, reader, answer)
+}
+
+/// A raw connection authenticated as (`user`, `device`), its control stream open.
+pub async fn raw_device(
+    server: &TestServer,
+    user: &str,
+    device: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    plover_quic::FrameReader,
+) {
+    let (endpoint, conn, send, reader, welcome) = raw_hello(server, user, device).await;
+    assert!(
+        matches!(welcome, plover_proto::ServerFrame::Welcome { .. }),
+        "{welcome:?}"
+    );
+    (endpoint, conn, send, reader)
+}
+
+/// Waits for the connection to be closed by the server and returns the close code.
+pub async fn close_code(conn: &quinn::Connection) -> u16 {
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed in time");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => c.error_code.into_inner() as u16,
+        other => panic!("expected an application close, got {other}"),
+    }
+}
