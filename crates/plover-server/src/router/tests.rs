@@ -44,7 +44,11 @@ async fn send_with_retries(router: Router, conv: ConversationId, from: String, c
 async fn a_read_error_mid_batch_leaves_no_ack_without_its_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(Store::open(dir.path(), Durability::Buffered).expect("open"));
-    let mut config = Config::default();
+    let mut config = Config {
+        // The router keeps its VAPID key in the data directory: never the working directory.
+        data: dir.path().join("data"),
+        ..Config::default()
+    };
     // Few log heads held, so the commit thread reads heads from the store as it goes.
     config.store.cached_logs = 2;
     config.limits.sends_per_second = 1_000_000;
