@@ -7,8 +7,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use super::connection::{Connection, ControlPush, close_violated};
 use super::{ClientConfig, ClientError};
+use crate::answers::{LogEvent, close_violated};
+use crate::connection::Connection;
+use crate::control::ControlPush;
 use plover_proto::{ClientFrame, ConversationId, ErrorCode, Event, ServerDatagram, ServerFrame};
 use plover_quic::{FrameReader, FrameWriter};
 
@@ -58,15 +60,6 @@ impl CursorTracker {
             self.ahead.clear();
         }
     }
-}
-
-/// One event and its position in the user's log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogEvent {
-    /// Position in the user's sync log.
-    pub pos: u64,
-    /// What happened.
-    pub event: Event,
 }
 
 /// What an event stream yields.

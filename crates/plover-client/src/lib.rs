@@ -6,15 +6,21 @@
 //! - [`EventStream`]: the device's events after its cursor, across reconnects, each once.
 //! - [`Client`]: sends that survive a lost connection by retrying with the same id.
 
+mod answers;
 mod connection;
+mod control;
+mod conversation;
 mod endpoint;
 mod events;
 
-pub use connection::{Ack, Connection, ControlPush, Conversation, Welcome};
+pub use answers::LogEvent;
+pub use connection::{Connection, Welcome};
+pub use control::ControlPush;
+pub use conversation::{Ack, Conversation};
 pub use endpoint::endpoint;
 pub use events::{
     CURSOR_ACK_INTERVAL, CursorTracker, DELIVERED_DELAY, DELIVERED_MAX_DELAY, EventStream,
-    Incoming, LogEvent, TYPING_REPEAT, TYPING_TTL,
+    Incoming, TYPING_REPEAT, TYPING_TTL,
 };
 
 use bytes::Bytes;

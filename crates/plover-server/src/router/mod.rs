@@ -13,6 +13,7 @@ mod commit;
 mod feed;
 mod gate;
 mod limiter;
+mod pipeline;
 mod presence;
 mod retention;
 mod sessions;
@@ -26,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
-pub use commit::Sent;
 pub use feed::DeviceFeed;
+pub use pipeline::Sent;
 pub use presence::{PUSH_QUEUE, Presence, PresenceGuard, Push};
 pub use sessions::{Delivery, Sessions};
 pub use shard::MemberOp;
@@ -36,7 +37,8 @@ use crate::auth::valid_name;
 use crate::config::Config;
 use crate::persist::{ConversationRecord, MemberRecord};
 use crate::persist::{Store, StoreError, Writer};
-use commit::{CommitItem, CommitThread};
+use commit::CommitThread;
+use pipeline::CommitItem;
 use plover_proto::{
     ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, INLINE_MEMBERS,
     Marks, MemberInfo, Message, Target,

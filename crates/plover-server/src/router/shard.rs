@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::RouterError;
 use super::cache::Generations;
-use super::commit::{CommitItem, MembershipWrite, Reply, Sent};
+use super::pipeline::{CommitItem, ERASED, MembershipWrite, Reply, Sent};
 use crate::metrics::names;
 use crate::persist::{ConversationRecord, MemberRecord, Store, tombstone};
 use plover_proto::{
@@ -667,9 +667,6 @@ fn write_limit(writes: &super::limiter::SendLimiter, cost: usize) -> RouterError
         writes.rate()
     ))
 }
-
-/// The watermark name of `until_delivered` erasure.
-pub(super) const ERASED: &str = "erased";
 
 /// Under `until_delivered`, the range of seqs that every member has now received and whose
 /// bodies are not yet removed.
