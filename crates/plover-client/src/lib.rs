@@ -1,10 +1,73 @@
-//! The client SDK that the CLI, the tests and the load generator use.
+//! The plover client SDK: one QUIC connection per device, a stream per conversation.
 //!
 //! - [`Connection`]: one authenticated connection; open conversation streams, list
-//!   conversations, ping.
-//! - [`Conversation`]: send (with an id of your choosing for retries) and read history.
-//! - [`EventStream`]: the device's events after its cursor, across reconnects, each once.
+//!   conversations, create groups, ask presence, register pushers, send typing, ping.
+//! - [`Conversation`]: send (with an id of your choosing for retries), read history, mark
+//!   read, manage a group's members, retention and deletions.
+//! - [`EventStream`]: the device's events (messages, receipts, membership changes, presence,
+//!   typing) after its cursor, across reconnects, each exactly once and in order.
 //! - [`Client`]: sends that survive a lost connection by retrying with the same id.
+//!
+//! The wire types come from [`plover_proto`]; PROTOCOL.md at the repository's root describes
+//! every frame byte by byte.
+//!
+//! # Example
+//!
+//! Bob's phone listens while alice sends him a message (against a server started here, on
+//! 127.0.0.1, with a self-signed certificate and tokens minted with its secret):
+//!
+//! ```
+//! # use std::time::Duration;
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let config = plover_server::config::Config {
+//! #     listen: "127.0.0.1:0".parse()?,
+//! #     data: dir.path().join("data"),
+//! #     certs: dir.path().join("certs"),
+//! #     ..Default::default()
+//! # };
+//! # let secret = plover_server::auth::load_or_create_secret(&config.data)?;
+//! # let keys = plover_server::auth::TokenKeys::new(&secret);
+//! # let server = plover_server::server::Server::bind(config).await?;
+//! # let server_addr = server.local_addr().to_string();
+//! # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! # let running = tokio::spawn(server.run(async { let _ = stopped.await; }));
+//! # let ca = dir.path().join("certs/cert.pem");
+//! # let hour = Duration::from_secs(3600);
+//! # let (alice_token, bob_token) = (keys.mint("alice", None, hour)?, keys.mint("bob", None, hour)?);
+//! use bytes::Bytes;
+//! use plover_client::{ClientConfig, Connection, EventStream, Incoming};
+//! use plover_proto::{Event, Target};
+//!
+//! // Bob's phone: its events from where it left off (here: the start), across reconnects.
+//! let bob = ClientConfig::new(&server_addr, &ca, bob_token, "phone")?;
+//! let mut events = EventStream::start(bob, None);
+//! assert!(events.synced().await);
+//!
+//! // Alice's laptop opens their direct conversation and sends; the ack means it is stored.
+//! let alice = Connection::connect(&ClientConfig::new(&server_addr, &ca, alice_token, "laptop")?).await?;
+//! let chat = alice.open(Target::Direct("bob".into()), true).await?;
+//! let ack = chat.send(Bytes::from_static(b"hello bob")).await?;
+//! assert_eq!(ack.seq, 1);
+//!
+//! // Bob's phone gets it once, in order.
+//! while let Some(incoming) = events.next().await {
+//!     if let Incoming::Log(entry) = incoming? {
+//!         if let Event::Message(message) = entry.event {
+//!             assert_eq!((message.from.as_str(), &message.body[..]), ("alice", &b"hello bob"[..]));
+//!             break;
+//!         }
+//!     }
+//! }
+//! # chat.close().await;
+//! # alice.close().await;
+//! # events.close().await;
+//! # let _ = stop.send(());
+//! # running.await??;
+//! # Ok(())
+//! # }
+//! ```
 
 mod answers;
 mod connection;

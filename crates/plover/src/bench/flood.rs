@@ -19,7 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-use crate::bench::{BenchArgs, Hist, Server, direct, progress, rand_u32};
+use super::direct::direct;
+use super::measure::Hist;
+use super::server::Server;
+use super::{BenchArgs, progress, rand_u32};
 use plover_proto::{
     ClientFrame, ClientMsgId, DEFAULT_MAX_FRAME, ErrorCode, PROTOCOL_VERSION, ServerFrame, Target,
     codec,

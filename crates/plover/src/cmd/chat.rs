@@ -24,6 +24,23 @@ use plover_client::{
 };
 use plover_proto::{ClientMsgId, ConversationChange, Event, Message, Target};
 
+use crate::args::{ClientArgs, Which};
+
+/// `plover chat`'s arguments.
+#[derive(clap::Args)]
+pub(crate) struct ChatArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
+    which: Which,
+}
+
+/// `plover chat`.
+pub(crate) async fn chat(args: ChatArgs) -> Result<()> {
+    let target = args.which.target()?;
+    run(args.client.config()?, target).await
+}
+
 /// Messages shown on open.
 const BACKLOG: u32 = 50;
 
@@ -122,7 +139,7 @@ impl State {
         let (text, system) = match &m.change {
             None => (String::from_utf8_lossy(&m.body).into_owned(), false),
             Some(ConversationChange::Erased) => ("(message deleted)".to_owned(), false),
-            Some(change) => (crate::describe_change(&m.from, change), true),
+            Some(change) => (crate::render::describe_change(&m.from, change), true),
         };
         self.messages.insert(
             m.seq,

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::bench::{Hist, Meter, progress};
+use super::measure::{Hist, Meter};
+use super::progress;
 
 /// The frame every exchange carries: about the size of a small plover `Send` or `Event`.
 const FRAME: usize = 104;

@@ -1,0 +1,64 @@
+//! Arguments shared by the client commands: where and as whom to connect, and which
+//! conversation.
+
+use anyhow::{Result, bail};
+use clap::Args;
+use plover_client::ClientConfig;
+use plover_proto::Target;
+use std::path::PathBuf;
+
+/// Which conversation: the direct one with a user, or one by id.
+#[derive(Args)]
+pub(crate) struct Which {
+    /// The other user of a direct conversation.
+    #[arg(
+        long,
+        conflicts_with = "conversation",
+        required_unless_present = "conversation"
+    )]
+    pub(crate) with: Option<String>,
+    /// A conversation id.
+    #[arg(long)]
+    pub(crate) conversation: Option<u64>,
+}
+
+impl Which {
+    pub(crate) fn target(self) -> Result<Target> {
+        target(self.with, self.conversation)
+    }
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "PLOVER_SERVER", default_value = "127.0.0.1:4433")]
+    pub(crate) server: String,
+    /// Bearer token (from `plover token`).
+    #[arg(long, env = "PLOVER_TOKEN", hide_env_values = true)]
+    pub(crate) token: String,
+    /// CA certificate to trust (PEM).
+    #[arg(long, env = "PLOVER_CA", default_value = "./certs/cert.pem")]
+    pub(crate) ca: PathBuf,
+    /// This device's name.
+    #[arg(long, env = "PLOVER_DEVICE", default_value = "cli")]
+    pub(crate) device: String,
+}
+
+impl ClientArgs {
+    pub(crate) fn config(&self) -> Result<ClientConfig> {
+        Ok(ClientConfig::new(
+            self.server.clone(),
+            &self.ca,
+            self.token.clone(),
+            self.device.clone(),
+        )?)
+    }
+}
+
+pub(crate) fn target(to: Option<String>, conversation: Option<u64>) -> Result<Target> {
+    match (to, conversation) {
+        (Some(user), None) => Ok(Target::Direct(user)),
+        (None, Some(id)) => Ok(Target::Conversation(id)),
+        _ => bail!("give exactly one of --to/--with or --conversation"),
+    }
+}

@@ -1,0 +1,220 @@
+//! `plover bench`: the load generator, built on the client SDK.
+//!
+//! It starts its own server (`plover serve` as a child process, on a temporary data directory)
+//! unless given `--server`, runs one scenario, verifies that every message reached every
+//! intended device exactly once (`lost` and `duplicated` must be 0), and reports latency
+//! percentiles beside the transport floor measured in the same run (`echo`: a raw QUIC round
+//! trip between two endpoints of this process). Progress goes to stderr; the summary (or, with
+//! `--json`, one JSON object) to stdout.
+//!
+//! # Layout
+//!
+//! - `measure.rs`: histograms, meters and the delivery check every scenario shares.
+//! - `server.rs`: the server under test (spawned, or `--server`).
+//! - one file per scenario: `direct.rs`, `group.rs`, `catchup.rs`, `connections.rs`,
+//!   `echo.rs` (the transport floor) and `flood.rs` (hostile clients).
+
+mod catchup;
+mod connections;
+mod direct;
+mod echo;
+mod flood;
+mod group;
+mod measure;
+mod server;
+
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+use plover_proto::ClientMsgId;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use measure::*;
+use server::Server;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum Scenario {
+    /// N users in pairs, R msgs/s in total for D: end-to-end and ack latency.
+    Direct,
+    /// One group of G members with K online devices, R msgs/s in: time to the last device.
+    Group,
+    /// A device offline while M messages arrive, then back: time until it has them all.
+    Catchup,
+    /// N idle authenticated connections: server memory per connection, connect time.
+    Connections,
+    /// A raw QUIC round trip, no plover logic: the transport floor.
+    Echo,
+    /// `direct` quietly, then beside each kind of hostile client in turn (streams past the
+    /// limit with sends far past the rate limit, an `Ack` flood, a `Delivered`/`Read` flood,
+    /// pipelined `History`, sends to a large group): others' p99 compared with the quiet
+    /// run's. The spawned server keeps its per-user limits for this one.
+    Flood,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// The scenario.
+    scenario: Scenario,
+    /// Target a running server instead of spawning one (needs --data for its secret).
+    #[arg(long)]
+    server: Option<String>,
+    /// With --server: its CA certificate.
+    #[arg(long, default_value = "./certs/cert.pem")]
+    ca: PathBuf,
+    /// With --server: its data directory (the token secret is read from it).
+    #[arg(long, default_value = "./plover-data")]
+    data: PathBuf,
+    /// Spawned server: more configuration, a TOML file whose tables are added to the bench's
+    /// own (for comparing settings).
+    #[arg(long)]
+    server_config: Option<PathBuf>,
+    /// Spawned server's durability: sync (fsync per batch) or buffered.
+    #[arg(long, default_value = "sync")]
+    durability: String,
+    /// direct: users (in pairs).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) users: usize,
+    /// direct, group: total offered messages per second, 1000 if not given (direct: 0 finds
+    /// the maximum rate with p99 under 10 ms; a failing rate is tried twice). echo: when
+    /// given, also round trips and then pushes at this rate over --connections connections,
+    /// with their CPU and datagram cost.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// direct, group: how long to send.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// group: members.
+    #[arg(long, default_value_t = 100)]
+    members: usize,
+    /// group: members with an online device.
+    #[arg(long, default_value_t = 10)]
+    online: usize,
+    /// catchup: messages that arrive while the device is offline.
+    #[arg(long, default_value_t = 10_000)]
+    messages: u64,
+    /// connections, echo: how many connections.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// flood: the hostile client's offered sends per second.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) flood_rate: u64,
+    /// flood: members of the group the hostile client sends to (each message is a log
+    /// entry per member).
+    #[arg(long, default_value_t = 500)]
+    pub(crate) flood_group: usize,
+    /// flood: which hostile clients, in turn (streams, acks, marks, history, group).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "streams,acks,marks,history,group"
+    )]
+    pub(crate) flood_kinds: Vec<String>,
+    /// One JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl BenchArgs {
+    /// The offered rate of `direct`, `group` and `flood`.
+    pub(crate) fn rate(&self) -> u64 {
+        self.rate.unwrap_or(1000)
+    }
+}
+
+pub(crate) fn progress(msg: &str) {
+    eprintln!("{msg}");
+}
+
+/// Runs the scenario and prints its report.
+pub(crate) async fn run(args: BenchArgs) -> Result<()> {
+    let floor = echo::floor(2000).await?;
+    let report = match args.scenario {
+        Scenario::Echo => {
+            let mut report = json!({"scenario": "echo", "rtt": floor.json()});
+            if let Some(rate) = args.rate {
+                let load = echo::load(args.connections, rate, args.duration).await?;
+                if let (Value::Object(out), Value::Object(load)) = (&mut report, load) {
+                    out.extend(load);
+                }
+            }
+            report
+        }
+        _ => {
+            let target = Server::new(&args).await?;
+            let before = (target.cpu_seconds(), cpu_seconds("self"));
+            let wall = Instant::now();
+            let mut report = scenario(&target, &args, &floor).await?;
+            let wall = wall.elapsed().as_secs_f64();
+            // Where the two cores went: the server against the load generator, over the whole
+            // scenario (setup included).
+            if let (Some(s0), Some(b0), Some(s1), Some(b1)) = (
+                before.0,
+                before.1,
+                target.cpu_seconds(),
+                cpu_seconds("self"),
+            ) {
+                let round = |v: f64| (v * 100.0).round() / 100.0;
+                report["cpu"] = json!({
+                    "wall_seconds": round(wall),
+                    "server_seconds": round(s1 - s0),
+                    "bench_seconds": round(b1 - b0),
+                    "server_cores": round((s1 - s0) / wall),
+                    "bench_cores": round((b1 - b0) / wall),
+                });
+            }
+            report
+        }
+    };
+    if args.json {
+        println!("{report}");
+    } else {
+        print_table(&report);
+    }
+    let lost = report["lost"].as_u64().unwrap_or(0);
+    let duplicated = report["duplicated"].as_u64().unwrap_or(0);
+    if lost > 0 || duplicated > 0 {
+        bail!("delivery check failed: {lost} lost, {duplicated} duplicated");
+    }
+    Ok(())
+}
+
+/// Runs a scenario against a server.
+pub(crate) async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value> {
+    Ok(match args.scenario {
+        Scenario::Echo => json!({"scenario": "echo", "rtt": floor.json()}),
+        Scenario::Direct if args.rate() == 0 => direct::find_max(target, args, floor).await?,
+        Scenario::Direct => {
+            direct::direct(target, args.users, args.rate(), args.duration, floor)
+                .await?
+                .0
+        }
+        Scenario::Group => group::group(target, args, floor).await?,
+        Scenario::Catchup => catchup::catchup(target, args.messages).await?,
+        Scenario::Connections => connections::connections(target, args.connections).await?,
+        Scenario::Flood => flood::flood(target, args, floor).await?,
+    })
+}
+
+pub(crate) fn print_table(report: &Value) {
+    let Some(map) = report.as_object() else {
+        return;
+    };
+    for (key, value) in map {
+        match value {
+            Value::Object(h) if h.contains_key("p50_us") => {
+                println!(
+                    "{key:<22} p50 {:>9} us  p90 {:>9} us  p99 {:>9} us  p999 {:>9} us  max {:>9} us  (n={})",
+                    h["p50_us"], h["p90_us"], h["p99_us"], h["p999_us"], h["max_us"], h["count"]
+                );
+            }
+            other => println!("{key:<22} {other}"),
+        }
+    }
+}
+
+pub(crate) fn rand_u32() -> u32 {
+    let id = ClientMsgId::random();
+    u32::from_le_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
+}

@@ -1,0 +1,144 @@
+//! The server a scenario runs against: one spawned as a child process on a temporary data
+//! directory, or the one `--server` names.
+
+use anyhow::{Context, Result};
+use plover_client::{ClientConfig, Connection};
+use plover_server::auth::{TokenKeys, load_or_create_secret};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::measure::*;
+use super::{BenchArgs, Scenario};
+
+/// The server under test, and how to reach it.
+pub(crate) struct Server {
+    pub(crate) addr: String,
+    pub(crate) ca: PathBuf,
+    pub(crate) keys: TokenKeys,
+    pub(crate) child: Option<tokio::process::Child>,
+    pub(crate) _dir: Option<tempfile::TempDir>,
+    pub(crate) endpoint: quinn::Endpoint,
+}
+
+impl Server {
+    pub(crate) async fn new(args: &BenchArgs) -> Result<Self> {
+        let (addr, ca, data, child, dir) = match &args.server {
+            Some(addr) => (addr.clone(), args.ca.clone(), args.data.clone(), None, None),
+            None => {
+                let dir = tempfile::tempdir()?;
+                // A load generator sends faster than any person: the per-user rate limit is
+                // lifted, except where the scenario is about that limit.
+                let lift = !matches!(args.scenario, Scenario::Flood);
+                let extra = match &args.server_config {
+                    Some(path) => std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                    None => String::new(),
+                };
+                let (child, addr) =
+                    spawn_server(dir.path(), &args.durability, lift, &extra).await?;
+                let ca = dir.path().join("certs").join("cert.pem");
+                let data = dir.path().join("data");
+                (addr, ca, data, Some(child), Some(dir))
+            }
+        };
+        let keys = TokenKeys::new(&load_or_create_secret(&data)?);
+        let roots = plover_quic::tls::load_certs(&ca)?;
+        let endpoint = plover_client::endpoint(&roots, Duration::from_secs(5))?;
+        Ok(Self {
+            addr,
+            ca,
+            keys,
+            child,
+            _dir: dir,
+            endpoint,
+        })
+    }
+
+    pub(crate) fn config(&self, user: &str, device: &str) -> Result<ClientConfig> {
+        let token = self.keys.mint(user, None, Duration::from_secs(3600))?;
+        let mut config = ClientConfig::new(self.addr.clone(), &self.ca, token, device)?;
+        config.endpoint = Some(self.endpoint.clone());
+        config.connect_timeout = Duration::from_secs(30);
+        Ok(config)
+    }
+
+    pub(crate) async fn connect(&self, user: &str, device: &str) -> Result<Connection> {
+        Ok(Connection::connect(&self.config(user, device)?).await?)
+    }
+
+    /// The spawned server's CPU seconds so far, from /proc.
+    pub(crate) fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(&self.child.as_ref()?.id()?.to_string())
+    }
+
+    /// The spawned server's resident memory, from /proc.
+    pub(crate) fn server_rss(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+}
+
+pub(crate) async fn spawn_server(
+    dir: &Path,
+    durability: &str,
+    lift_send_limit: bool,
+    extra: &str,
+) -> Result<(tokio::process::Child, String)> {
+    let exe = std::env::current_exe()?;
+    let config = dir.join("bench.toml");
+    let mut toml: toml::Table = extra.parse().context("--server-config is not valid TOML")?;
+    if lift_send_limit {
+        let limits = toml
+            .entry("limits")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(limits) = limits.as_table_mut() {
+            for limit in ["sends_per_second", "writes_per_second", "frames_per_second"] {
+                limits
+                    .entry(limit)
+                    .or_insert(toml::Value::Integer(1_000_000));
+            }
+        }
+    }
+    std::fs::write(&config, toml.to_string())?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--durability", durability])
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .env("PLOVER_LOG", "warn,plover_server::server=info")
+        // Its end of the pipe closes when this process ends, however it ends: the server
+        // then stops too.
+        .arg("--stop-on-stdin-eof")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the server")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.split("listening on ").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .context("the server did not start in time")??;
+    Ok((child, addr))
+}

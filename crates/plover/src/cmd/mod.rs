@@ -1,0 +1,9 @@
+//! One module per command family: its arguments and its handler.
+
+pub(crate) mod chat;
+pub(crate) mod groups;
+pub(crate) mod messages;
+pub(crate) mod push;
+pub(crate) mod receipts;
+pub(crate) mod serve;
+pub(crate) mod token;
