@@ -16,7 +16,8 @@ pub const MAX_VARINT_LEN: usize = 5;
 ///
 /// [`FrameError::Incomplete`] only means "feed me more bytes"; every other variant means the
 /// peer sent something that is not a valid frame and the stream cannot be trusted any further.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FrameError {
     /// More bytes are needed before a frame can be decoded; nothing was consumed.
     #[error("incomplete frame: more bytes needed")]
@@ -34,13 +35,13 @@ pub enum FrameError {
     },
     /// The body is not a valid postcard encoding of the expected type.
     #[error("invalid frame body: {0}")]
-    Invalid(String),
+    Invalid(#[source] postcard::Error),
     /// The body decoded, but bytes were left over inside the frame.
     #[error("{0} trailing bytes after the frame body")]
     Trailing(usize),
     /// A value could not be encoded (only happens for values above the maximum size).
     #[error("cannot encode frame: {0}")]
-    Encode(String),
+    Encode(#[source] postcard::Error),
 }
 
 /// Reads a varint length prefix from the front of `src` without consuming it.
@@ -48,14 +49,16 @@ pub enum FrameError {
 /// Returns the value and the number of prefix bytes.
 fn peek_len(src: &[u8]) -> Result<(u64, usize), FrameError> {
     let mut value: u64 = 0;
-    for (i, byte) in src.iter().take(MAX_VARINT_LEN).enumerate() {
-        value |= u64::from(byte & 0x7f) << (7 * i);
+    // Each byte's count (1..=5) and the shift of its 7 bits; at most 5 bytes are looked at.
+    let shifts = (1usize..).zip([0u32, 7, 14, 21, 28]);
+    for ((count, shift), byte) in shifts.zip(src) {
+        value |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
             // A last byte of zero after a continuation adds nothing: an overlong encoding.
-            if value > u64::from(u32::MAX) || (i > 0 && *byte == 0) {
+            if value > u64::from(u32::MAX) || (count > 1 && *byte == 0) {
                 return Err(FrameError::BadLength);
             }
-            return Ok((value, i + 1));
+            return Ok((value, count));
         }
     }
     if src.len() >= MAX_VARINT_LEN {
@@ -77,14 +80,14 @@ fn put_len(dst: &mut impl BufMut, mut len: u32) {
 ///
 /// Fails if the encoded body would be larger than `max` bytes: the peer would refuse it anyway.
 pub fn encode<T: Serialize>(value: &T, max: u32, dst: &mut BytesMut) -> Result<(), FrameError> {
-    let body = postcard::to_stdvec(value).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let body = postcard::to_stdvec(value).map_err(FrameError::Encode)?;
     if body.len() as u64 > u64::from(max) {
         return Err(FrameError::TooLarge {
             len: body.len() as u64,
             max,
         });
     }
-    dst.reserve(MAX_VARINT_LEN + body.len());
+    dst.reserve(MAX_VARINT_LEN.saturating_add(body.len()));
     put_len(dst, body.len() as u32);
     dst.put_slice(&body);
     Ok(())
@@ -106,8 +109,9 @@ pub fn frame_bounds(src: &[u8], max: u32) -> Result<(usize, usize), FrameError> 
     if len > u64::from(max) {
         return Err(FrameError::TooLarge { len, max });
     }
-    let len = len as usize;
-    if src.len() - prefix < len {
+    // At most `u32::MAX`, so a `usize` on every target plover builds for.
+    let len = usize::try_from(len).map_err(|_| FrameError::TooLarge { len, max })?;
+    if src.get(prefix..).map_or(0, <[u8]>::len) < len {
         return Err(FrameError::Incomplete);
     }
     Ok((prefix, len))
@@ -115,8 +119,7 @@ pub fn frame_bounds(src: &[u8], max: u32) -> Result<(usize, usize), FrameError> 
 
 /// Decodes a frame body (without its prefix); every byte must belong to the value.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    let (value, rest) =
-        postcard::take_from_bytes::<T>(body).map_err(|e| FrameError::Invalid(e.to_string()))?;
+    let (value, rest) = postcard::take_from_bytes::<T>(body).map_err(FrameError::Invalid)?;
     if !rest.is_empty() {
         return Err(FrameError::Trailing(rest.len()));
     }
@@ -129,9 +132,13 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 /// calls again. On any other error the stream is unusable.
 pub fn decode<T: DeserializeOwned>(src: &mut BytesMut, max: u32) -> Result<T, FrameError> {
     let (prefix, len) = frame_bounds(src, max)?;
-    let value = decode_body(&src[prefix..prefix + len]);
+    // `frame_bounds` found the whole body in `src`, so neither the sum nor the range fails.
+    let end = prefix.saturating_add(len);
+    let value = src
+        .get(prefix..end)
+        .map_or(Err(FrameError::Incomplete), decode_body);
     // A bad body still consumes its frame, so a caller that logs and carries on stays aligned.
-    src.advance(prefix + len);
+    src.advance(end);
     value
 }
 

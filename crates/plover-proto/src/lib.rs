@@ -39,6 +39,17 @@
 //! # Ok::<(), FrameError>(())
 //! ```
 
+// Code that reads bytes from the network: no index that can panic, no arithmetic that can
+// overflow, no `expect` (tests may).
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::expect_used
+    )
+)]
+
 mod client;
 pub mod codec;
 mod server;

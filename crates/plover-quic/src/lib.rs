@@ -9,6 +9,17 @@
 //!
 //! Arrows: plover-proto <- plover-quic <- plover-client and plover-server.
 
+// Code that reads bytes from the network: no index that can panic, no arithmetic that can
+// overflow, no `expect` (tests may).
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::expect_used
+    )
+)]
+
 pub mod stream;
 pub mod tls;
 

@@ -407,7 +407,9 @@ impl Config {
         if self.limits.max_frame < 1024 {
             return invalid("limits.max_frame must be at least 1024");
         }
-        if self.limits.max_body == 0 || self.limits.max_body + 512 > self.limits.max_frame {
+        if self.limits.max_body == 0
+            || self.limits.max_body.saturating_add(512) > self.limits.max_frame
+        {
             return invalid("limits.max_body must be positive and at least 512 below max_frame");
         }
         if self.limits.max_streams == 0 || self.limits.max_streams > 1024 {
@@ -438,8 +440,8 @@ impl Config {
         {
             return invalid("transport.heartbeat must be positive and below idle_timeout");
         }
-        if self.auth.timeout.is_zero() {
-            return invalid("auth.timeout must be positive");
+        if self.auth.timeout.is_zero() || self.auth.timeout > Duration::from_secs(600) {
+            return invalid("auth.timeout must be positive and at most 10 minutes");
         }
         if self.push.retries == 0 || self.push.concurrency == 0 || self.push.queue == 0 {
             return invalid("push.retries, push.concurrency and push.queue must be positive");

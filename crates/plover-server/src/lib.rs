@@ -19,6 +19,16 @@
 //! Arrows point one way: transport -> router -> push -> persist, and router -> persist.
 //! Wire types come from `plover-proto`, frames on quinn streams from `plover-quic`.
 
+// The modules that read what peers send (frames, tokens): no index that can panic, no
+// arithmetic that can overflow, no `expect` (tests may).
+#[cfg_attr(
+    not(test),
+    warn(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::expect_used
+    )
+)]
 pub mod auth;
 pub mod clock;
 pub mod config;
@@ -27,4 +37,12 @@ pub mod persist;
 pub mod push;
 pub mod router;
 pub mod server;
+#[cfg_attr(
+    not(test),
+    warn(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::expect_used
+    )
+)]
 pub mod transport;

@@ -12,9 +12,9 @@ use plover_proto::ClientFrame;
 pub(crate) fn cost(frame: &ClientFrame) -> u32 {
     match frame {
         ClientFrame::History { limit, .. } | ClientFrame::ListConversations { limit, .. } => {
-            1 + limit.min(&500) / 10
+            1u32.saturating_add(limit.min(&500) / 10)
         }
-        ClientFrame::Members { limit, .. } => 1 + limit.min(&500) / 20,
+        ClientFrame::Members { limit, .. } => 1u32.saturating_add(limit.min(&500) / 20),
         _ => 1,
     }
 }
@@ -38,7 +38,10 @@ impl FrameBudget {
     pub(crate) fn new(per_second: u32) -> Self {
         Self {
             paid_off: Mutex::new(Instant::now()),
-            per_unit: Duration::from_secs(1) / per_second.max(1),
+            // No budget (0) counts as one frame a second.
+            per_unit: Duration::from_secs(1)
+                .checked_div(per_second)
+                .unwrap_or(Duration::from_secs(1)),
             burst: Duration::from_secs(2),
         }
     }
@@ -49,8 +52,11 @@ impl FrameBudget {
             let mut paid_off = self.paid_off.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             let from = (*paid_off).max(now);
-            *paid_off = from + self.per_unit * cost;
-            paid_off.saturating_duration_since(now + self.burst)
+            // Saturating: a charge past what an `Instant` can hold stays where it is, which no
+            // budget reaches (u32::MAX units at one a second are 136 years).
+            let charge = self.per_unit.saturating_mul(cost);
+            *paid_off = from.checked_add(charge).unwrap_or(from);
+            paid_off.saturating_duration_since(now.checked_add(self.burst).unwrap_or(now))
         };
         if !wait.is_zero() {
             metrics::counter!(crate::metrics::names::FRAMES_HELD_BACK).increment(1);
@@ -89,7 +95,10 @@ impl Acks {
             return None;
         }
         let now = Instant::now();
-        if a.last.is_some_and(|t| now < t + ACK_COALESCE) {
+        if a.last
+            .and_then(|t| t.checked_add(ACK_COALESCE))
+            .is_some_and(|due| now < due)
+        {
             a.pending = Some(cursor);
             return None;
         }
@@ -103,7 +112,11 @@ impl Acks {
     pub(crate) fn due(&self) -> Option<Instant> {
         let a = self.state.lock().unwrap_or_else(|p| p.into_inner());
         a.pending?;
-        Some(a.last.map_or_else(Instant::now, |t| t + ACK_COALESCE))
+        Some(
+            a.last
+                .and_then(|t| t.checked_add(ACK_COALESCE))
+                .unwrap_or_else(Instant::now),
+        )
     }
 
     /// Takes the waiting cursor (to hand to the router now).

@@ -78,7 +78,7 @@ impl Devices {
                 conn: conn.clone(),
             };
             match previous {
-                Some(i) => Some(std::mem::replace(&mut held[i], new)),
+                Some(i) => held.get_mut(i).map(|slot| std::mem::replace(slot, new)),
                 None => {
                     held.push(new);
                     None

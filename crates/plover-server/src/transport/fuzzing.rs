@@ -7,6 +7,14 @@
 //! never in a release build. Not part of the public API: no stability, no documentation beyond
 //! this.
 
+// A test tool: a broken invariant or a failed setup is a panic, which is how the fuzzer and
+// the tests hear of it.
+#![allow(
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -59,7 +59,9 @@ fn server_transport(config: &Config) -> Result<quinn::TransportConfig, Transport
     let mut transport = quinn::TransportConfig::default();
     // quinn sets up state for the whole stream limit when a connection opens: the control
     // stream plus `max_streams` conversation streams, and nothing more.
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(limits.max_streams + 1));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(
+        limits.max_streams.saturating_add(1),
+    ));
     // Clients open no unidirectional streams (delivery streams go the other way).
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // Receive windows bound what one connection can make the server buffer.

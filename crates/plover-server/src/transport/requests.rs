@@ -458,7 +458,7 @@ fn answer(request: u32, result: Result<ServerFrame, RouterError>) -> ServerFrame
 /// last id it got.
 fn fit_page(request: u32, items: Vec<ConversationInfo>, more: bool, max_frame: u32) -> ServerFrame {
     // Room for the frame's own fields around the items.
-    let mut budget = max_frame as usize - 64;
+    let mut budget = (max_frame as usize).saturating_sub(64);
     let total = items.len();
     let mut kept = Vec::with_capacity(total);
     for item in items {
@@ -487,7 +487,7 @@ fn fit_history(
 ) -> (Vec<Message>, bool) {
     let size = |m: &Message| postcard::to_stdvec(m).map_or(usize::MAX, |v| v.len());
     // Room for the frame's own fields and each message's encoding overhead.
-    let budget = max_frame as usize - Message::FRAME_OVERHEAD;
+    let budget = (max_frame as usize).saturating_sub(Message::FRAME_OVERHEAD);
     // A message too large for a page of its own (stored by an older version) is cut to fit,
     // so that the page can always be sent and the client can page past it.
     if messages.iter().any(|m| size(m) > budget) {
@@ -502,11 +502,11 @@ fn fit_history(
     };
     for m in order {
         let s = size(m);
-        if total + s > budget && keep > 0 {
+        if total.saturating_add(s) > budget && keep > 0 {
             break;
         }
         total = total.saturating_add(s);
-        keep += 1;
+        keep = keep.saturating_add(1);
     }
     if keep == messages.len() {
         return (messages, more);
@@ -514,7 +514,7 @@ fn fit_history(
     if forward {
         messages.truncate(keep);
     } else {
-        messages.drain(..messages.len() - keep);
+        messages.drain(..messages.len().saturating_sub(keep));
     }
     (messages, true)
 }

@@ -80,7 +80,10 @@ pub(crate) async fn serve_connection(
     shared: Arc<Shared>,
     handshakes: Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let deadline = Instant::now() + shared.auth_timeout;
+    // `auth.timeout` is at most 10 minutes (`Config::validate`), so the sum never overflows.
+    let deadline = Instant::now()
+        .checked_add(shared.auth_timeout)
+        .unwrap_or_else(Instant::now);
     let handshake = timeout_at(deadline, incoming).await;
     handshakes.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     let conn = match handshake {
@@ -626,7 +629,7 @@ impl Session {
                 }
             };
             for delivery in batch {
-                tick += 1;
+                tick = tick.wrapping_add(1);
                 let conversation = delivery.event.conversation();
                 let frame = ServerFrame::Event {
                     log: delivery.pos,

@@ -1,8 +1,7 @@
 //! Presence: visible to conversation peers only, pushed live and debounced, last seen after a
 //! clean close, after a killed client, and across a restart.
-mod common;
 
-use common::{TestServer, next_incoming};
+use crate::common::{TestServer, next_incoming};
 use plover_client::{EventStream, Incoming};
 use plover_proto::{ErrorCode, Target};
 use std::process::Stdio;

@@ -1,7 +1,7 @@
 //! Certificates, graceful shutdown, and clients that ride through a restart.
-mod common;
+use crate::common;
 
-use common::{TestServer, next_event, text};
+use crate::common::{TestServer, next_event, text};
 use plover_client::{ClientConfig, Connection, EventStream};
 use plover_proto::{ErrorCode, Target};
 use std::time::Duration;

@@ -1,8 +1,7 @@
 //! A message reaches the recipient's online devices and the sender's other devices, once each.
-mod common;
 
+use crate::common::{TestServer, assert_quiet, next_event, text};
 use bytes::Bytes;
-use common::{TestServer, assert_quiet, next_event, text};
 use plover_client::{Connection, Conversation, EventStream};
 use plover_proto::{ClientMsgId, Event, Target};
 use std::sync::Arc;

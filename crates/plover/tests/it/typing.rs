@@ -1,8 +1,8 @@
 //! Typing indicators: datagrams to the other members' online devices, rate-limited, for
 //! members only, never stored.
-mod common;
+use crate::common;
 
-use common::next_incoming;
+use crate::common::next_incoming;
 use plover_client::{EventStream, Incoming};
 use std::time::Duration;
 

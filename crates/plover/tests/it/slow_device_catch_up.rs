@@ -1,9 +1,9 @@
 //! A device whose outbound queue fills is switched to catch-up from the store: memory stays
 //! bounded and it still gets every event once, in order.
-mod common;
+use crate::common;
 
+use crate::common::{TestServer, next_event, text};
 use bytes::Bytes;
-use common::{TestServer, next_event, text};
 use plover_client::EventStream;
 use plover_proto::{ClientMsgId, Event, Target};
 use plover_server::persist::Store;

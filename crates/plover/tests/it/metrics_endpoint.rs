@@ -1,5 +1,4 @@
 //! `plover serve --metrics ADDR` serves Prometheus text, /healthz and /readyz over HTTP.
-mod common;
 
 use plover_client::{ClientConfig, Connection};
 use plover_proto::Target;

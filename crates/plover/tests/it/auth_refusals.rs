@@ -1,8 +1,7 @@
 //! Missing, expired, forged, malformed and wrong-device tokens are refused with a typed code
 //! and the connection is closed.
-mod common;
 
-use common::TestServer;
+use crate::common::TestServer;
 use plover_client::{ClientConfig, Connection};
 use plover_proto::ErrorCode;
 use plover_server::auth::{AUDIENCE, Claims, TokenKeys};

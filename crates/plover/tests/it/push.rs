@@ -1,11 +1,10 @@
 //! Push notifications to a real HTTP receiver on 127.0.0.1: coalescing, none while online,
 //! durable across a restart, retries, rejected keys, RFC 8291 encryption, and the targets a
 //! pusher may have.
-mod common;
 
+use crate::common::TestServer;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use common::TestServer;
 use plover_proto::{Pusher, Target};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

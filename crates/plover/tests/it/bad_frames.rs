@@ -1,8 +1,8 @@
 //! Oversized, truncated, garbage and out-of-place frames get a typed error and a close, and
 //! other clients carry on.
-mod common;
+use crate::common;
 
-use common::{TestServer, close_code, handshake};
+use crate::common::{TestServer, close_code, handshake};
 use plover_proto::{ClientFrame, ErrorCode, ServerFrame, Target, codec};
 use plover_quic::FrameReader;
 use std::time::Duration;

@@ -1,9 +1,9 @@
 //! A server killed with SIGKILL and restarted on the same data keeps every acknowledged
 //! message, once, and continues each sequence without a gap or a reuse.
-mod common;
+use crate::common;
 
+use crate::common::{next_event, spawn_server, spawned_client};
 use bytes::Bytes;
-use common::{next_event, spawn_server, spawned_client};
 use plover_client::{Connection, EventStream};
 use plover_proto::{ClientMsgId, Event, Target};
 use plover_server::auth::{TokenKeys, load_or_create_secret};

@@ -107,7 +107,7 @@ fn misplaced_and_undecodable_frames_end_the_input() {
 }
 
 /// Writes the seeds where the fuzzer's corpus starts:
-/// `cargo test --test session_harness -- --ignored write_fuzz_seeds`.
+/// `cargo test --test it -- --ignored session_harness::write_fuzz_seeds`.
 #[test]
 #[ignore]
 fn write_fuzz_seeds() {

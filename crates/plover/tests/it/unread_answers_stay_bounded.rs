@@ -2,10 +2,9 @@
 //! holds the server to a bounded amount of memory, and gives it back when it goes. Before the
 //! byte bounds, one such connection raised the server's resident memory from 17 MB to 532 MB
 //! (each stream queued 256 answers of up to 64 KiB, and every page decoded 500 messages).
-mod common;
 
+use crate::common::{encode, rss, spawn_server, spawned_client};
 use bytes::Bytes;
-use common::{encode, rss, spawn_server, spawned_client};
 use plover_client::Connection;
 use plover_proto::{ClientFrame, PROTOCOL_VERSION, ServerFrame, Target};
 use plover_quic::FrameReader;

@@ -1,8 +1,7 @@
 //! Delivered and read marks: when they move, who learns of them, and that they survive being
 //! offline.
-mod common;
 
-use common::{alice_writes_to_bob, next_event, next_receipt};
+use crate::common::{alice_writes_to_bob, next_event, next_receipt};
 use plover_client::{EventStream, Incoming};
 use plover_proto::{Event, Target};
 use std::time::Duration;

@@ -1,8 +1,8 @@
 //! A retry with the same client id returns the original (conversation, seq) and stores nothing.
-mod common;
+use crate::common;
 
+use crate::common::TestServer;
 use bytes::Bytes;
-use common::TestServer;
 use plover_proto::{ClientMsgId, Target};
 
 #[tokio::test]

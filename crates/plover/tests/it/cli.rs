@@ -1,7 +1,6 @@
 //! The command-line forms scripts rely on, run as a user would.
-mod common;
 
-use common::spawn_server;
+use crate::common::spawn_server;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;

@@ -2,9 +2,8 @@
 //! spawned `plover serve` takes 600 connections that each announce a huge length, the limit
 //! plus one, garbage, a truncated frame, a frame on the wrong stream, or an `Open` of a
 //! conversation that is not theirs; its resident memory must grow by less than 10 MB.
-mod common;
 
-use common::{rss, spawn_server};
+use crate::common::{rss, spawn_server};
 use plover_proto::{ClientFrame, DEFAULT_MAX_FRAME, PROTOCOL_VERSION, Target, codec};
 use plover_server::auth::{TokenKeys, load_or_create_secret};
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! A user sending faster than `limits.sends_per_second` gets `limit` errors; other users don't.
-mod common;
+use crate::common;
 
-use common::TestServer;
+use crate::common::TestServer;
 use plover_proto::{ErrorCode, Target};
 
 #[tokio::test]

@@ -1,8 +1,7 @@
 //! `plover chat` driven as a person would, in tmux: ticks go sent -> delivered -> read, the
 //! peer's typing and presence show, incoming messages appear, Esc quits.
-mod common;
 
-use common::TestServer;
+use crate::common::TestServer;
 use plover_client::EventStream;
 use plover_proto::Target;
 use std::process::Command;

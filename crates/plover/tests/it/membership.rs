@@ -1,8 +1,7 @@
 //! Only members read or send in a conversation; unknown users cannot be written to.
-mod common;
 
+use crate::common::TestServer;
 use bytes::Bytes;
-use common::TestServer;
 use plover_proto::{ErrorCode, Target};
 
 #[tokio::test]

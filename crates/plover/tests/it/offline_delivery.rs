@@ -1,7 +1,6 @@
 //! A device that was offline gets exactly what it missed, in order, then live events.
-mod common;
 
-use common::{TestServer, assert_quiet, next_event, text};
+use crate::common::{TestServer, assert_quiet, next_event, text};
 use plover_client::EventStream;
 use plover_proto::Target;
 use std::time::Duration;

@@ -1,8 +1,8 @@
 //! Groups: one order on every device, membership as events in the conversation, admins, the
 //! size limit, per-member receipts, and a 1000-member group.
-mod common;
+use crate::common;
 
-use common::{TestServer, next_event, next_receipt, users};
+use crate::common::{TestServer, next_event, next_receipt, users};
 use plover_client::EventStream;
 use plover_proto::{ConversationChange, ErrorCode, Event, Target};
 use std::sync::Arc;

@@ -6,12 +6,12 @@
 //! plover leaves the page cache to the kernel, so buffered mode loses nothing here either (a
 //! power cut is another matter; RELIABILITY.md, row 2).
 //!
-//! Long runs: `cargo test --release --test crash_loop -- --ignored` (PLOVER_CRASH_CYCLES,
+//! Long runs: `cargo test --release --test it crash_loop:: -- --ignored` (PLOVER_CRASH_CYCLES,
 //! default 100); the buffered fast version runs in the default suite.
-mod common;
+use crate::common;
 
+use crate::common::{spawn_server_with, spawned_client};
 use bytes::Bytes;
-use common::{spawn_server_with, spawned_client};
 use plover_client::{ClientConfig, Connection, EventStream, Incoming, LogEvent};
 use plover_proto::{ClientMsgId, ConversationId, Event, Target};
 use plover_server::auth::{TokenKeys, load_or_create_secret};

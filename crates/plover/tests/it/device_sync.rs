@@ -1,9 +1,9 @@
 //! What a device receives on sync: its stored cursor only moves forward and never past its
 //! user's log head, whatever `Ack` a client sends (raw clients, so nothing of the SDK's own
 //! care is in the way), and history a user cleared stays cleared on a new device.
-mod common;
+use crate::common;
 
-use common::{TestServer, alice_writes_to_bob, encode, raw_device};
+use crate::common::{TestServer, alice_writes_to_bob, encode, raw_device};
 use plover_proto::{ClientFrame, Event, ServerFrame};
 use plover_quic::FrameReader;
 use std::time::Duration;

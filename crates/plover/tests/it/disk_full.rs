@@ -2,11 +2,11 @@
 //! failed write, clients get `unavailable`, `/readyz` would say not ready, and after space is
 //! freed and the server restarts every acknowledged message is there.
 //!
-//! Needs root (it mounts a tmpfs): `cargo test --test disk_full -- --ignored` (CI runs it as root).
-mod common;
+//! Needs root (it mounts a tmpfs): `cargo test --test it disk_full:: -- --ignored` (CI runs it as root).
+use crate::common;
 
+use crate::common::TestServer;
 use bytes::Bytes;
-use common::TestServer;
 use plover_proto::{ErrorCode, Target};
 use std::process::Command;
 

@@ -1,7 +1,6 @@
 //! Retention policies, tombstones, deleting for everyone and clearing one's own history.
-mod common;
 
-use common::{TestServer, next_event, next_log, users};
+use crate::common::{TestServer, next_event, next_log, users};
 use plover_client::EventStream;
 use plover_proto::{ConversationChange, ErrorCode, Event, Message, Retention, Target};
 use std::time::Duration;

@@ -4,12 +4,11 @@
 //! device is switched to catch-up, and when it finally reads everything, it has every message
 //! once, in order.
 //!
-//! `cargo test --release --test slow_reader -- --ignored --nocapture` (PLOVER_SLOW_SECS,
+//! `cargo test --release --test it slow_reader:: -- --ignored --nocapture` (PLOVER_SLOW_SECS,
 //! default 300).
-mod common;
 
+use crate::common::{rss, spawn_server_with, spawned_client};
 use bytes::Bytes;
-use common::{rss, spawn_server_with, spawned_client};
 use plover_client::{Connection, EventStream, Incoming};
 use plover_proto::{Event, Target};
 use plover_server::auth::{TokenKeys, load_or_create_secret};

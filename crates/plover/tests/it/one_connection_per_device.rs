@@ -1,8 +1,7 @@
 //! A connection lives and dies as one, each device holds one live connection, and each user
 //! at most `limits.connections_per_user`. Raw clients over real QUIC.
-mod common;
 
-use common::{TestServer, close_code, encode, raw_device, raw_hello};
+use crate::common::{TestServer, close_code, encode, raw_device, raw_hello};
 use plover_proto::{ClientFrame, ClientMsgId, ErrorCode, ServerFrame, Target};
 use plover_quic::FrameReader;
 use std::time::Duration;
