@@ -61,7 +61,7 @@ pub use server::ServerFrame;
 pub use types::{
     ClientDatagram, ClientMsgId, ConversationChange, ConversationId, ConversationInfo,
     ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, Pusher,
-    Receipt, Retention, ServerDatagram, Target,
+    Receipt, Retention, RetentionParseError, ServerDatagram, Target,
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.

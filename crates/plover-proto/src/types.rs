@@ -175,8 +175,28 @@ impl fmt::Display for Retention {
     }
 }
 
+/// Why a retention policy's text is not one.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetentionParseError {
+    /// Not `keep`, `until-delivered` or `ttl=<duration>`.
+    #[error("{0:?} is not a retention policy (keep, until-delivered, ttl=<duration>)")]
+    Unknown(String),
+    /// The duration after `ttl=` does not parse.
+    #[error("bad ttl {text:?}: {source}")]
+    BadTtl {
+        /// The text after `ttl=`.
+        text: String,
+        /// Why it does not parse.
+        source: humantime::DurationError,
+    },
+    /// A ttl under one second.
+    #[error("a ttl is at least one second")]
+    TtlTooShort,
+}
+
 impl std::str::FromStr for Retention {
-    type Err = String;
+    type Err = RetentionParseError;
 
     /// `keep`, `until-delivered`, or `ttl=<duration>` (`ttl=7d`, `ttl=10s`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -184,17 +204,19 @@ impl std::str::FromStr for Retention {
             "keep" => Ok(Retention::Keep),
             "until-delivered" | "until_delivered" => Ok(Retention::UntilDelivered),
             _ => match s.strip_prefix("ttl=") {
-                Some(d) => {
-                    let d =
-                        humantime::parse_duration(d).map_err(|e| format!("bad ttl {d:?}: {e}"))?;
+                Some(text) => {
+                    let d = humantime::parse_duration(text).map_err(|source| {
+                        RetentionParseError::BadTtl {
+                            text: text.to_owned(),
+                            source,
+                        }
+                    })?;
                     if d.as_secs() == 0 {
-                        return Err("a ttl is at least one second".into());
+                        return Err(RetentionParseError::TtlTooShort);
                     }
                     Ok(Retention::Ttl(d.as_secs()))
                 }
-                None => Err(format!(
-                    "{s:?} is not a retention policy (keep, until-delivered, ttl=<duration>)"
-                )),
+                None => Err(RetentionParseError::Unknown(s.to_owned())),
             },
         }
     }

@@ -643,7 +643,7 @@ impl Router {
             .map_err(|_| RouterError::ShuttingDown)
     }
 
-    /// The membership epoch of a conversation (see [`MembershipEpochs`]): read it before
+    /// The membership epoch of a conversation (see `MembershipEpochs`): read it before
     /// [`Router::members`], and read the members again once it differs.
     pub fn membership_epoch(&self, conversation: ConversationId) -> u64 {
         self.inner.epochs.get(conversation)
