@@ -47,18 +47,14 @@ pub(crate) struct Owner {
     pub(crate) sink: OwnEvents,
 }
 
-/// What a conversation stream needs to make the events of its own sends.
-struct Own {
-    conversation: ConversationId,
-    owner: Owner,
-}
-
 struct Waiters {
     sends: HashMap<ClientMsgId, PendingSend>,
     requests: HashMap<u32, RequestWaiter>,
     /// Set once the stream is gone; later requests fail at once.
     failed: Option<ClientError>,
-    own: Own,
+    /// The conversation, and who sends on it: what the events of its own sends are made of.
+    conversation: ConversationId,
+    owner: Owner,
 }
 
 impl Answers for Waiters {
@@ -69,15 +65,15 @@ impl Answers for Waiters {
                     return Ok(());
                 };
                 if log != 0
-                    && let Some(sink) = &*lock(&self.own.owner.sink)
+                    && let Some(sink) = &*lock(&self.owner.sink)
                 {
                     // The server skipped this position on the connection's feed: this is the
                     // event, exactly as the log holds it.
                     let message = Message {
-                        conversation: self.own.conversation,
+                        conversation: self.conversation,
                         seq,
-                        from: self.own.owner.user.clone(),
-                        device: self.own.owner.device.clone(),
+                        from: self.owner.user.clone(),
+                        device: self.owner.device.clone(),
                         ts,
                         id,
                         body: pending.body,
@@ -230,10 +226,8 @@ impl Conversation {
             sends: HashMap::new(),
             requests: HashMap::new(),
             failed: None,
-            own: Own {
-                conversation: info.id,
-                owner,
-            },
+            conversation: info.id,
+            owner,
         }));
         let task = tokio::spawn(read_answers(reader, waiters.clone(), conn.clone()));
         Ok(Conversation {

@@ -11,13 +11,10 @@
 
 // Code that reads bytes from the network: no index that can panic, no arithmetic that can
 // overflow, no `expect` (tests may).
-#![cfg_attr(
-    not(test),
-    warn(
-        clippy::indexing_slicing,
-        clippy::arithmetic_side_effects,
-        clippy::expect_used
-    )
+#![warn(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::expect_used
 )]
 
 pub mod stream;

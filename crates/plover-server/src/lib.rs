@@ -21,13 +21,10 @@
 
 // The modules that read what peers send (frames, tokens): no index that can panic, no
 // arithmetic that can overflow, no `expect` (tests may).
-#[cfg_attr(
-    not(test),
-    warn(
-        clippy::indexing_slicing,
-        clippy::arithmetic_side_effects,
-        clippy::expect_used
-    )
+#[warn(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::expect_used
 )]
 pub mod auth;
 pub mod clock;
@@ -37,12 +34,9 @@ pub mod persist;
 pub mod push;
 pub mod router;
 pub mod server;
-#[cfg_attr(
-    not(test),
-    warn(
-        clippy::indexing_slicing,
-        clippy::arithmetic_side_effects,
-        clippy::expect_used
-    )
+#[warn(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::expect_used
 )]
 pub mod transport;

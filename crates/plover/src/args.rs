@@ -16,10 +16,10 @@ pub(crate) struct Which {
         conflicts_with = "conversation",
         required_unless_present = "conversation"
     )]
-    pub(crate) with: Option<String>,
+    with: Option<String>,
     /// A conversation id.
     #[arg(long)]
-    pub(crate) conversation: Option<u64>,
+    conversation: Option<u64>,
 }
 
 impl Which {
@@ -32,16 +32,16 @@ impl Which {
 pub(crate) struct ClientArgs {
     /// Server address.
     #[arg(long, env = "PLOVER_SERVER", default_value = "127.0.0.1:4433")]
-    pub(crate) server: String,
+    server: String,
     /// Bearer token (from `plover token`).
     #[arg(long, env = "PLOVER_TOKEN", hide_env_values = true)]
-    pub(crate) token: String,
+    token: String,
     /// CA certificate to trust (PEM).
     #[arg(long, env = "PLOVER_CA", default_value = "./certs/cert.pem")]
-    pub(crate) ca: PathBuf,
+    ca: PathBuf,
     /// This device's name.
     #[arg(long, env = "PLOVER_DEVICE", default_value = "cli")]
-    pub(crate) device: String,
+    device: String,
 }
 
 impl ClientArgs {

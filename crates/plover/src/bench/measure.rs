@@ -50,10 +50,10 @@ impl Hist {
 /// What the spawned server and this process used from a point on, per unit of work: CPU
 /// (the send-and-drain phase of a scenario, without its connection setup) and UDP datagrams.
 pub(crate) struct Meter {
-    pub(crate) server_pid: Option<String>,
-    pub(crate) server: Option<f64>,
-    pub(crate) bench: Option<f64>,
-    pub(crate) datagrams: Option<u64>,
+    server_pid: Option<String>,
+    server: Option<f64>,
+    bench: Option<f64>,
+    datagrams: Option<u64>,
 }
 
 impl Meter {
@@ -98,11 +98,11 @@ impl Meter {
 /// traffic is made of.
 #[derive(Default)]
 pub(crate) struct Packets {
-    pub(crate) sent: u64,
-    pub(crate) received: u64,
-    pub(crate) ack_frames: u64,
-    pub(crate) stream_frames: u64,
-    pub(crate) flow_control_frames: u64,
+    sent: u64,
+    received: u64,
+    ack_frames: u64,
+    stream_frames: u64,
+    flow_control_frames: u64,
 }
 
 impl Packets {

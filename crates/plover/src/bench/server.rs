@@ -15,10 +15,10 @@ use super::{BenchArgs, Scenario};
 /// The server under test, and how to reach it.
 pub(crate) struct Server {
     pub(crate) addr: String,
-    pub(crate) ca: PathBuf,
+    ca: PathBuf,
     pub(crate) keys: TokenKeys,
     pub(crate) child: Option<tokio::process::Child>,
-    pub(crate) _dir: Option<tempfile::TempDir>,
+    _dir: Option<tempfile::TempDir>,
     pub(crate) endpoint: quinn::Endpoint,
 }
 
