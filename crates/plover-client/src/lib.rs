@@ -11,6 +11,17 @@
 //! The wire types come from [`plover_proto`]; PROTOCOL.md at the repository's root describes
 //! every frame byte by byte.
 //!
+//! # Layout
+//!
+//! - `connection.rs`: connecting, `Hello`/`Welcome`, the typed control requests.
+//! - `control.rs`: the control stream's writer, its waiting requests, presence pushes and the
+//!   heartbeat.
+//! - `conversation.rs`: a conversation stream and the answers its requests wait for.
+//! - `answers.rs`: the readers that hand each answer to its waiter, and what a failed stream
+//!   or a broken protocol becomes.
+//! - `events.rs`: the event stream: sync from a cursor, delivery streams, receipts, reconnects.
+//! - `endpoint.rs`: the QUIC endpoint and its transport settings.
+//!
 //! # Example
 //!
 //! Bob's phone listens while alice sends him a message (against a server started here, on

@@ -14,6 +14,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Errors reading or writing frames on a stream.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StreamError {
     /// The peer sent bytes that are not a valid frame.
     #[error(transparent)]
