@@ -80,12 +80,30 @@ pub struct Config {
 }
 
 /// Metrics and health endpoints.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// TCP address for `/metrics`, `/healthz` and `/readyz` over plain HTTP. Off by default;
     /// keep it on loopback or a private network: it is not authenticated.
     pub listen: Option<SocketAddr>,
+    /// Record each message's time per stage (`plover_stage_seconds{stage}`). On: it costs
+    /// a few clock reads and histogram updates per message (BENCHMARKS.md, "Stage latency"),
+    /// and it is what attributes a tail to its stage in the run that shows it.
+    pub stages: bool,
+    /// A message slower than this, from its frame to its answer or to a device, is logged
+    /// once with its stage breakdown. 50 ms: half the design's 100 ms budget.
+    #[serde(with = "humantime_serde")]
+    pub slow_message: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            stages: true,
+            slow_message: Duration::from_millis(50),
+        }
+    }
 }
 
 /// Push notifications.

@@ -14,6 +14,7 @@ use super::RouterError;
 use super::cache::Generations;
 use super::pipeline::{CommitItem, ERASED, KINDS, Reply, Sent};
 use super::sessions::{Delivery, Sessions};
+use super::timing::{Stamps, Traced};
 use crate::metrics::names;
 use crate::persist::{LogEntry, SideWrite, Store, StoreError, Writer};
 use plover_proto::Event;
@@ -42,6 +43,8 @@ struct Fanout {
     event: Arc<Event>,
     /// The feed that skips it (the sending connection's; 0 for none).
     origin: u64,
+    /// Its stage stamps, by index into the batch's (a `Send` only).
+    trace: Option<usize>,
 }
 
 pub(super) struct CommitThread {
@@ -109,6 +112,7 @@ impl CommitThread {
         let heads = &mut held.heads;
         let mut batch = self.store.batch();
         let started = std::time::Instant::now();
+        let mut built = started;
         metrics::histogram!(names::COMMIT_BATCH).record(items.len() as f64);
         let mut kinds = [0u64; KINDS.len()];
         for item in items.iter() {
@@ -119,7 +123,9 @@ impl CommitThread {
                 metrics::counter!(names::COMMIT_ITEMS, "kind" => *kind).increment(n);
             }
         }
-        let mut replies: Vec<(Reply, Sent)> = Vec::with_capacity(items.len());
+        // Each answer, with its stage stamps' index into `stamped` (a live `Send` only).
+        let mut replies: Vec<(Reply, Sent, Option<usize>)> = Vec::with_capacity(items.len());
+        let mut stamped: Vec<Stamps> = Vec::new();
         let mut ack_since: Vec<std::time::Instant> = Vec::new();
         let mut messages_in = 0u64;
         let mut barriers = Vec::new();
@@ -142,6 +148,7 @@ impl CommitThread {
                     membership,
                     reply,
                     since,
+                    stamps,
                     origin,
                     held,
                 } => {
@@ -186,13 +193,19 @@ impl CommitThread {
                                 seq: msg.seq,
                                 ts: msg.ts,
                                 log,
+                                timing: None,
                             };
-                            replies.push((reply, sent));
+                            let trace = stamps.map(|s| {
+                                stamped.push(s);
+                                stamped.len() - 1
+                            });
+                            replies.push((reply, sent, trace));
                             deliveries.push(Fanout {
                                 members,
                                 positions,
                                 event: Arc::new(Event::Message(msg)),
                                 origin,
+                                trace,
                             });
                         }
                         Err(e) => {
@@ -234,6 +247,7 @@ impl CommitThread {
                             positions,
                             event: Arc::new(Event::Receipt(receipt)),
                             origin: 0,
+                            trace: None,
                         }),
                         Err(e) => failed = Some(e),
                     }
@@ -254,7 +268,9 @@ impl CommitThread {
                             seq: tombstone.seq,
                             ts: tombstone.ts,
                             log: 0,
+                            timing: None,
                         },
+                        None,
                     ));
                     let event = Event::Deleted {
                         conversation: tombstone.conversation,
@@ -272,11 +288,12 @@ impl CommitThread {
                             positions,
                             event: Arc::new(event),
                             origin: 0,
+                            trace: None,
                         }),
                         Err(e) => failed = Some(e),
                     }
                 }
-                CommitItem::Wait { sent, reply } => replies.push((reply, sent)),
+                CommitItem::Wait { sent, reply } => replies.push((reply, sent, None)),
                 CommitItem::Cursor {
                     user,
                     device,
@@ -320,18 +337,29 @@ impl CommitThread {
                 self.store.poison(&e);
                 Err(e)
             }
-            None => batch.commit().map_err(RouterError::from),
+            None => {
+                built = std::time::Instant::now();
+                batch.commit().map_err(RouterError::from)
+            }
         };
         match result {
             Ok(()) => {
-                metrics::histogram!(names::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                let committed = std::time::Instant::now();
+                metrics::histogram!(names::COMMIT_SECONDS)
+                    .record(committed.duration_since(started).as_secs_f64());
+                let traces: Vec<Arc<Traced>> = stamped
+                    .into_iter()
+                    .map(|s| Arc::new(Traced::new(s, started, built, committed)))
+                    .collect();
+                let trace_of = |i: Option<usize>| i.and_then(|i| traces.get(i)).cloned();
                 metrics::counter!(names::MESSAGES_IN).increment(messages_in);
                 // Before the answers and events: whoever learns of a change and then types
                 // finds every cached member list of that conversation stale.
                 for conversation in changed {
                     self.epochs.bump(conversation);
                 }
-                for (reply, sent) in replies {
+                for (reply, mut sent, trace) in replies {
+                    sent.timing = trace_of(trace);
                     let _ = reply.send(Ok(sent));
                 }
                 for side in sides {
@@ -348,8 +376,10 @@ impl CommitThread {
                     positions,
                     event,
                     origin,
+                    trace,
                 } in deliveries
                 {
+                    let timing = trace_of(trace);
                     if let Event::Message(msg) = &*event {
                         for member in members.iter() {
                             self.notifier.offer(member, msg);
@@ -360,6 +390,7 @@ impl CommitThread {
                             pos,
                             event: event.clone(),
                             origin,
+                            timing: timing.clone(),
                         };
                         self.sessions.deliver(member, &delivery);
                     }
@@ -372,7 +403,7 @@ impl CommitThread {
                 // cached cursors may hold ones that were never stored.
                 held.heads.clear();
                 held.cursors.clear();
-                for (reply, _) in replies {
+                for (reply, _, _) in replies {
                     let _ = reply.send(Err(RouterError::Unavailable));
                 }
                 for side in sides {

@@ -201,6 +201,7 @@ pub(super) fn read_events(
             pos,
             event: Arc::new(event),
             origin: 0,
+            timing: None,
         });
     }
     Ok(out)

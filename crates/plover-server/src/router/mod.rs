@@ -20,6 +20,7 @@ mod sessions;
 mod shard;
 #[cfg(test)]
 mod tests;
+pub mod timing;
 
 use std::collections::HashMap;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
@@ -560,6 +561,8 @@ impl Router {
         body: bytes::Bytes,
         origin: u64,
     ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
+        // The first of the message's stage stamps: its frame was decoded just before.
+        let arrived = std::time::Instant::now();
         self.charge(from, "sending")?;
         let share = u32::try_from(body.len().clamp(1, BODY_BYTES_IN_FLIGHT)).unwrap_or(u32::MAX);
         let held = self
@@ -578,7 +581,7 @@ impl Router {
             id,
             body,
             reply,
-            since: std::time::Instant::now(),
+            stamps: timing::Stamps::new(arrived),
             origin,
             held,
         };

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::RouterError;
+use super::timing::{Stamps, Traced};
 use crate::persist::{SideWrite, StoreError};
 use plover_proto::{Message, Receipt};
 
@@ -12,7 +13,7 @@ use plover_proto::{Message, Receipt};
 pub(super) const ERASED: &str = "erased";
 
 /// The answer to a send: the message's place in its conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Sent {
     /// Sequence number in the conversation.
     pub seq: u64,
@@ -21,6 +22,9 @@ pub struct Sent {
     /// Position of the message in the sender's own log; 0 when not known (a retry, or an
     /// answer that is not a message).
     pub log: u64,
+    /// Where the message's time went, for the answer to record once written (live sends
+    /// only).
+    pub timing: Option<Arc<Traced>>,
 }
 
 /// Where an answer goes.
@@ -46,6 +50,8 @@ pub(super) enum CommitItem {
         reply: Reply,
         /// When the send reached its shard (for the ack latency metric).
         since: std::time::Instant,
+        /// The stage stamps of a `Send` (none for a membership change).
+        stamps: Option<Stamps>,
         /// The sending connection's feed, which gets the message in the answer instead.
         origin: u64,
         /// The body's share of the bytes in flight ([`super::BODY_BYTES_IN_FLIGHT`]),

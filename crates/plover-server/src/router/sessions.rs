@@ -23,6 +23,9 @@ pub struct Delivery {
     /// The feed ([`super::DeviceFeed::id`]) of the connection the message was sent on, or 0.
     /// That connection learns the event from its `Sent` answer, so its feed skips it.
     pub origin: u64,
+    /// The message's stage stamps, for the connection to record once it has written the
+    /// event (a live `Send` only; `None` for anything read from the store).
+    pub timing: Option<Arc<super::timing::Traced>>,
 }
 
 struct Slot {

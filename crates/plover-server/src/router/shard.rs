@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::RouterError;
 use super::cache::Generations;
 use super::pipeline::{CommitItem, ERASED, MembershipWrite, Reply, Sent};
+use super::timing::Stamps;
 use crate::metrics::names;
 use crate::persist::{ConversationRecord, MemberRecord, Store, tombstone};
 use plover_proto::{
@@ -49,8 +50,8 @@ pub(super) struct SendRequest {
     pub(super) id: ClientMsgId,
     pub(super) body: bytes::Bytes,
     pub(super) reply: Reply,
-    /// When the send was handed to the router.
-    pub(super) since: std::time::Instant,
+    /// When its frame arrived and when it was handed to this shard.
+    pub(super) stamps: Stamps,
     /// The sending connection's feed (see [`Delivery::origin`]), 0 if it has none.
     pub(super) origin: u64,
     /// The body's share of the bytes in flight.
@@ -252,6 +253,7 @@ impl Shard {
     }
 
     fn sequence(&mut self, req: SendRequest, owned: &mut Owned) -> Option<CommitItem> {
+        let dequeued = std::time::Instant::now();
         if self.store.is_poisoned() {
             let _ = req.reply.send(Err(RouterError::Unavailable));
             return None;
@@ -259,7 +261,7 @@ impl Shard {
         let key: IdemKey = (req.conversation, req.from, req.id);
         if let Some(sent) = owned.recent.get(&key) {
             return Some(CommitItem::Wait {
-                sent: *sent,
+                sent: sent.clone(),
                 reply: req.reply,
             });
         }
@@ -278,7 +280,12 @@ impl Shard {
         }
         match self.store.idempotent(key.0, &key.1, &key.2) {
             Ok(Some((seq, ts))) => {
-                let _ = req.reply.send(Ok(Sent { seq, ts, log: 0 }));
+                let _ = req.reply.send(Ok(Sent {
+                    seq,
+                    ts,
+                    log: 0,
+                    timing: None,
+                }));
                 return None;
             }
             Ok(None) => {}
@@ -300,6 +307,7 @@ impl Shard {
             seq: state.last_seq,
             ts: now_ms(),
             log: 0,
+            timing: None,
         };
         let msg = Message {
             conversation: key.0,
@@ -314,7 +322,7 @@ impl Shard {
         // Sending counts as having read (and received) everything up to one's own message.
         state.marks.insert(msg.from.clone(), (sent.seq, sent.seq));
         let recipients = state.names.clone();
-        owned.recent.insert(key.clone(), sent);
+        owned.recent.insert(key.clone(), sent.clone());
         owned.order.push_back(key);
         while owned.order.len() > self.recent_capacity {
             if let Some(old) = owned.order.pop_front() {
@@ -326,7 +334,12 @@ impl Shard {
             recipients,
             membership: None,
             reply: req.reply,
-            since: req.since,
+            since: req.stamps.queued,
+            stamps: Some(Stamps {
+                dequeued,
+                sequenced: std::time::Instant::now(),
+                ..req.stamps
+            }),
             origin: req.origin,
             held: Some(req.held),
         })
@@ -460,6 +473,7 @@ impl Shard {
                         seq: 0,
                         ts: 0,
                         log: 0,
+                        timing: None,
                     }));
                     None
                 }
@@ -488,6 +502,7 @@ impl Shard {
                     membership: Some(Box::new(write)),
                     reply: req.reply,
                     since: std::time::Instant::now(),
+                    stamps: None,
                     origin: 0,
                     held: None,
                 })
@@ -497,6 +512,7 @@ impl Shard {
                     seq: 0,
                     ts: 0,
                     log: 0,
+                    timing: None,
                 }));
                 None
             }

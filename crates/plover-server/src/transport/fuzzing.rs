@@ -136,6 +136,7 @@ impl World {
             devices: Arc::new(crate::transport::devices::Devices::new(
                 config.limits.connections_per_user,
             )),
+            stages: crate::router::timing::StageRecorder::new(&config.metrics),
         });
         let mut actors = Vec::new();
         let mut online = Vec::new();
@@ -231,7 +232,7 @@ impl World {
             }
         }
         for (conversation, p) in pending {
-            let answer = p.resolve().await;
+            let (answer, _) = p.resolve().await;
             check_reply(&answer);
             if let ServerFrame::Sent { id, seq, .. } = answer {
                 self.check_ack(conversation, who, id, seq);

@@ -141,6 +141,7 @@ impl Listener {
                 server_id,
                 typing_per_second: config.presence.typing_per_second,
                 devices: Arc::new(devices::Devices::new(config.limits.connections_per_user)),
+                stages: crate::router::timing::StageRecorder::new(&config.metrics),
             }),
         })
     }

@@ -11,6 +11,7 @@ use tracing::debug;
 
 use crate::auth::TokenKeys;
 use crate::config::Limits;
+use crate::router::timing::Traced;
 use crate::router::{MemberOp, Router, RouterError, Sent, Subscription};
 use plover_proto::{ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ErrorCode};
 use plover_proto::{Message, ServerFrame};
@@ -27,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) typing_per_second: u32,
     /// Each device's one live connection.
     pub(crate) devices: Arc<super::devices::Devices>,
+    /// Whether and how messages' stage latencies are recorded.
+    pub(crate) stages: crate::router::timing::StageRecorder,
 }
 
 /// Why a connection or stream is being closed with an error.
@@ -61,17 +64,21 @@ pub(crate) enum Pending {
 }
 
 impl Pending {
-    /// The frame this answer becomes, waiting for the commit if it is an ack.
-    pub(crate) async fn resolve(self) -> ServerFrame {
-        match self {
+    /// The frame this answer becomes, waiting for the commit if it is an ack; with the
+    /// message's stage stamps when it is a live send's `Sent`.
+    pub(crate) async fn resolve(self) -> (ServerFrame, Option<Arc<Traced>>) {
+        let frame = match self {
             Pending::Frame(frame) => frame,
             Pending::Ack { id, rx } => match rx.await {
-                Ok(Ok(sent)) => ServerFrame::Sent {
-                    id,
-                    seq: sent.seq,
-                    ts: sent.ts,
-                    log: sent.log,
-                },
+                Ok(Ok(sent)) => {
+                    let frame = ServerFrame::Sent {
+                        id,
+                        seq: sent.seq,
+                        ts: sent.ts,
+                        log: sent.log,
+                    };
+                    return (frame, sent.timing);
+                }
                 Ok(Err(e)) => ServerFrame::SendFailed {
                     id,
                     code: e.code(),
@@ -83,7 +90,8 @@ impl Pending {
                     message: "the server is shutting down; retry with the same id".into(),
                 },
             },
-        }
+        };
+        (frame, None)
     }
 }
 

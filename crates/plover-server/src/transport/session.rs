@@ -13,6 +13,7 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 use super::devices::Claim;
 use super::requests::{Actor, Control, Pending, Refusal, Shared, Step};
 use crate::auth::{AuthError, valid_name};
+use crate::router::timing::StageRecorder;
 use crate::router::{DeviceFeed, Push};
 use plover_proto::{
     ClientDatagram, ClientFrame, ConversationId, ErrorCode, Event, PROTOCOL_VERSION,
@@ -31,7 +32,10 @@ const DELIVERY_STREAM_QUEUE: usize = 64;
 const DELIVERY_BYTES: usize = 1024 * 1024;
 
 /// An encoded event on its way to a delivery stream, with its share of [`DELIVERY_BYTES`].
-type Queued = (Bytes, tokio::sync::OwnedSemaphorePermit);
+/// An encoded event for a delivery stream, its share of the connection's queued bytes, and
+/// the stage stamps of a live message with the instant its connection took it.
+type Queued = (Bytes, tokio::sync::OwnedSemaphorePermit, Option<Taken>);
+type Taken = (Arc<crate::router::timing::Traced>, std::time::Instant);
 
 impl From<AuthError> for Refusal {
     fn from(e: AuthError) -> Self {
@@ -480,7 +484,7 @@ impl Session {
         // `inflight_sends` pages of up to `max_frame` each.
         let answer_bytes = Arc::new(tokio::sync::Semaphore::new(ANSWER_BYTES));
         let mut answers = AbortOnDrop(tokio::spawn(
-            write_answers(writer, pending_rx).in_current_span(),
+            write_answers(writer, pending_rx, self.actor.shared.stages).in_current_span(),
         ));
         let mut violation = None;
         loop {
@@ -585,11 +589,22 @@ fn encode_answer(frame: &ServerFrame, max_frame: u32) -> Bytes {
     buf.freeze()
 }
 
-async fn write_answers(mut writer: FrameWriter, mut answers: mpsc::Receiver<Answer>) {
+async fn write_answers(
+    mut writer: FrameWriter,
+    mut answers: mpsc::Receiver<Answer>,
+    stages: StageRecorder,
+) {
     while let Some(answer) = answers.recv().await {
         let written = match answer.frame {
             AnswerFrame::Encoded(bytes) => writer.send_encoded(&mut [bytes]).await,
-            AnswerFrame::Later(pending) => writer.send(&pending.resolve().await).await,
+            AnswerFrame::Later(pending) => {
+                let (frame, timing) = pending.resolve().await;
+                let written = writer.send(&frame).await;
+                if let (Ok(()), Some(timing)) = (&written, timing) {
+                    timing.answered(std::time::Instant::now(), stages);
+                }
+                written
+            }
         };
         if written.is_err() {
             return;
@@ -628,6 +643,7 @@ impl Session {
                     return;
                 }
             };
+            let taken = std::time::Instant::now();
             for delivery in batch {
                 tick = tick.wrapping_add(1);
                 let conversation = delivery.event.conversation();
@@ -709,7 +725,8 @@ impl Session {
                 let Ok(share) = queued_bytes.clone().acquire_many_owned(share).await else {
                     return;
                 };
-                if stream.tx.send((bytes, share)).await.is_err() {
+                let traced = delivery.timing.map(|t| (t, taken));
+                if stream.tx.send((bytes, share, traced)).await.is_err() {
                     // The stream task ended: the connection is gone.
                     return;
                 }
@@ -737,20 +754,28 @@ impl Session {
         let mut chunks = Vec::with_capacity(DELIVERY_STREAM_QUEUE);
         // The shares are given back once their bytes are written (into QUIC's send buffer).
         let mut shares = Vec::with_capacity(DELIVERY_STREAM_QUEUE);
-        while let Some((first, share)) = rx.recv().await {
+        let mut traced = Vec::new();
+        let stages = self.actor.shared.stages;
+        while let Some((first, share, taken)) = rx.recv().await {
             chunks.push(first);
             shares.push(share);
+            traced.extend(taken);
             while chunks.len() < DELIVERY_STREAM_QUEUE {
                 match rx.try_recv() {
-                    Ok((b, share)) => {
+                    Ok((b, share, taken)) => {
                         chunks.push(b);
                         shares.push(share);
+                        traced.extend(taken);
                     }
                     Err(_) => break,
                 }
             }
             if writer.send_encoded(&mut chunks).await.is_err() {
                 return;
+            }
+            let written = std::time::Instant::now();
+            for (timing, taken) in traced.drain(..) {
+                timing.delivered(taken, written, stages);
             }
             chunks.clear();
             shares.clear();

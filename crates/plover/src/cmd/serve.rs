@@ -74,7 +74,23 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
                     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
                 ],
             )?
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    plover_server::metrics::names::STAGE_SECONDS.to_owned(),
+                ),
+                &plover_server::metrics::stage_buckets(),
+            )?
             .install_recorder()?;
+        // Histograms keep their samples until upkeep folds them into the buckets: without
+        // it they grow for as long as nobody scrapes `/metrics`.
+        let upkeep = handle.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
         server = server.with_metrics(std::sync::Arc::new(move || handle.render()));
     }
     if args.stop_on_stdin_eof {

@@ -23,9 +23,14 @@ fn get(addr: &str, path: &str) -> (String, String) {
 #[tokio::test]
 async fn metrics_and_health_over_http() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // Every message counts as slow, so that each is logged with its stages.
+    let config_file = dir.path().join("plover.toml");
+    std::fs::write(&config_file, "[metrics]\nslow_message = \"1ns\"\n").expect("config");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_plover"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_file)
         .args([
-            "serve",
             "--listen",
             "127.0.0.1:0",
             "--metrics",
@@ -59,7 +64,13 @@ async fn metrics_and_health_over_http() {
         }
     }
     let (addr, metrics) = (addr.expect("addr"), metrics.expect("metrics"));
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = logged.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.lock().expect("log").push(line);
+        }
+    });
 
     let keys = TokenKeys::new(&load_or_create_secret(&dir.path().join("data")).expect("secret"));
     let config = |u: &str| {
@@ -85,11 +96,49 @@ async fn metrics_and_health_over_http() {
         conv.send(format!("m{i}")).await.expect("send");
     }
 
-    let m = metrics.clone();
-    let (status, body) = tokio::task::spawn_blocking(move || get(&m, "/metrics"))
-        .await
-        .expect("join");
-    assert!(status.contains("200"), "{status}");
+    // The answer's stages are recorded once it is written, which may be just after the
+    // client has read it.
+    let mut scrape = String::new();
+    for _ in 0..100 {
+        let m = metrics.clone();
+        let (status, body) = tokio::task::spawn_blocking(move || get(&m, "/metrics"))
+            .await
+            .expect("join");
+        assert!(status.contains("200"), "{status}");
+        scrape = body;
+        if scrape.contains("plover_stage_seconds_count{stage=\"ack\"} 3") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = scrape;
+    for stage in [
+        "to_shard",
+        "shard_queue",
+        "shard_step",
+        "commit_queue",
+        "batch_build",
+        "write_fsync",
+        "reply",
+        "ack",
+    ] {
+        assert!(
+            body.contains(&format!(
+                "plover_stage_seconds_count{{stage=\"{stage}\"}} 3"
+            )),
+            "{stage}: {body}"
+        );
+    }
+    // The fine buckets, from 10 us up.
+    assert!(
+        body.contains("plover_stage_seconds_bucket{stage=\"ack\",le=\"0.00001\"}"),
+        "{body}"
+    );
+    // Nobody was online to deliver to: no delivery stages yet.
+    assert!(
+        body.contains("plover_stage_seconds_count{stage=\"delivered\"} 0"),
+        "{body}"
+    );
     assert!(body.contains("plover_messages_in_total 3"), "{body}");
     assert!(body.contains("plover_ack_seconds_bucket"), "{body}");
     assert!(body.contains("plover_commit_batch_size_bucket"), "{body}");
@@ -103,6 +152,16 @@ async fn metrics_and_health_over_http() {
     assert!(health.0.0.contains("200"));
     assert!(health.1.0.contains("200"));
     assert!(health.2.0.contains("404"));
+    // Each of the three messages was logged once, with its breakdown.
+    let slow: Vec<String> = logged
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|l| l.contains("slow message"))
+        .cloned()
+        .collect();
+    assert_eq!(slow.len(), 3, "{slow:?}");
+    assert!(slow[0].contains("write_fsync_ms="), "{}", slow[0]);
     drop(conv);
     alice.close().await;
 }
