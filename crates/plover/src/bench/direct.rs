@@ -56,6 +56,7 @@ pub(crate) async fn direct(
     let errors = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let stages = target.stages().await;
     let cpu = Meter::start(Some(target));
     let packets = Packets::of(&conns);
     let start = Instant::now();
@@ -120,6 +121,7 @@ pub(crate) async fn direct(
     }
     let cpu_per_message = cpu.per(acked.len() as u64);
     let client_packets = Packets::of(&conns).since(&packets, acked.len() as u64);
+    let stages = target.stages_since(stages).await;
     drop(conns);
     let _ = stop_tx.send(true);
     for r in receivers {
@@ -148,6 +150,7 @@ pub(crate) async fn direct(
         "e2e_p50_over_floor_p50": (p50.as_secs_f64() / floor_p50.as_secs_f64().max(1e-9) * 100.0).round() / 100.0,
         "cpu_per_message": cpu_per_message,
         "client_packets_per_message": client_packets,
+        "stages": stages,
     });
     Ok((report, seen.e2e.pct(99.0)))
 }

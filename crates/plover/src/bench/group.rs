@@ -82,6 +82,7 @@ pub(crate) async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Re
     let sent_at: Arc<Mutex<std::collections::HashMap<u64, u64>>> = Arc::default();
     let interval = Duration::from_secs_f64(1.0 / args.rate().max(1) as f64);
     let mut tick = tokio::time::interval(interval);
+    let stages = target.stages().await;
     let start = Instant::now();
     let mut counter = 0u64;
     let mut inflight = tokio::task::JoinSet::new();
@@ -127,6 +128,7 @@ pub(crate) async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Re
     let cpu_per_message = cpu.per(acked.len() as u64);
     let cpu_per_delivery = cpu.per((acked.len() * online) as u64);
     let client_packets = Packets::of(&conns).since(&packets, (acked.len() * online) as u64);
+    let stages = target.stages_since(stages).await;
     drop(conns);
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -160,5 +162,6 @@ pub(crate) async fn group(target: &Server, args: &BenchArgs, floor: &Hist) -> Re
         "cpu_per_message": cpu_per_message,
         "cpu_per_delivery": cpu_per_delivery,
         "member_packets_per_delivery": client_packets,
+        "stages": stages,
     }))
 }

@@ -22,6 +22,7 @@ mod flood;
 mod group;
 mod measure;
 mod server;
+mod stages;
 
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
@@ -66,6 +67,9 @@ pub(crate) struct BenchArgs {
     /// With --server: its data directory (the token secret is read from it).
     #[arg(long, default_value = "./plover-data")]
     data: PathBuf,
+    /// With --server: its metrics address (`[metrics] listen`), for the per-stage latencies.
+    #[arg(long)]
+    server_metrics: Option<String>,
     /// Spawned server: more configuration, a TOML file whose tables are added to the bench's
     /// own (for comparing settings).
     #[arg(long)]
@@ -203,15 +207,25 @@ pub(crate) fn print_table(report: &Value) {
     };
     for (key, value) in map {
         match value {
-            Value::Object(h) if h.contains_key("p50_us") => {
-                println!(
-                    "{key:<22} p50 {:>9} us  p90 {:>9} us  p99 {:>9} us  p999 {:>9} us  max {:>9} us  (n={})",
-                    h["p50_us"], h["p90_us"], h["p99_us"], h["p999_us"], h["max_us"], h["count"]
-                );
+            // In the order a message passes them (a JSON object's keys come sorted).
+            Value::Object(stages) if key == "stages" => {
+                for stage in plover_server::router::timing::STAGES {
+                    if let Some(h) = stages.get(stage) {
+                        print_hist(&format!("stage {stage}"), h);
+                    }
+                }
             }
+            Value::Object(h) if h.contains_key("p50_us") => print_hist(key, value),
             other => println!("{key:<22} {other}"),
         }
     }
+}
+
+fn print_hist(key: &str, h: &Value) {
+    println!(
+        "{key:<22} p50 {:>9} us  p90 {:>9} us  p99 {:>9} us  p999 {:>9} us  max {:>9} us  (n={})",
+        h["p50_us"], h["p90_us"], h["p99_us"], h["p999_us"], h["max_us"], h["count"]
+    );
 }
 
 pub(crate) fn rand_u32() -> u32 {

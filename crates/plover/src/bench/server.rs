@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::measure::*;
-use super::{BenchArgs, Scenario};
+use super::stages::{Snapshot, scrape};
+use super::{BenchArgs, Scenario, progress};
 
 /// The server under test, and how to reach it.
 pub(crate) struct Server {
@@ -20,12 +21,21 @@ pub(crate) struct Server {
     pub(crate) child: Option<tokio::process::Child>,
     _dir: Option<tempfile::TempDir>,
     pub(crate) endpoint: quinn::Endpoint,
+    /// Its metrics address, for the per-stage latencies (always for a spawned server).
+    metrics: Option<String>,
 }
 
 impl Server {
     pub(crate) async fn new(args: &BenchArgs) -> Result<Self> {
-        let (addr, ca, data, child, dir) = match &args.server {
-            Some(addr) => (addr.clone(), args.ca.clone(), args.data.clone(), None, None),
+        let (addr, ca, data, child, dir, metrics) = match &args.server {
+            Some(addr) => (
+                addr.clone(),
+                args.ca.clone(),
+                args.data.clone(),
+                None,
+                None,
+                args.server_metrics.clone(),
+            ),
             None => {
                 let dir = tempfile::tempdir()?;
                 // A load generator sends faster than any person: the per-user rate limit is
@@ -36,11 +46,11 @@ impl Server {
                         .with_context(|| format!("cannot read {}", path.display()))?,
                     None => String::new(),
                 };
-                let (child, addr) =
+                let (child, addr, metrics) =
                     spawn_server(dir.path(), &args.durability, lift, &extra).await?;
                 let ca = dir.path().join("certs").join("cert.pem");
                 let data = dir.path().join("data");
-                (addr, ca, data, Some(child), Some(dir))
+                (addr, ca, data, Some(child), Some(dir), Some(metrics))
             }
         };
         let keys = TokenKeys::new(&load_or_create_secret(&data)?);
@@ -53,7 +63,28 @@ impl Server {
             child,
             _dir: dir,
             endpoint,
+            metrics,
         })
+    }
+
+    /// The server's stage histograms now, when its metrics are reachable.
+    pub(crate) async fn stages(&self) -> Option<Snapshot> {
+        let addr = self.metrics.as_ref()?;
+        match scrape(addr).await {
+            Ok(snapshot) => Some(snapshot),
+            Err(e) => {
+                progress(&format!("no per-stage latencies: {e:#}"));
+                None
+            }
+        }
+    }
+
+    /// The per-stage latencies since `before` (null when the metrics were not reachable).
+    pub(crate) async fn stages_since(&self, before: Option<Snapshot>) -> serde_json::Value {
+        match (before, self.stages().await) {
+            (Some(before), Some(after)) => after.since(&before),
+            _ => serde_json::Value::Null,
+        }
     }
 
     pub(crate) fn config(&self, user: &str, device: &str) -> Result<ClientConfig> {
@@ -88,7 +119,7 @@ pub(crate) async fn spawn_server(
     durability: &str,
     lift_send_limit: bool,
     extra: &str,
-) -> Result<(tokio::process::Child, String)> {
+) -> Result<(tokio::process::Child, String, String)> {
     let exe = std::env::current_exe()?;
     let config = dir.join("bench.toml");
     let mut toml: toml::Table = extra.parse().context("--server-config is not valid TOML")?;
@@ -110,6 +141,7 @@ pub(crate) async fn spawn_server(
         .arg("--config")
         .arg(&config)
         .args(["--listen", "127.0.0.1:0", "--durability", durability])
+        .args(["--metrics", "127.0.0.1:0"])
         .arg("--data")
         .arg(dir.join("data"))
         .arg("--certs")
@@ -129,16 +161,23 @@ pub(crate) async fn spawn_server(
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         let mut tx = Some(tx);
+        let (mut addr, mut metrics) = (None, None);
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(addr) = line.split("listening on ").nth(1)
+            if let Some(a) = line.split("listening on ").nth(1) {
+                addr = Some(a.trim().to_owned());
+            }
+            if let Some(m) = line.split("metrics on http://").nth(1) {
+                metrics = Some(m.trim().trim_end_matches("/metrics").to_owned());
+            }
+            if let (Some(a), Some(m)) = (&addr, &metrics)
                 && let Some(tx) = tx.take()
             {
-                let _ = tx.send(addr.trim().to_owned());
+                let _ = tx.send((a.clone(), m.clone()));
             }
         }
     });
-    let addr = tokio::time::timeout(Duration::from_secs(30), rx)
+    let (addr, metrics) = tokio::time::timeout(Duration::from_secs(30), rx)
         .await
         .context("the server did not start in time")??;
-    Ok((child, addr))
+    Ok((child, addr, metrics))
 }
