@@ -170,5 +170,48 @@ fn router_send(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, store_append, router_send);
+/// What measuring one direct message's stages costs, with the Prometheus recorder the binary
+/// installs: the clock reads of its stamps, its shared record, and the histogram updates of
+/// its answer and of one delivery.
+fn stage_recording(c: &mut Criterion) {
+    use plover_server::router::timing::{StageRecorder, Stamps, Traced};
+    use std::time::Instant;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                plover_server::metrics::names::STAGE_SECONDS.to_owned(),
+            ),
+            &plover_server::metrics::stage_buckets(),
+        )
+        .expect("buckets")
+        .install_recorder()
+        .expect("recorder");
+    let stages = StageRecorder {
+        enabled: true,
+        slow: Duration::from_secs(60),
+    };
+    let mut group = c.benchmark_group("stages");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one_direct_message", |b| {
+        let mut n = 0u32;
+        b.iter(|| {
+            let mut stamps = Stamps::new(Instant::now());
+            stamps.dequeued = Instant::now();
+            stamps.sequenced = Instant::now();
+            let now = Instant::now();
+            let traced = Arc::new(Traced::new(stamps, now, Instant::now(), Instant::now()));
+            let delivery = traced.clone();
+            traced.answered(Instant::now(), stages);
+            delivery.delivered(Instant::now(), Instant::now(), stages);
+            n += 1;
+            // What the upkeep task does every 5 s in a server.
+            if n.is_multiple_of(100_000) {
+                recorder.run_upkeep();
+            }
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, store_append, router_send, stage_recording);
 criterion_main!(benches);

@@ -126,7 +126,7 @@ fn record(stage: usize, seconds: f64) {
 
 impl Traced {
     /// The stamps of a message whose batch was picked, built and made durable at these times.
-    pub(super) fn new(stamps: Stamps, picked: Instant, built: Instant, committed: Instant) -> Self {
+    pub fn new(stamps: Stamps, picked: Instant, built: Instant, committed: Instant) -> Self {
         Self {
             stamps,
             picked,
