@@ -133,6 +133,26 @@ async fn serve(server: quinn::Endpoint, streams: mpsc::Sender<quinn::SendStream>
 /// `connections / rate` seconds, as a device in a `direct` or `group` run does. (Which push
 /// stream a connection got does not matter: every one is written in turn.)
 pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> Result<Value> {
+    let bursts = (rate as f64 / connections.max(1) as f64).max(0.1);
+    Ok(measure(connections, rate, bursts, duration).await?.report)
+}
+
+/// What [`measure`] found: its report, and the latencies themselves.
+pub(crate) struct Floor {
+    pub(crate) report: Value,
+    pub(crate) round_trip: Hist,
+    pub(crate) push: Hist,
+    pub(crate) fanout_to_last: Hist,
+}
+
+/// [`load`], keeping the latencies for the scenarios that compare with them; the fan-out
+/// phase pushes to every connection `bursts` times a second.
+pub(crate) async fn measure(
+    connections: usize,
+    rate: u64,
+    bursts: f64,
+    duration: Duration,
+) -> Result<Floor> {
     let n = connections.max(1);
     let rate = rate.max(1);
     let ends = Endpoints::new()?;
@@ -217,7 +237,6 @@ pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> R
         latency.add(Duration::from_nanos(*ns));
     }
 
-    let bursts = (rate as f64 / n as f64).max(0.1);
     progress(&format!(
         "echo: a push to all {n} connections {bursts} times a second for {duration:?}"
     ));
@@ -237,7 +256,7 @@ pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> R
         conn.close(0u32.into(), b"done");
     }
     serving.abort();
-    Ok(json!({
+    let report = json!({
         "connections": n,
         "offered_rate": rate,
         "round_trips": round_trips,
@@ -250,7 +269,13 @@ pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> R
         "fanout_bursts": to_last.0.len(),
         "fanout_to_last": to_last.json(),
         "cost_per_fanout_push": fanout_cost,
-    }))
+    });
+    Ok(Floor {
+        report,
+        round_trip: rtt,
+        push: latency,
+        fanout_to_last: to_last,
+    })
 }
 
 /// How [`push`] spreads its frames.

@@ -19,6 +19,7 @@ mod connections;
 mod direct;
 mod echo;
 mod flood;
+mod floor;
 mod group;
 mod measure;
 mod server;
@@ -147,6 +148,31 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         }
         _ => {
             let target = Server::new(&args).await?;
+            // The floor in the same run, before the load (and outside its CPU figures).
+            let floor_time = args.duration.min(Duration::from_secs(5));
+            let floors = match args.scenario {
+                Scenario::Direct if args.rate() > 0 => Some(
+                    floor::measure(
+                        args.users.max(2) & !1,
+                        args.rate(),
+                        floor_time,
+                        false,
+                        Some(target.data_dir()),
+                    )
+                    .await?,
+                ),
+                Scenario::Group => Some(
+                    floor::measure(
+                        args.online.max(1),
+                        args.rate(),
+                        floor_time,
+                        true,
+                        Some(target.data_dir()),
+                    )
+                    .await?,
+                ),
+                _ => None,
+            };
             let before = (target.cpu_seconds(), cpu_seconds("self"));
             let wall = Instant::now();
             let mut report = scenario(&target, &args, &floor).await?;
@@ -167,6 +193,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
                     "server_cores": round((s1 - s0) / wall),
                     "bench_cores": round((b1 - b0) / wall),
                 });
+            }
+            if let Some(floors) = floors {
+                let latency = match args.scenario {
+                    Scenario::Group => &report["to_last_member"],
+                    _ => &report["e2e"],
+                };
+                report["floor"] = floors.compare(latency, args.durability != "buffered");
             }
             report
         }
@@ -212,6 +245,16 @@ pub(crate) fn print_table(report: &Value) {
                 for stage in plover_server::router::timing::STAGES {
                     if let Some(h) = stages.get(stage) {
                         print_hist(&format!("stage {stage}"), h);
+                    }
+                }
+            }
+            Value::Object(floor) if key == "floor" => {
+                for (part, v) in floor {
+                    match v {
+                        Value::Object(h) if h.contains_key("p50_us") => {
+                            print_hist(&format!("floor {part}"), v);
+                        }
+                        other => println!("{:<22} {other}", format!("floor {part}")),
                     }
                 }
             }

@@ -23,6 +23,8 @@ pub(crate) struct Server {
     pub(crate) endpoint: quinn::Endpoint,
     /// Its metrics address, for the per-stage latencies (always for a spawned server).
     metrics: Option<String>,
+    /// Its data directory (for a spawned one, the temporary directory's).
+    data: PathBuf,
 }
 
 impl Server {
@@ -54,6 +56,7 @@ impl Server {
             }
         };
         let keys = TokenKeys::new(&load_or_create_secret(&data)?);
+
         let roots = plover_quic::tls::load_certs(&ca)?;
         let endpoint = plover_client::endpoint(&roots, Duration::from_secs(5))?;
         Ok(Self {
@@ -64,7 +67,13 @@ impl Server {
             _dir: dir,
             endpoint,
             metrics,
+            data,
         })
+    }
+
+    /// The server's data directory: the filesystem its journal is fsynced on.
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.data
     }
 
     /// The server's stage histograms now, when its metrics are reachable.
