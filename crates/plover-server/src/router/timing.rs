@@ -185,7 +185,8 @@ impl Traced {
         {
             return;
         }
-        let ms = |to: Instant, from: Instant| since(to, from) * 1e3;
+        // Milliseconds to the microsecond.
+        let ms = |to: Instant, from: Instant| (since(to, from) * 1e6).round() / 1e3;
         let s = &self.stamps;
         let (device_queue, delivery_write) = match taken {
             Some(taken) => (ms(taken, self.committed), ms(end, taken)),
