@@ -42,14 +42,27 @@ fn direct_delivers_every_message_exactly_once() {
     assert!(v["e2e"]["p50_us"].as_f64().expect("p50") > 0.0);
     assert!(v["echo_floor"]["p50_us"].as_f64().expect("floor") > 0.0);
     // Every acknowledged message passed every stage once, and was written to its one device.
-    for stage in ["to_shard", "shard_queue", "commit_queue", "write_fsync", "reply", "ack"] {
+    for stage in [
+        "to_shard",
+        "shard_queue",
+        "commit_queue",
+        "write_fsync",
+        "reply",
+        "ack",
+    ] {
         assert_eq!(v["stages"][stage]["count"], v["acked"], "{stage}: {v}");
     }
     assert_eq!(v["stages"]["delivered"]["count"], v["received"], "{v}");
     // The floor of the same run: the transport pattern and the data directory's fsync.
     assert_eq!(v["floor"]["fdatasync"]["count"], 2000, "{v}");
     assert!(v["floor"]["durable"]["p99_us"].as_f64() > v["floor"]["transport"]["p99_us"].as_f64());
-    assert!(v["floor"]["e2e_p99_over_floor_p99"].as_f64().expect("ratio") > 0.0, "{v}");
+    assert!(
+        v["floor"]["e2e_p99_over_floor_p99"]
+            .as_f64()
+            .expect("ratio")
+            > 0.0,
+        "{v}"
+    );
     assert_eq!(v["floor"]["against"], "durable");
     // Where the CPU went: the spawned server and the load generator both did some work.
     assert!(
@@ -83,7 +96,10 @@ fn catchup_group_and_connections_report_their_figures() {
     assert_eq!(v["lost"], 0, "{v}");
     assert_eq!(v["to_last_member"]["count"], v["acked"]);
     assert_eq!(v["stages"]["ack"]["count"], v["acked"], "{v}");
-    assert!(v["floor"]["fanout_to_last"]["count"].as_u64() > Some(0), "{v}");
+    assert!(
+        v["floor"]["fanout_to_last"]["count"].as_u64() > Some(0),
+        "{v}"
+    );
     let v = bench(&["connections", "--connections", "50"]);
     assert_eq!(v["open"], 50);
     assert!(v["bytes_per_connection"].is_u64(), "{v}");
