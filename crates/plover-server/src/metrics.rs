@@ -52,7 +52,7 @@ pub mod names {
     /// (`limits.frames_per_second`).
     pub const FRAMES_HELD_BACK: &str = "plover_frames_held_back_total";
     /// Histogram: seconds a message spent in each `stage` (`router::timing::STAGES`), with
-    /// buckets fine enough ([`stage_buckets`]) for a p999 from a scrape.
+    /// buckets fine enough ([`stage_buckets`](super::stage_buckets)) for a p999 from a scrape.
     pub const STAGE_SECONDS: &str = "plover_stage_seconds";
     /// Counter: requests refused past a user's budget of writes (`limits.writes_per_second`)
     /// or of write requests (`limits.sends_per_second`).
