@@ -16,7 +16,7 @@ use crate::metrics::names;
 
 /// The stages, in the order a message passes them, as the `stage` label names them.
 pub const STAGES: [&str; 11] = [
-    // The Send frame decoded -> handed to its shard's queue (rate charge, bytes in flight).
+    // `Router::send` took it -> handed to its shard's queue (rate charge, bytes in flight).
     "to_shard",
     // Waiting in the shard's queue (or for room in it).
     "shard_queue",
@@ -24,7 +24,7 @@ pub const STAGES: [&str; 11] = [
     "shard_step",
     // Waiting for the commit thread to take it into a batch.
     "commit_queue",
-    // Building the batch (log heads, entries, encoding).
+    // Building the batch that holds it (log heads, entries, encoding), the whole batch.
     "batch_build",
     // fjall's batch write and, in `sync` durability, the fsync.
     "write_fsync",
@@ -43,7 +43,8 @@ pub const STAGES: [&str; 11] = [
 /// The stamps a message collects before its batch is durable (carried by value).
 #[derive(Debug, Clone, Copy)]
 pub struct Stamps {
-    /// The `Send` frame was decoded on its conversation stream.
+    /// `Router::send` took it: its `Send` frame was just decoded (after the connection's frame
+    /// budget let the frame through).
     pub arrived: Instant,
     /// It was handed to its shard's queue.
     pub queued: Instant,
