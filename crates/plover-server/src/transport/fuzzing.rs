@@ -125,19 +125,12 @@ impl World {
         config.push.retries = 0;
         let store = Store::open(&config.data, config.store.durability).expect("a store");
         let router = Router::start(Arc::new(store), &config).expect("a router");
-        let shared = Arc::new(Shared {
-            router: router.clone(),
-            keys: TokenKeys::new(b"fuzzing harness, never a real secret"),
-            limits: config.limits.clone(),
-            heartbeat: config.transport.heartbeat,
-            auth_timeout: config.auth.timeout,
-            server_id: "fuzz".into(),
-            typing_per_second: config.presence.typing_per_second,
-            devices: Arc::new(crate::transport::devices::Devices::new(
-                config.limits.connections_per_user,
-            )),
-            stages: crate::router::timing::StageRecorder::new(&config.metrics),
-        });
+        let shared = Arc::new(Shared::new(
+            router.clone(),
+            TokenKeys::new(b"fuzzing harness, never a real secret"),
+            &config,
+            "fuzz".into(),
+        ));
         let mut actors = Vec::new();
         let mut online = Vec::new();
         for user in USERS {

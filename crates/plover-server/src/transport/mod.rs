@@ -132,17 +132,7 @@ impl Listener {
             handshakes: Arc::default(),
             retry_above: config.transport.retry_above,
             permits: Arc::new(Semaphore::new(config.limits.max_connections)),
-            shared: Arc::new(Shared {
-                router,
-                keys,
-                limits: config.limits.clone(),
-                heartbeat: config.transport.heartbeat,
-                auth_timeout: config.auth.timeout,
-                server_id,
-                typing_per_second: config.presence.typing_per_second,
-                devices: Arc::new(devices::Devices::new(config.limits.connections_per_user)),
-                stages: crate::router::timing::StageRecorder::new(&config.metrics),
-            }),
+            shared: Arc::new(Shared::new(router, keys, config, server_id)),
         })
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::auth::TokenKeys;
-use crate::config::Limits;
+use crate::config::{Config, Limits};
 use crate::router::timing::Traced;
 use crate::router::{MemberOp, Router, RouterError, Sent, Subscription};
 use plover_proto::{ClientFrame, ClientMsgId, ConversationId, ConversationInfo, ErrorCode};
@@ -30,6 +30,25 @@ pub(crate) struct Shared {
     pub(crate) devices: Arc<super::devices::Devices>,
     /// Whether and how messages' stage latencies are recorded.
     pub(crate) stages: crate::router::timing::StageRecorder,
+}
+
+impl Shared {
+    /// What every session of a server shares, from its configuration.
+    pub(crate) fn new(router: Router, keys: TokenKeys, config: &Config, server_id: String) -> Self {
+        Self {
+            router,
+            keys,
+            limits: config.limits.clone(),
+            heartbeat: config.transport.heartbeat,
+            auth_timeout: config.auth.timeout,
+            server_id,
+            typing_per_second: config.presence.typing_per_second,
+            devices: Arc::new(super::devices::Devices::new(
+                config.limits.connections_per_user,
+            )),
+            stages: crate::router::timing::StageRecorder::new(&config.metrics),
+        }
+    }
 }
 
 /// Why a connection or stream is being closed with an error.

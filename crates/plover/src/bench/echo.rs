@@ -134,7 +134,9 @@ async fn serve(server: quinn::Endpoint, streams: mpsc::Sender<quinn::SendStream>
 /// stream a connection got does not matter: every one is written in turn.)
 pub(crate) async fn load(connections: usize, rate: u64, duration: Duration) -> Result<Value> {
     let bursts = (rate as f64 / connections.max(1) as f64).max(0.1);
-    Ok(measure(connections, rate, bursts, duration).await?.report)
+    Ok(measure(connections, rate, true, Some(bursts), duration)
+        .await?
+        .report)
 }
 
 /// What [`measure`] found: its report, and the latencies themselves.
@@ -145,12 +147,15 @@ pub(crate) struct Floor {
     pub(crate) fanout_to_last: Hist,
 }
 
-/// [`load`], keeping the latencies for the scenarios that compare with them; the fan-out
-/// phase pushes to every connection `bursts` times a second.
+/// [`load`], keeping the latencies for the scenarios that compare with them. The round trips
+/// always run; the spread pushes only with `spread`, the fan-out (to every connection
+/// `bursts` times a second) only when given: a scenario measures the pattern it compares
+/// with, and an empty histogram stands for a phase not run.
 pub(crate) async fn measure(
     connections: usize,
     rate: u64,
-    bursts: f64,
+    spread: bool,
+    bursts: Option<f64>,
     duration: Duration,
 ) -> Result<Floor> {
     let n = connections.max(1);
@@ -228,29 +233,38 @@ pub(crate) async fn measure(
     let round_trips = rtt.0.len() as u64;
     let trip_cost = meter.per(round_trips);
 
-    progress(&format!("echo: {rate} pushes/s for {duration:?}"));
-    let meter = Meter::start(None);
-    let (readers, arrivals) = push(readers, &mut pushers, epoch, Spread(rate), duration).await?;
-    let push_cost = meter.per(arrivals.len() as u64);
+    let mut readers = readers;
     let mut latency = Hist::default();
-    for (_, ns) in &arrivals {
-        latency.add(Duration::from_nanos(*ns));
+    let mut push_cost = Value::Null;
+    if spread {
+        progress(&format!("echo: {rate} pushes/s for {duration:?}"));
+        let meter = Meter::start(None);
+        let arrivals;
+        (readers, arrivals) = push(readers, &mut pushers, epoch, Spread(rate), duration).await?;
+        push_cost = meter.per(arrivals.len() as u64);
+        for (_, ns) in &arrivals {
+            latency.add(Duration::from_nanos(*ns));
+        }
     }
 
-    progress(&format!(
-        "echo: a push to all {n} connections {bursts} times a second for {duration:?}"
-    ));
-    let meter = Meter::start(None);
-    let (readers, arrivals) = push(readers, &mut pushers, epoch, Bursts(bursts), duration).await?;
-    let fanout_cost = meter.per(arrivals.len() as u64);
-    let mut last: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    for (burst, ns) in &arrivals {
-        let l = last.entry(*burst).or_default();
-        *l = (*l).max(*ns);
-    }
     let mut to_last = Hist::default();
-    for ns in last.values() {
-        to_last.add(Duration::from_nanos(*ns));
+    let mut fanout_cost = Value::Null;
+    if let Some(bursts) = bursts {
+        progress(&format!(
+            "echo: a push to all {n} connections {bursts} times a second for {duration:?}"
+        ));
+        let meter = Meter::start(None);
+        let arrivals;
+        (readers, arrivals) = push(readers, &mut pushers, epoch, Bursts(bursts), duration).await?;
+        fanout_cost = meter.per(arrivals.len() as u64);
+        let mut last: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        for (burst, ns) in &arrivals {
+            let l = last.entry(*burst).or_default();
+            *l = (*l).max(*ns);
+        }
+        for ns in last.values() {
+            to_last.add(Duration::from_nanos(*ns));
+        }
     }
     for (conn, _) in readers {
         conn.close(0u32.into(), b"done");

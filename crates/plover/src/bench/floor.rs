@@ -42,12 +42,9 @@ pub(crate) async fn measure(
     progress(&format!(
         "floor: the echo pattern at {rate}/s over {connections} connections"
     ));
-    let bursts = if fan_out {
-        rate as f64
-    } else {
-        (rate as f64 / connections.max(1) as f64).max(0.1)
-    };
-    let echo = echo::measure(connections, rate, bursts, duration).await?;
+    // Only the pattern compared with: a direct run's pushes, or a group's fan-out.
+    let bursts = fan_out.then_some(rate as f64);
+    let echo = echo::measure(connections, rate, !fan_out, bursts, duration).await?;
     let push = if fan_out {
         &echo.fanout_to_last
     } else {
