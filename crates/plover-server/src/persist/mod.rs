@@ -44,6 +44,7 @@ pub(crate) mod failpoint;
 mod keys;
 mod logs;
 mod messages;
+mod priority;
 mod pushers;
 mod reaper;
 mod records;

@@ -5,7 +5,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Store, StoreError, reaper};
+use super::{Store, StoreError, priority, reaper};
 use crate::config::Durability;
 
 /// Journal size after which fjall rotates it: 64 MiB, an eighth of fjall's default, so that
@@ -49,7 +49,19 @@ impl Store {
     /// Opens the store with journals rotated every `journal_size` bytes. A removed body stays
     /// in the journal that recorded it until that journal is rotated and its memtables
     /// flushed, so this bounds how long removed bodies linger there.
+    ///
+    /// It opens on a thread of lower priority, so that fjall's workers and the reaper, which
+    /// start here, run below the message path (`persist/priority.rs`).
     pub fn open_with(
+        path: &Path,
+        durability: Durability,
+        journal_size: u64,
+    ) -> Result<Self, StoreError> {
+        priority::spawned_low(|| Self::open_here(path, durability, journal_size))
+            .map_err(fjall::Error::from)?
+    }
+
+    fn open_here(
         path: &Path,
         durability: Durability,
         journal_size: u64,
