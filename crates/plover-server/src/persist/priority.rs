@@ -3,9 +3,9 @@
 //! fjall's worker (memtable flushes and compactions) and our memtable reaper do work that can
 //! wait; the shards, the commit thread and the connection tasks cannot. On two cores shared
 //! with a load generator, a flush that takes a core for milliseconds made every queue of the
-//! message path wait for it: `bench direct --users 200 --rate 5000`, e2e p99 6.2-12.1 ms (median
-//! 7.2 of six) with those threads at nice 19 against 10.2-16.2 ms (median 12.1) at nice 0, same
-//! sitting (BENCHMARKS.md, "Background threads at low priority"). RocksDB lowers its
+//! message path wait for it: `bench direct --users 200 --rate 5000`, e2e p99 median 6.5 ms with
+//! those threads at nice 19 against 12.7 ms at nice 0, three runs each in one sitting
+//! (BENCHMARKS.md, "Background threads at low priority"). RocksDB lowers its
 //! compaction pool's priority the same way (`Env::LowerThreadPoolCPUPriority`).
 //!
 //! The nice value is per thread on Linux and inherited by the threads a thread spawns, so
@@ -19,7 +19,7 @@ pub(super) const BACKGROUND_NICE: i32 = 19;
 
 /// Lowers the calling thread's priority to [`BACKGROUND_NICE`]. Best effort: a refusal is
 /// logged and changes nothing else.
-pub(super) fn lower_this_thread() {
+fn lower_this_thread() {
     #[cfg(target_os = "linux")]
     {
         // `nice` adds to the current value; raising it needs no privilege.
