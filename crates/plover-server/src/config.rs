@@ -77,6 +77,102 @@ pub struct Config {
     pub push: PushConfig,
     /// Metrics and health endpoints.
     pub metrics: MetricsConfig,
+    /// Many nodes on NATS JetStream. Absent: one node on its embedded store.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Many nodes on NATS JetStream (ARCHITECTURE.md, "Cluster").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS servers to connect to (`nats://host:port`); any one of them will do, the client
+    /// learns the others from it.
+    pub nats: Vec<String>,
+    /// The monitoring address of every NATS server of the cluster (`http://host:8222`): the
+    /// node reads each one's `/varz` at start and refuses to run unless JetStream fsyncs
+    /// every write (`sync_interval: always`), which NATS does not tell its clients.
+    pub monitor: Vec<String>,
+    /// This node's id, unique in the cluster: 1-64 characters of A-Z a-z 0-9 _ -.
+    pub node: String,
+    /// Where clients reach this node (`host:port`). Defaults to the listen address.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// The node's zone, for clients that ask for one.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Replicas of every bucket and stream. 3: an acknowledged write survives the loss of
+    /// any one NATS server. 1 only for a single development NATS server.
+    #[serde(default = "ClusterConfig::default_replicas")]
+    pub replicas: usize,
+    /// How long a node's record outlives its last refresh (refreshed every third of it): a
+    /// node that dies leaves the list within this. 10 s: a few missed refreshes are not a
+    /// death, and clients are not sent to a dead node for long.
+    #[serde(default = "ClusterConfig::default_node_ttl", with = "humantime_serde")]
+    pub node_ttl: Duration,
+    /// How long to wait for NATS at start before refusing to run.
+    #[serde(
+        default = "ClusterConfig::default_connect_timeout",
+        with = "humantime_serde"
+    )]
+    pub connect_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// The settings a tool needs to reach a cluster's NATS servers, and nothing else.
+    pub fn client(nats: Vec<String>) -> Self {
+        Self {
+            nats,
+            monitor: Vec::new(),
+            node: String::new(),
+            advertise: None,
+            zone: None,
+            replicas: Self::default_replicas(),
+            node_ttl: Self::default_node_ttl(),
+            connect_timeout: Self::default_connect_timeout(),
+        }
+    }
+
+    fn default_replicas() -> usize {
+        3
+    }
+    fn default_node_ttl() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.nats.is_empty() {
+            return invalid("cluster.nats must name at least one NATS server");
+        }
+        if self.monitor.is_empty() {
+            return invalid(
+                "cluster.monitor must name the monitoring address of every NATS server \
+                 (http://host:8222), to check that each fsyncs every write",
+            );
+        }
+        let node_ok = !self.node.is_empty()
+            && self.node.len() <= 64
+            && self
+                .node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !node_ok {
+            return invalid("cluster.node must be 1-64 characters of A-Z a-z 0-9 _ -");
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return invalid("cluster.replicas must be between 1 and 5");
+        }
+        if self.node_ttl < Duration::from_secs(3) {
+            return invalid("cluster.node_ttl must be at least 3s");
+        }
+        if self.connect_timeout.is_zero() {
+            return invalid("cluster.connect_timeout must be positive");
+        }
+        Ok(())
+    }
 }
 
 /// Metrics and health endpoints.
@@ -400,6 +496,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             push: PushConfig::default(),
             metrics: MetricsConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -473,6 +570,9 @@ impl Config {
         if (self.tls.cert.is_some()) != (self.tls.key.is_some()) {
             return invalid("tls.cert and tls.key go together");
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         Ok(())
     }
 }
@@ -500,6 +600,28 @@ mod tests {
     fn unknown_keys_are_refused() {
         let err = toml::from_str::<Config>("listne = \"127.0.0.1:1\"").expect_err("typo");
         assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn a_cluster_section_is_checked() {
+        let text = r#"
+            [cluster]
+            nats = ["nats://127.0.0.1:4222"]
+            monitor = ["http://127.0.0.1:8222"]
+            node = "n1"
+        "#;
+        let c: Config = toml::from_str(text).expect("parses");
+        c.validate().expect("valid");
+        let cluster = c.cluster.as_ref().expect("cluster");
+        assert_eq!(cluster.replicas, 3);
+        assert_eq!(cluster.node_ttl, Duration::from_secs(10));
+        let bad: Config = toml::from_str(&text.replace("\"n1\"", "\"n 1\"")).expect("parses");
+        assert!(bad.validate().is_err());
+        let none: Config =
+            toml::from_str(&text.replace("monitor = [\"http://127.0.0.1:8222\"]", "monitor = []"))
+                .expect("parses");
+        let err = none.validate().expect_err("no monitor");
+        assert!(err.to_string().contains("cluster.monitor"), "{err}");
     }
 
     #[test]

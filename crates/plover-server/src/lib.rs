@@ -15,6 +15,9 @@
 //! - [`server`]: wires the pieces together and runs until shutdown.
 //! - [`clock`]: the server's wall clock (timestamps only, never order), with a test hook.
 //! - [`metrics`]: metric names, and `/metrics`, `/healthz`, `/readyz` over plain HTTP.
+//! - [`cluster`]: with a `[cluster]` section, the node's place among others on NATS
+//!   JetStream: the engine check, service discovery (node records) and the connection
+//!   registry.
 //!
 //! Arrows point one way: transport -> router -> push -> persist, and router -> persist.
 //! Wire types come from `plover-proto`, frames on quinn streams from `plover-quic`.
@@ -28,6 +31,7 @@
 )]
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod persist;

@@ -29,6 +29,9 @@ pub enum ServerError {
     /// The transport could not be set up.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The node cannot join its cluster.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A server that is bound and ready to run.
@@ -39,6 +42,7 @@ pub struct Server {
     retention: crate::config::RetentionConfig,
     metrics: Option<tokio::net::TcpListener>,
     render: Option<crate::metrics::Render>,
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl std::fmt::Debug for Server {
@@ -57,8 +61,12 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(&path, durability))
             .await
             .map_err(|e| RouterError::Internal(e.to_string()))??;
+        let cluster = match &config.cluster {
+            Some(c) => Some(crate::cluster::Cluster::join(c, config.transport.heartbeat).await?),
+            None => None,
+        };
         let router = Router::start(Arc::new(store), &config)?;
-        let listener = Listener::bind(&config, router.clone(), keys)?;
+        let listener = Listener::bind(&config, router.clone(), keys, cluster.as_ref())?;
         let addr = listener
             .local_addr()
             .map_err(|source| TransportError::Bind {
@@ -80,6 +88,7 @@ impl Server {
             retention: config.retention.clone(),
             metrics,
             render: None,
+            cluster,
         })
     }
 
@@ -123,7 +132,20 @@ impl Server {
                 Arc::new(move || !store.is_poisoned()),
             ))
         });
+        // The cluster task keeps this node's record and its devices' entries until the
+        // listener has stopped, then removes them.
+        let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
+        let cluster = self.cluster.map(|c| {
+            let advertise = c.advertise_or(self.addr);
+            tokio::spawn(c.run(advertise, async move {
+                let _ = stop.await;
+            }))
+        });
         self.listener.run(shutdown).await;
+        let _ = stopped.send(());
+        if let Some(task) = cluster {
+            let _ = task.await;
+        }
         sweeper.abort();
         if let Some(m) = metrics {
             m.abort();

@@ -4,7 +4,8 @@
 //!
 //! - `cmd/`: one module per command family, each with its arguments and its handler:
 //!   `serve`, `token`, `messages` (send, listen, history, conversations), `receipts` (read,
-//!   receipts, presence), `groups` (group, retention, delete, clear), `push`, `chat`.
+//!   receipts, presence), `groups` (group, retention, delete, clear), `push`, `chat`,
+//!   `nodes` (a cluster's nodes).
 //! - `args.rs`: the arguments every client command shares (server, CA, token, device, which
 //!   conversation).
 //! - `render.rs`: how events and messages print, as lines or as JSON.
@@ -18,7 +19,7 @@ mod render;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cmd::{chat, groups, messages, push, receipts, serve, token};
+use cmd::{chat, groups, messages, nodes, push, receipts, serve, token};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +68,8 @@ enum Command {
     Push(push::PushCommand),
     /// Load-test a server (its own, by default) and verify every delivery.
     Bench(bench::BenchArgs),
+    /// List a cluster's nodes and each one's load.
+    Nodes(nodes::NodesArgs),
 }
 
 fn main() {
@@ -118,6 +121,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Retention(args) => groups::retention(args).await,
         Command::Delete(args) => groups::delete(args).await,
         Command::Clear(args) => groups::clear(args).await,
+        Command::Nodes(args) => nodes::nodes(args).await,
         Command::Push(command) => push::push(command).await,
         Command::Chat(args) => chat::chat(args).await,
         Command::Bench(args) => bench::run(args).await,

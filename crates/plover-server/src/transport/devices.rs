@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::requests::Refusal;
+use crate::cluster::Registry;
 use plover_proto::ErrorCode;
 
 /// One live connection of a device.
@@ -27,6 +28,8 @@ struct Held {
 pub(crate) struct Devices {
     users: Mutex<HashMap<String, Vec<Held>>>,
     per_user: usize,
+    /// The cluster's connection registry, told of every claim, heartbeat and release.
+    registry: Option<Arc<Registry>>,
 }
 
 /// A device's claim on its connection; released when dropped (if not replaced meanwhile).
@@ -40,10 +43,18 @@ pub(crate) struct Claim {
 
 impl Devices {
     /// A registry allowing `per_user` connections to each user.
-    pub(crate) fn new(per_user: usize) -> Self {
+    pub(crate) fn new(per_user: usize, registry: Option<Arc<Registry>>) -> Self {
         Self {
             users: Mutex::new(HashMap::new()),
             per_user: per_user.max(1),
+            registry,
+        }
+    }
+
+    /// The device is alive (it sent a heartbeat).
+    pub(crate) fn heartbeat(&self, user: &str, device: &str) {
+        if let Some(registry) = &self.registry {
+            registry.heartbeat(user, device);
         }
     }
 
@@ -85,6 +96,9 @@ impl Devices {
                 }
             }
         };
+        if let Some(registry) = &self.registry {
+            registry.connected(user, device, id as u64);
+        }
         if let Some(old) = replaced {
             tracing::debug!(%user, %device, "a new connection of the device replaces the old");
             old.conn.close(
@@ -101,6 +115,9 @@ impl Devices {
     }
 
     fn release(&self, claim: &Claim) {
+        if let Some(registry) = &self.registry {
+            registry.disconnected(&claim.user, &claim.device, claim.id as u64);
+        }
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(held) = users.get_mut(&claim.user) {
             held.retain(|h| !(h.device == claim.device && h.id == claim.id));

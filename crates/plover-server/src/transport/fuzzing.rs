@@ -130,6 +130,7 @@ impl World {
             TokenKeys::new(b"fuzzing harness, never a real secret"),
             &config,
             "fuzz".into(),
+            None,
         ));
         let mut actors = Vec::new();
         let mut online = Vec::new();

@@ -102,8 +102,15 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Loads or generates the TLS material and binds the UDP socket.
-    pub fn bind(config: &Config, router: Router, keys: TokenKeys) -> Result<Self, TransportError> {
+    /// Loads or generates the TLS material and binds the UDP socket. In a cluster, `cluster`
+    /// is the node's place in it: `Welcome` names the node, and the connection registry
+    /// hears of every device.
+    pub fn bind(
+        config: &Config,
+        router: Router,
+        keys: TokenKeys,
+        cluster: Option<&crate::cluster::Cluster>,
+    ) -> Result<Self, TransportError> {
         let (cert_path, key_path) = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
             _ => tls::ensure_dev_cert(&config.certs)?,
@@ -120,7 +127,11 @@ impl Listener {
                 source,
             }
         })?;
-        let server_id = config.server_id.clone().unwrap_or_else(|| {
+        let server_id = match cluster {
+            Some(c) => Some(c.node().to_owned()),
+            None => config.server_id.clone(),
+        };
+        let server_id = server_id.unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname")
                 .map(|s| s.trim().to_owned())
                 .ok()
@@ -132,7 +143,13 @@ impl Listener {
             handshakes: Arc::default(),
             retry_above: config.transport.retry_above,
             permits: Arc::new(Semaphore::new(config.limits.max_connections)),
-            shared: Arc::new(Shared::new(router, keys, config, server_id)),
+            shared: Arc::new(Shared::new(
+                router,
+                keys,
+                config,
+                server_id,
+                cluster.map(|c| c.registry().clone()),
+            )),
         })
     }
 

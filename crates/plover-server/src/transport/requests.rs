@@ -34,7 +34,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// What every session of a server shares, from its configuration.
-    pub(crate) fn new(router: Router, keys: TokenKeys, config: &Config, server_id: String) -> Self {
+    pub(crate) fn new(
+        router: Router,
+        keys: TokenKeys,
+        config: &Config,
+        server_id: String,
+        registry: Option<Arc<crate::cluster::Registry>>,
+    ) -> Self {
         Self {
             router,
             keys,
@@ -45,6 +51,7 @@ impl Shared {
             typing_per_second: config.presence.typing_per_second,
             devices: Arc::new(super::devices::Devices::new(
                 config.limits.connections_per_user,
+                registry,
             )),
             stages: crate::router::timing::StageRecorder::new(&config.metrics),
         }
@@ -157,7 +164,10 @@ impl Actor {
     pub(crate) async fn control(&self, frame: ClientFrame, syncing: bool) -> Control {
         let router = self.router();
         let reply = match frame {
-            ClientFrame::Ping { nonce } => ServerFrame::Pong { nonce },
+            ClientFrame::Ping { nonce } => {
+                self.shared.devices.heartbeat(&self.user, &self.device);
+                ServerFrame::Pong { nonce }
+            }
             ClientFrame::Ack { cursor } => {
                 // A flood of acks becomes at most ten cursor writes a second: the commit
                 // queue they share with every shard is not theirs to fill.

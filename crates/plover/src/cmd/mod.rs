@@ -3,6 +3,7 @@
 pub(crate) mod chat;
 pub(crate) mod groups;
 pub(crate) mod messages;
+pub(crate) mod nodes;
 pub(crate) mod push;
 pub(crate) mod receipts;
 pub(crate) mod serve;

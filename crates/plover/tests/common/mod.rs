@@ -16,6 +16,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
+pub mod nats;
+
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub dir: tempfile::TempDir,

@@ -18,6 +18,7 @@ mod bench_tool;
 mod chat_tui;
 mod cli;
 mod client_protocol_faults;
+mod cluster;
 mod crash_loop;
 mod device_sync;
 mod disk_full;

@@ -1,0 +1,350 @@
+//! Many plover nodes on NATS JetStream: the engine check, the nodes bucket (service
+//! discovery) and the connection registry.
+//!
+//! With no `[cluster]` section none of this runs: one node on its embedded store, as before.
+//! With one, [`Cluster::join`] connects to NATS and refuses to go on unless the engine is one
+//! plover can trust with acknowledged writes (JetStream on, nats-server 2.12.3 or later, and
+//! `sync_interval: always` on every server named in `cluster.monitor`: by default NATS
+//! acknowledges before it fsyncs). Then:
+//!
+//! - [`nodes`]: each node keeps a record of itself (id, advertise address, zone, load) in the
+//!   `plover_nodes` bucket under a per-key TTL, refreshed while it runs and removed when it
+//!   stops: the design's service discovery, which `plover nodes` lists.
+//! - [`registry`]: which node holds each (user, device), with the device's last heartbeat,
+//!   in the `plover_devices` bucket under a per-key TTL: the design's connections table.
+//!
+//! Every bucket is a JetStream stream with `cluster.replicas` replicas: no consensus or
+//! replication of plover's own.
+
+pub mod nodes;
+pub mod registry;
+
+use async_nats::jetstream::{self, kv};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+use crate::config::ClusterConfig;
+pub use nodes::NodeRecord;
+pub use registry::Registry;
+
+/// The oldest nats-server plover runs on: 2.12.3 fixed the acknowledged-write losses Jepsen
+/// found in 2.12.1 (nats-server issues 7545, 7549, 7556).
+pub const MIN_NATS: (u64, u64, u64) = (2, 12, 3);
+
+/// The bucket of node records.
+pub const NODES_BUCKET: &str = "plover_nodes";
+/// The bucket of the connection registry.
+pub const DEVICES_BUCKET: &str = "plover_devices";
+
+/// Why a node cannot join (or keep up with) its cluster.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// No NATS server in `cluster.nats` answered.
+    #[error("cannot reach NATS at {urls}: {error}")]
+    Unreachable {
+        /// The configured servers.
+        urls: String,
+        /// Why (the message says it; not chained again as a source).
+        error: async_nats::ConnectError,
+    },
+    /// The server answered but JetStream is off (or this account has none).
+    #[error(
+        "NATS at {urls} has no JetStream for this account ({reason}): start nats-server with a `jetstream {{ ... }}` block"
+    )]
+    NoJetStream {
+        /// The configured servers.
+        urls: String,
+        /// What the server said.
+        reason: String,
+    },
+    /// The server is older than [`MIN_NATS`].
+    #[error(
+        "nats-server {found} is too old: plover needs 2.12.3 or later (earlier versions can lose acknowledged writes)"
+    )]
+    TooOld {
+        /// The version it reported.
+        found: String,
+    },
+    /// A monitoring endpoint could not be read.
+    #[error(
+        "cannot read {url}: {reason} (cluster.monitor names each NATS server's monitoring address, checked for sync_interval)"
+    )]
+    Monitor {
+        /// The `/varz` address.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// A server acknowledges writes before they are on disk.
+    #[error(
+        "the NATS server at {url} does not fsync every write: set `sync_interval: always` in its jetstream block (by default NATS acknowledges before it fsyncs)"
+    )]
+    NotSyncAlways {
+        /// The `/varz` address.
+        url: String,
+    },
+    /// A JetStream request failed.
+    #[error("JetStream {what}: {reason}")]
+    JetStream {
+        /// What was asked.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+impl ClusterError {
+    fn js(what: &'static str, e: impl std::fmt::Display) -> Self {
+        Self::JetStream {
+            what,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// A node's place in its cluster: the NATS connection, the buckets and this node's record.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClusterConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    nodes: kv::Store,
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.inner.config.node)
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// Connects, checks the engine, and binds (creating if needed) the buckets. `heartbeat`
+    /// is the devices' heartbeat interval, from which the registry's TTL follows.
+    pub async fn join(config: &ClusterConfig, heartbeat: Duration) -> Result<Self, ClusterError> {
+        let js = connect(config).await?;
+        let client = js.client();
+        check_monitors(&config.monitor).await?;
+        let nodes = bucket(
+            &js,
+            NODES_BUCKET,
+            "plover nodes: id -> address, zone, load",
+            config,
+        )
+        .await?;
+        let devices = bucket(
+            &js,
+            DEVICES_BUCKET,
+            "plover connection registry: (user, device) -> node, heartbeat",
+            config,
+        )
+        .await?;
+        let registry = Arc::new(Registry::new(
+            js.clone(),
+            devices,
+            config.node.clone(),
+            heartbeat,
+        ));
+        info!(node = %config.node, "joined the cluster");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config: config.clone(),
+                client,
+                js,
+                nodes,
+                registry,
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.inner.config.node
+    }
+
+    /// What clients are told to reach this node at: `cluster.advertise`, or the address the
+    /// listener is bound to.
+    pub fn advertise_or(&self, bound: std::net::SocketAddr) -> String {
+        self.inner
+            .config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| bound.to_string())
+    }
+
+    /// The connection registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    /// Keeps this node's record (announcing `advertise`) and the registry up to date until
+    /// `shutdown`, then removes both (a node that dies instead leaves them to their TTL).
+    pub async fn run(self, advertise: String, shutdown: impl Future<Output = ()>) {
+        let inner = &self.inner;
+        info!(node = %inner.config.node, %advertise, "announcing this node");
+        let announcer = nodes::Announcer::new(
+            inner.js.clone(),
+            &inner.config,
+            advertise,
+            inner.registry.clone(),
+        );
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => {}
+            () = announcer.run() => {}
+            () = inner.registry.clone().run() => {}
+        }
+        if let Err(e) = nodes::remove(&inner.nodes, &inner.config.node).await {
+            warn!(error = %e, "could not remove this node's record; it expires with its TTL");
+        }
+        inner.registry.remove_all().await;
+        if let Err(e) = inner.client.flush().await {
+            warn!(error = %e, "NATS flush at shutdown");
+        }
+    }
+}
+
+/// Connects to `config.nats` and checks the server's version and JetStream.
+pub async fn connect(config: &ClusterConfig) -> Result<jetstream::Context, ClusterError> {
+    let urls = config.nats.join(",");
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("plover {}", config.node))
+        .connection_timeout(config.connect_timeout)
+        .connect(config.nats.as_slice())
+        .await
+        .map_err(|error| ClusterError::Unreachable {
+            urls: urls.clone(),
+            error,
+        })?;
+    let version = client.server_info().version;
+    if !at_least(&version, MIN_NATS) {
+        return Err(ClusterError::TooOld { found: version });
+    }
+    let js = jetstream::new(client);
+    js.query_account()
+        .await
+        .map_err(|e| ClusterError::NoJetStream {
+            urls,
+            reason: e.to_string(),
+        })?;
+    Ok(js)
+}
+
+/// Whether a `major.minor.patch[-suffix]` version is at least `min`.
+fn at_least(version: &str, min: (u64, u64, u64)) -> bool {
+    let core = version.split(['-', '+']).next().unwrap_or_default();
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    found >= min
+}
+
+/// Reads each server's `/varz` and refuses any whose JetStream does not fsync every write.
+async fn check_monitors(monitors: &[String]) -> Result<(), ClusterError> {
+    for base in monitors {
+        let url = format!("{}/varz", base.trim_end_matches('/'));
+        let fetched = url.clone();
+        let varz = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+            let agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build()
+                .new_agent();
+            let mut response = agent.get(&fetched).call().map_err(|e| e.to_string())?;
+            response
+                .body_mut()
+                .read_json::<serde_json::Value>()
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| ClusterError::Monitor {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?
+        .map_err(|reason| ClusterError::Monitor {
+            url: url.clone(),
+            reason,
+        })?;
+        let config = &varz["jetstream"]["config"];
+        if config.is_null() {
+            return Err(ClusterError::Monitor {
+                url,
+                reason: "it reports no JetStream".into(),
+            });
+        }
+        if config["sync_always"].as_bool() != Some(true) {
+            return Err(ClusterError::NotSyncAlways { url });
+        }
+    }
+    Ok(())
+}
+
+/// Binds a key-value bucket, creating it on first use. Keys expire one by one (per-key TTL,
+/// `Nats-TTL`), and an expiry leaves a delete marker so that watchers see it.
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    config: &ClusterConfig,
+) -> Result<kv::Store, ClusterError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: name.to_owned(),
+        description: description.to_owned(),
+        history: 1,
+        num_replicas: config.replicas,
+        storage: jetstream::stream::StorageType::File,
+        limit_markers: Some(Duration::from_secs(60)),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ClusterError::js("key-value bucket", format!("{name}: {e}")))
+}
+
+/// Puts `value` at `key` of bucket `store` with a time to live (whole seconds, at least 1):
+/// the key disappears unless written again before then. Returns the revision.
+pub(crate) async fn put_with_ttl(
+    js: &jetstream::Context,
+    bucket: &str,
+    key: &str,
+    value: bytes::Bytes,
+    ttl: Duration,
+) -> Result<u64, ClusterError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_TTL,
+        ttl.as_secs().max(1).to_string().as_str(),
+    );
+    let ack = js
+        .publish_with_headers(format!("$KV.{bucket}.{key}"), headers, value)
+        .await
+        .map_err(|e| ClusterError::js("put", e))?
+        .await
+        .map_err(|e| ClusterError::js("put", e))?;
+    Ok(ack.sequence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert!(at_least("2.15.1", MIN_NATS));
+        assert!(at_least("2.12.3", MIN_NATS));
+        assert!(at_least("2.12.10-beta", MIN_NATS));
+        assert!(!at_least("2.12.1", MIN_NATS));
+        assert!(!at_least("2.9.10", MIN_NATS));
+        assert!(!at_least("garbage", MIN_NATS));
+    }
+}

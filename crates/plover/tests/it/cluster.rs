@@ -1,0 +1,230 @@
+//! A cluster's first pieces on real NATS servers: the engine checks at start, service
+//! discovery (node records, `plover nodes`) and the connection registry.
+
+use crate::common::nats::{JetStream, Nats, free_port};
+use crate::common::{TestServer, test_config};
+use plover_client::{ClientConfig, Connection};
+use plover_server::auth::TokenKeys;
+use plover_server::cluster::{self, ClusterError, registry};
+use plover_server::config::{ClusterConfig, Config};
+use plover_server::server::{Server, ServerError};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "a secret every node of the test cluster shares";
+
+fn cluster_config(nats: &Nats, node: &str, replicas: usize) -> ClusterConfig {
+    ClusterConfig {
+        monitor: nats.monitors(),
+        node: node.into(),
+        replicas,
+        node_ttl: Duration::from_secs(3),
+        ..ClusterConfig::client(nats.urls())
+    }
+}
+
+/// Why a node with this `[cluster]` section does not start.
+async fn refusal(cluster: ClusterConfig) -> ClusterError {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config {
+        cluster: Some(cluster),
+        ..test_config(dir.path())
+    };
+    match Server::bind(config).await {
+        Err(ServerError::Cluster(e)) => e,
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("a node started on an engine it cannot trust"),
+    }
+}
+
+#[tokio::test]
+async fn a_node_refuses_an_engine_it_cannot_trust() {
+    // Nobody listening.
+    let mut nobody = ClusterConfig::client(vec![format!("nats://127.0.0.1:{}", free_port())]);
+    nobody.node = "n1".into();
+    nobody.monitor = vec![format!("http://127.0.0.1:{}", free_port())];
+    nobody.connect_timeout = Duration::from_millis(500);
+    let e = refusal(nobody).await;
+    assert!(matches!(e, ClusterError::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains("cannot reach NATS"), "{e}");
+
+    // NATS without JetStream.
+    let plain = Nats::start(1, JetStream::Off);
+    let e = refusal(cluster_config(&plain, "n1", 1)).await;
+    assert!(matches!(e, ClusterError::NoJetStream { .. }), "{e}");
+    assert!(e.to_string().contains("jetstream"), "{e}");
+    drop(plain);
+
+    // JetStream that acknowledges before it fsyncs.
+    let lazy = Nats::start(1, JetStream::Default);
+    let e = refusal(cluster_config(&lazy, "n1", 1)).await;
+    assert!(matches!(e, ClusterError::NotSyncAlways { .. }), "{e}");
+    assert!(e.to_string().contains("sync_interval: always"), "{e}");
+}
+
+async fn node(nats: &Nats, id: &str) -> TestServer {
+    let cluster = cluster_config(nats, id, 3);
+    TestServer::start_with(move |c| {
+        c.auth.secret = Some(SECRET.into());
+        c.cluster = Some(cluster);
+    })
+    .await
+}
+
+fn client(node: &TestServer, user: &str, device: &str) -> ClientConfig {
+    let token = TokenKeys::new(SECRET.as_bytes())
+        .mint(user, None, Duration::from_secs(3600))
+        .expect("mint");
+    ClientConfig::new(node.addr.to_string(), &node.ca(), token, device).expect("client config")
+}
+
+/// `plover nodes --json` against the cluster: one record per line.
+fn plover_nodes(nats: &Nats) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plover"))
+        .args(["nodes", "--json", "--nats", &nats.urls().join(",")])
+        .output()
+        .expect("plover nodes");
+    assert!(
+        out.status.success(),
+        "plover nodes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect()
+}
+
+/// Polls `check` until it holds or `within` passes.
+async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not met in {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn nodes_announce_themselves_and_the_registry_knows_where_each_device_is() {
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let n1 = node(&nats, "n1").await;
+    let n2 = node(&nats, "n2").await;
+
+    // Both nodes are listed with the address clients reach them at.
+    let listed = eventually(Duration::from_secs(10), || {
+        let nodes = plover_nodes(&nats);
+        (nodes.len() == 2).then_some(nodes)
+    })
+    .await;
+    assert_eq!(listed[0]["node"], "n1");
+    assert_eq!(listed[0]["advertise"], n1.addr.to_string());
+    assert_eq!(listed[1]["node"], "n2");
+    assert_eq!(listed[1]["advertise"], n2.addr.to_string());
+
+    // Welcome names the node; the registry says where alice's phone is.
+    let alice = Connection::connect(&client(&n1, "alice", "phone"))
+        .await
+        .expect("connect");
+    assert_eq!(alice.welcome().server_id, "n1");
+    let js = cluster::connect(&cluster_config(&nats, "probe", 3))
+        .await
+        .expect("NATS");
+    let mut found = None;
+    for _ in 0..50 {
+        found = registry::lookup(&js, "alice", "phone")
+            .await
+            .expect("lookup");
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let entry = found.expect("alice's phone is registered");
+    assert_eq!(entry.node, "n1");
+    assert!(entry.heartbeat_ms >= entry.since_ms);
+
+    // n1's record counts it.
+    eventually(Duration::from_secs(10), || {
+        let nodes = plover_nodes(&nats);
+        nodes
+            .iter()
+            .any(|n| n["node"] == "n1" && n["connections"] == 1)
+            .then_some(())
+    })
+    .await;
+
+    // The phone moves to n2: the registry follows, and n1's late removal does not undo it.
+    alice.close().await;
+    let moved = Connection::connect(&client(&n2, "alice", "phone"))
+        .await
+        .expect("connect to n2");
+    assert_eq!(moved.welcome().server_id, "n2");
+    let mut entry = None;
+    for _ in 0..50 {
+        entry = registry::lookup(&js, "alice", "phone")
+            .await
+            .expect("lookup");
+        if entry.as_ref().is_some_and(|e| e.node == "n2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(entry.expect("registered").node, "n2");
+    // Past n1's next registry pass, the entry is still n2's.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let entry = registry::lookup(&js, "alice", "phone")
+        .await
+        .expect("lookup");
+    assert_eq!(entry.expect("still registered").node, "n2");
+
+    // Leaving removes the entry; a stopped node leaves the list.
+    moved.close().await;
+    let mut gone = false;
+    for _ in 0..50 {
+        if registry::lookup(&js, "alice", "phone")
+            .await
+            .expect("lookup")
+            .is_none()
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "a departed device's entry is removed");
+    n2.stop().await;
+    let nodes = plover_nodes(&nats);
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0]["node"], "n1");
+    n1.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_that_dies_leaves_the_list_within_its_ttl() {
+    let nats = Nats::start(1, JetStream::SyncAlways);
+    // A node that vanishes without removing its record: `plover serve` killed outright.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = format!(
+        "[auth]\nsecret = \"{SECRET}\"\n[cluster]\nnats = {:?}\nmonitor = {:?}\nnode = \"n9\"\n\
+         replicas = 1\nnode_ttl = \"3s\"\n",
+        nats.urls(),
+        nats.monitors()
+    );
+    let (mut child, _addr) = crate::common::spawn_server_with(dir.path(), &extra).await;
+    eventually(Duration::from_secs(10), || {
+        (plover_nodes(&nats).len() == 1).then_some(())
+    })
+    .await;
+    child.kill().await.expect("kill");
+    let killed = Instant::now();
+    eventually(Duration::from_secs(10), || {
+        plover_nodes(&nats).is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        killed.elapsed() >= Duration::from_secs(1),
+        "gone only by its TTL"
+    );
+}
