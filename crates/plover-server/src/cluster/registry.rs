@@ -5,10 +5,11 @@
 //! those calls only update a map under a std `Mutex` (a few map operations, never held across
 //! an await), so a slow or unreachable NATS never holds up a connection. One task writes the
 //! map to the bucket: a new device at once, then each entry again every third of its TTL
-//! while the device keeps heartbeating, and a departed device's entry is deleted, but only if
-//! it is still the one this node wrote (a device that moved on to another node keeps that
-//! node's entry). The TTL is three heartbeat intervals: a node that dies takes its devices'
-//! entries with it within that time.
+//! while the device stays connected (with the time of its last heartbeat; a device that stops
+//! heartbeating is dropped by the transport's idle timeout), and a departed device's entry is
+//! deleted, but only if it is still the one this node wrote (a device that moved on to another
+//! node keeps that node's entry). The TTL is three heartbeat intervals: a node that dies takes
+//! its devices' entries with it within that time.
 //!
 //! Keys are `<user>.<device>`, each hex-encoded (user and device names may hold characters
 //! a key cannot), so one user's devices share the prefix `<user>.`.
