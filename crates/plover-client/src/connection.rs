@@ -55,18 +55,61 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// The most a server that is not the last of a list may take to connect and say `Welcome`
+/// before the next one is tried.
+pub const NEXT_SERVER_AFTER: Duration = Duration::from_secs(3);
+
 impl Connection {
-    /// Connects, authenticates and returns once the server has said `Welcome`.
+    /// Connects, authenticates and returns once the server has said `Welcome`. With several
+    /// servers in `config.server`, tries each in turn and moves on from one that cannot be
+    /// reached or is stopping; a refusal of this client (its token, its version) ends the
+    /// attempt at once. Every server but the last gets at most [`NEXT_SERVER_AFTER`] of
+    /// `connect_timeout`: a live server answers in milliseconds, and a dead seed should not
+    /// cost the whole timeout.
     pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
-        let addr = tokio::net::lookup_host(&config.server)
+        let mut attempts = Vec::new();
+        let servers: Vec<&str> = config.servers().collect();
+        for (i, server) in servers.iter().enumerate() {
+            let timeout = if i + 1 < servers.len() {
+                config.connect_timeout.min(NEXT_SERVER_AFTER)
+            } else {
+                config.connect_timeout
+            };
+            match Self::connect_to(config, server, timeout).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) if e.try_next_server() => attempts.push(((*server).to_owned(), e)),
+                Err(e) => return Err(e),
+            }
+        }
+        match attempts.len() {
+            0 => Err(ClientError::Resolve {
+                server: config.server.clone(),
+                source: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no server address given",
+                )),
+            }),
+            1 => Err(attempts.remove(0).1),
+            _ => Err(ClientError::NoServer(attempts)),
+        }
+    }
+
+    /// Connects to one server of the list, within `timeout` for the handshake and again for
+    /// `Welcome`.
+    async fn connect_to(
+        config: &ClientConfig,
+        server: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let addr = tokio::net::lookup_host(server)
             .await
             .map_err(|e| ClientError::Resolve {
-                server: config.server.clone(),
+                server: server.to_owned(),
                 source: Arc::new(e),
             })?
             .next()
             .ok_or_else(|| ClientError::Resolve {
-                server: config.server.clone(),
+                server: server.to_owned(),
                 source: Arc::new(std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "it resolves to no address",
@@ -76,9 +119,9 @@ impl Connection {
             Some(shared) => shared.clone(),
             None => crate::endpoint(&config.roots, config.keep_alive)?,
         };
-        let host = config.server_name();
+        let host = config.server_name(server);
         let connecting = endpoint.connect(addr, &host)?;
-        let conn = tokio::time::timeout(config.connect_timeout, connecting)
+        let conn = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| ClientError::Timeout("connecting"))?
             .map_err(ClientError::from)?;
@@ -94,7 +137,7 @@ impl Connection {
             })
             .await
             .map_err(|e| stream_failure(&conn, e))?;
-        let answer = tokio::time::timeout(config.connect_timeout, reader.next())
+        let answer = tokio::time::timeout(timeout, reader.next())
             .await
             .map_err(|_| ClientError::Timeout("waiting for Welcome"))?
             .map_err(|e| stream_failure(&conn, e))?;

@@ -88,7 +88,7 @@ mod endpoint;
 mod events;
 
 pub use answers::LogEvent;
-pub use connection::{Connection, Welcome};
+pub use connection::{Connection, NEXT_SERVER_AFTER, Welcome};
 pub use control::ControlPush;
 pub use conversation::{Ack, Conversation};
 pub use endpoint::endpoint;
@@ -161,9 +161,34 @@ pub enum ClientError {
     /// The TLS settings have no cipher suite QUIC can use for its initial packets.
     #[error("TLS for QUIC: {0}")]
     QuicTls(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// Several servers were given and none of them took the connection: each one's address
+    /// and error, in the order tried.
+    #[error("no server answered: {}", describe_attempts(.0))]
+    NoServer(Vec<(String, ClientError)>),
+}
+
+fn describe_attempts(attempts: &[(String, ClientError)]) -> String {
+    attempts
+        .iter()
+        .map(|(server, e)| format!("{server}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl ClientError {
+    /// Whether the next server of a list may take the connection when this one failed with
+    /// this error: it could not be reached, or it is stopping or out of service. A refusal of
+    /// the client itself (its token, its version) is the same answer everywhere.
+    pub(crate) fn try_next_server(&self) -> bool {
+        match self {
+            Self::Refused { code, .. } => {
+                matches!(*code, ErrorCode::SHUTDOWN | ErrorCode::UNAVAILABLE)
+            }
+            Self::Resolve { .. } | Self::Connect(_) | Self::Lost(_) | Self::Timeout(_) => true,
+            _ => false,
+        }
+    }
+
     /// Whether trying again (after reconnecting) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -177,6 +202,7 @@ impl ClientError {
             | Self::Closed(_)
             | Self::Datagram(_)
             | Self::Timeout(_) => true,
+            Self::NoServer(attempts) => attempts.iter().any(|(_, e)| e.is_retryable()),
             Self::Connect(_)
             | Self::Encode(_)
             | Self::Protocol(_)
@@ -215,7 +241,8 @@ impl From<plover_quic::TlsError> for ClientError {
 /// Where and as whom to connect.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `host:port` of the server.
+    /// `host:port` of the server, or several separated by commas (`a:4433,b:4433`): each is
+    /// tried in turn until one takes the connection, as a cluster's seed list.
     pub server: String,
     /// Name to verify the server's certificate against; defaults to the host of `server`.
     pub server_name: Option<String>,
@@ -265,13 +292,22 @@ impl ClientConfig {
         }
     }
 
-    fn server_name(&self) -> String {
+    /// The servers to try, in order.
+    pub fn servers(&self) -> impl Iterator<Item = &str> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The name to verify `server`'s certificate against.
+    fn server_name(&self, server: &str) -> String {
         if let Some(name) = &self.server_name {
             return name.clone();
         }
-        let host = match self.server.rsplit_once(':') {
+        let host = match server.rsplit_once(':') {
             Some((host, _port)) => host,
-            None => self.server.as_str(),
+            None => server,
         };
         host.trim_start_matches('[')
             .trim_end_matches(']')

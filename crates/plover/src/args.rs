@@ -30,7 +30,7 @@ impl Which {
 
 #[derive(Args, Clone)]
 pub(crate) struct ClientArgs {
-    /// Server address.
+    /// Server address, or several separated by commas, tried in turn (a cluster's nodes).
     #[arg(long, env = "PLOVER_SERVER", default_value = "127.0.0.1:4433")]
     server: String,
     /// Bearer token (from `plover token`).

@@ -36,6 +36,7 @@ mod receipts;
 mod restart_keeps_acked_messages;
 mod retention;
 mod server_lifecycle;
+mod server_list;
 mod session_harness;
 mod slow_device_catch_up;
 mod slow_reader;
