@@ -109,6 +109,17 @@ pub struct ClusterConfig {
     /// death, and clients are not sent to a dead node for long.
     #[serde(default = "ClusterConfig::default_node_ttl", with = "humantime_serde")]
     pub node_ttl: Duration,
+    /// Conversation shards of the cluster, fixed when its first node creates it (later nodes
+    /// use the stored count). 64: a fair share stays even for up to a few dozen nodes, and
+    /// each shard is one lease to renew.
+    #[serde(default = "ClusterConfig::default_shards")]
+    pub shards: u32,
+    /// A shard lease's time to live, renewed every third of it: how long a dead node's
+    /// shards wait before another takes them, and how long a paused owner may go unnoticed.
+    /// 5 s: well past a garbage-collection pause or a NATS leader change, short enough for
+    /// a failover of a few seconds.
+    #[serde(default = "ClusterConfig::default_lease", with = "humantime_serde")]
+    pub lease: Duration,
     /// How long to wait for NATS at start before refusing to run.
     #[serde(
         default = "ClusterConfig::default_connect_timeout",
@@ -128,8 +139,17 @@ impl ClusterConfig {
             zone: None,
             replicas: Self::default_replicas(),
             node_ttl: Self::default_node_ttl(),
+            shards: Self::default_shards(),
+            lease: Self::default_lease(),
             connect_timeout: Self::default_connect_timeout(),
         }
+    }
+
+    fn default_shards() -> u32 {
+        64
+    }
+    fn default_lease() -> Duration {
+        Duration::from_secs(5)
     }
 
     fn default_replicas() -> usize {
@@ -167,6 +187,12 @@ impl ClusterConfig {
         }
         if self.node_ttl < Duration::from_secs(3) {
             return invalid("cluster.node_ttl must be at least 3s");
+        }
+        if !(1..=4096).contains(&self.shards) {
+            return invalid("cluster.shards must be between 1 and 4096");
+        }
+        if self.lease < Duration::from_secs(3) {
+            return invalid("cluster.lease must be at least 3s");
         }
         if self.connect_timeout.is_zero() {
             return invalid("cluster.connect_timeout must be positive");

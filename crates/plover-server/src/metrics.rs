@@ -19,6 +19,10 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 pub mod names {
     /// Gauge: authenticated connections.
     pub const CONNECTIONS: &str = "plover_connections";
+    /// Gauge: cluster shards this node holds the lease of.
+    pub const SHARDS_OWNED: &str = "plover_cluster_shards_owned";
+    /// Counter: shard leases this node lost (deposed, or not renewed within the lease).
+    pub const SHARDS_LOST: &str = "plover_cluster_shards_lost_total";
     /// Counter: messages stored.
     pub const MESSAGES_IN: &str = "plover_messages_in_total";
     /// Counter: events handed to device queues.

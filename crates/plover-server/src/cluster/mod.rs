@@ -17,6 +17,7 @@
 //! replication of plover's own.
 
 pub mod nodes;
+pub mod ownership;
 pub mod registry;
 
 use async_nats::jetstream::{self, kv};
@@ -27,7 +28,11 @@ use tracing::{info, warn};
 
 use crate::config::ClusterConfig;
 pub use nodes::NodeRecord;
+pub use ownership::Ownership;
 pub use registry::Registry;
+
+/// A JetStream context (async-nats's), as [`connect`] returns it.
+pub type JetStream = jetstream::Context;
 
 /// The oldest nats-server plover runs on: 2.12.3 fixed the acknowledged-write losses Jepsen
 /// found in 2.12.1 (nats-server issues 7545, 7549, 7556).
@@ -117,6 +122,7 @@ struct Inner {
     js: jetstream::Context,
     nodes: kv::Store,
     registry: Arc<Registry>,
+    ownership: Arc<Ownership>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -134,20 +140,9 @@ impl Cluster {
         let js = connect(config).await?;
         let client = js.client();
         check_monitors(&config.monitor).await?;
-        let nodes = bucket(
-            &js,
-            NODES_BUCKET,
-            "plover nodes: id -> address, zone, load",
-            config,
-        )
-        .await?;
-        let devices = bucket(
-            &js,
-            DEVICES_BUCKET,
-            "plover connection registry: (user, device) -> node, heartbeat",
-            config,
-        )
-        .await?;
+        let nodes = bucket(js.clone(), NODES_BUCKET, Some(config.node_ttl), config).await?;
+        let devices = bucket(js.clone(), DEVICES_BUCKET, Some(heartbeat), config).await?;
+        let ownership = Arc::new(Ownership::new(js.clone(), config).await?);
         let registry = Arc::new(Registry::new(
             js.clone(),
             devices,
@@ -162,6 +157,7 @@ impl Cluster {
                 js,
                 nodes,
                 registry,
+                ownership,
             }),
         })
     }
@@ -186,6 +182,11 @@ impl Cluster {
         &self.inner.registry
     }
 
+    /// This node's shard leases.
+    pub fn ownership(&self) -> &Arc<Ownership> {
+        &self.inner.ownership
+    }
+
     /// Keeps this node's record (announcing `advertise`) and the registry up to date until
     /// `shutdown`, then removes both (a node that dies instead leaves them to their TTL).
     pub async fn run(self, advertise: String, shutdown: impl Future<Output = ()>) {
@@ -196,13 +197,16 @@ impl Cluster {
             &inner.config,
             advertise,
             inner.registry.clone(),
+            inner.ownership.clone(),
         );
         tokio::pin!(shutdown);
         tokio::select! {
             () = &mut shutdown => {}
             () = announcer.run() => {}
             () = inner.registry.clone().run() => {}
+            () = inner.ownership.run() => {}
         }
+        inner.ownership.release_all().await;
         if let Err(e) = nodes::remove(&inner.nodes, &inner.config.node).await {
             warn!(error = %e, "could not remove this node's record; it expires with its TTL");
         }
@@ -290,29 +294,61 @@ async fn check_monitors(monitors: &[String]) -> Result<(), ClusterError> {
     Ok(())
 }
 
-/// Binds a key-value bucket, creating it on first use. Keys expire one by one (per-key TTL,
-/// `Nats-TTL`), and an expiry leaves a delete marker so that watchers see it.
-async fn bucket(
-    js: &jetstream::Context,
+/// Binds a key-value bucket, creating it on first use: one entry per key, `replicas`
+/// copies. With `ttl` (a hint of the keys' lifetime), keys may carry a time to live of their
+/// own (`Nats-TTL`, written by [`publish_ttl`]) and an expiry leaves a delete marker, so that
+/// readers and watchers see it.
+pub(crate) async fn bucket(
+    js: jetstream::Context,
     name: &str,
-    description: &str,
+    ttl: Option<Duration>,
     config: &ClusterConfig,
 ) -> Result<kv::Store, ClusterError> {
     js.create_or_update_key_value(kv::Config {
         bucket: name.to_owned(),
-        description: description.to_owned(),
+        description: format!("plover {name}"),
         history: 1,
         num_replicas: config.replicas,
         storage: jetstream::stream::StorageType::File,
-        limit_markers: Some(Duration::from_secs(60)),
+        // How long an expiry's delete marker itself stays: long enough for every node to
+        // read it at least once.
+        limit_markers: ttl.map(|t| t.max(Duration::from_secs(60))),
         ..Default::default()
     })
     .await
     .map_err(|e| ClusterError::js("key-value bucket", format!("{name}: {e}")))
 }
 
-/// Puts `value` at `key` of bucket `store` with a time to live (whole seconds, at least 1):
-/// the key disappears unless written again before then. Returns the revision.
+/// Writes `value` at `key` of `bucket` with a time to live (whole seconds, at least 1): the
+/// key disappears unless written again before then. With `expect`, only if the key's
+/// revision is still that one (compare-and-set). Returns the new revision.
+pub(crate) async fn publish_ttl(
+    js: &jetstream::Context,
+    bucket: &str,
+    key: &str,
+    value: bytes::Bytes,
+    ttl: Duration,
+    expect: Option<u64>,
+) -> Result<u64, jetstream::context::PublishError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_TTL,
+        ttl.as_secs().max(1).to_string().as_str(),
+    );
+    if let Some(revision) = expect {
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            revision.to_string().as_str(),
+        );
+    }
+    let ack = js
+        .publish_with_headers(format!("$KV.{bucket}.{key}"), headers, value)
+        .await?
+        .await?;
+    Ok(ack.sequence)
+}
+
+/// [`publish_ttl`] without an expected revision, its error as the cluster's.
 pub(crate) async fn put_with_ttl(
     js: &jetstream::Context,
     bucket: &str,
@@ -320,18 +356,9 @@ pub(crate) async fn put_with_ttl(
     value: bytes::Bytes,
     ttl: Duration,
 ) -> Result<u64, ClusterError> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        async_nats::header::NATS_MESSAGE_TTL,
-        ttl.as_secs().max(1).to_string().as_str(),
-    );
-    let ack = js
-        .publish_with_headers(format!("$KV.{bucket}.{key}"), headers, value)
+    publish_ttl(js, bucket, key, value, ttl, None)
         .await
-        .map_err(|e| ClusterError::js("put", e))?
-        .await
-        .map_err(|e| ClusterError::js("put", e))?;
-    Ok(ack.sequence)
+        .map_err(|e| ClusterError::js("put", e))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::warn;
 
-use super::{ClusterError, NODES_BUCKET, Registry, put_with_ttl};
+use super::{ClusterError, NODES_BUCKET, Ownership, Registry, put_with_ttl};
 use crate::config::ClusterConfig;
 
 /// What a node says of itself (JSON in the bucket, keyed by the node id).
@@ -26,6 +26,9 @@ pub struct NodeRecord {
     pub zone: Option<String>,
     /// Devices connected to it.
     pub connections: u64,
+    /// Shards whose lease it holds.
+    #[serde(default)]
+    pub shards: u32,
     /// The CPU it used over the last interval, in cores (1.0 = one core busy); `None` where
     /// the platform does not say.
     pub cpu: Option<f64>,
@@ -45,6 +48,7 @@ pub(super) struct Announcer {
     record: NodeRecord,
     ttl: Duration,
     registry: Arc<Registry>,
+    ownership: Arc<Ownership>,
 }
 
 impl Announcer {
@@ -53,17 +57,20 @@ impl Announcer {
         config: &ClusterConfig,
         advertise: String,
         registry: Arc<Registry>,
+        ownership: Arc<Ownership>,
     ) -> Self {
         let now = crate::clock::now_ms();
         Self {
             js,
             ttl: config.node_ttl,
             registry,
+            ownership,
             record: NodeRecord {
                 node: config.node.clone(),
                 advertise,
                 zone: config.zone.clone(),
                 connections: 0,
+                shards: 0,
                 cpu: None,
                 draining: false,
                 started_ms: now,
@@ -82,6 +89,7 @@ impl Announcer {
         loop {
             tick.tick().await;
             self.record.connections = self.registry.local_count() as u64;
+            self.record.shards = u32::try_from(self.ownership.owned().len()).unwrap_or(u32::MAX);
             self.record.cpu = cpu.cores();
             self.record.updated_ms = crate::clock::now_ms();
             let value = match serde_json::to_vec(&self.record) {

@@ -1,4 +1,5 @@
-//! `plover nodes`: the nodes of a cluster and each one's load, from the cluster's own bucket.
+//! `plover nodes`: the nodes of a cluster and each one's load and shards, from the cluster's
+//! own bucket.
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -41,8 +42,8 @@ pub(crate) async fn nodes(args: NodesArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<24} {:<10} {:>11} {:>6} {:<8} UP",
-        "NODE", "ADVERTISE", "ZONE", "CONNECTIONS", "CPU", "STATE"
+        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} {:<8} UP",
+        "NODE", "ADVERTISE", "ZONE", "CONNECTIONS", "SHARDS", "CPU", "STATE"
     );
     for r in &records {
         println!("{}", line(r));
@@ -56,11 +57,12 @@ fn line(r: &NodeRecord) -> String {
         r.updated_ms.saturating_sub(r.started_ms) / 1000,
     ));
     format!(
-        "{:<16} {:<24} {:<10} {:>11} {:>6} {:<8} {}",
+        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} {:<8} {}",
         r.node,
         r.advertise,
         r.zone.as_deref().unwrap_or("-"),
         r.connections,
+        r.shards,
         cpu,
         if r.draining { "draining" } else { "serving" },
         up

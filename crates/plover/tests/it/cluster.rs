@@ -5,7 +5,7 @@ use crate::common::nats::{JetStream, Nats, free_port};
 use crate::common::{TestServer, test_config};
 use plover_client::{ClientConfig, Connection};
 use plover_server::auth::TokenKeys;
-use plover_server::cluster::{self, ClusterError, registry};
+use plover_server::cluster::{self, ClusterError, ownership, registry};
 use plover_server::config::{ClusterConfig, Config};
 use plover_server::server::{Server, ServerError};
 use std::time::{Duration, Instant};
@@ -227,4 +227,172 @@ async fn a_node_that_dies_leaves_the_list_within_its_ttl() {
         killed.elapsed() >= Duration::from_secs(1),
         "gone only by its TTL"
     );
+}
+
+/// Each node's shard count as `plover nodes` reports it, by node id.
+fn shard_counts(nats: &Nats) -> std::collections::BTreeMap<String, u64> {
+    plover_nodes(nats)
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap_or_default().to_owned(),
+                n["shards"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// Every shard's lease holder, read from the bucket.
+async fn holders(js: &cluster::JetStream, shards: u32) -> Vec<Option<String>> {
+    let leases = js
+        .get_key_value(ownership::SHARDS_BUCKET)
+        .await
+        .expect("leases bucket");
+    let mut out = Vec::new();
+    for s in 0..shards {
+        let holder = leases
+            .get(ownership::key(s))
+            .await
+            .expect("read lease")
+            .and_then(|v| serde_json::from_slice::<ownership::Lease>(&v).ok())
+            .map(|l| l.node);
+        out.push(holder);
+    }
+    out
+}
+
+#[tokio::test]
+async fn shards_are_shared_fairly_and_follow_the_live_nodes() {
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let small = |c: &mut ClusterConfig| {
+        c.shards = 12;
+        c.lease = Duration::from_secs(3);
+    };
+    let start = |id: &'static str| {
+        let mut cluster = cluster_config(&nats, id, 3);
+        small(&mut cluster);
+        TestServer::start_with(move |c| {
+            c.auth.secret = Some(SECRET.into());
+            c.cluster = Some(cluster);
+        })
+    };
+    let want = |counts: &[(&str, u64)]| {
+        counts
+            .iter()
+            .map(|(n, c)| ((*n).to_owned(), *c))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let n1 = start("n1").await;
+    eventually(Duration::from_secs(15), || {
+        (shard_counts(&nats) == want(&[("n1", 12)])).then_some(())
+    })
+    .await;
+    let n2 = start("n2").await;
+    eventually(Duration::from_secs(15), || {
+        (shard_counts(&nats) == want(&[("n1", 6), ("n2", 6)])).then_some(())
+    })
+    .await;
+
+    // A third node, as a process of its own, takes its share ...
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = format!(
+        "[auth]\nsecret = \"{SECRET}\"\n[cluster]\nnats = {:?}\nmonitor = {:?}\nnode = \"n3\"\n\
+         node_ttl = \"3s\"\nshards = 12\nlease = \"3s\"\n",
+        nats.urls(),
+        nats.monitors()
+    );
+    let (mut n3, _) = crate::common::spawn_server_with(dir.path(), &extra).await;
+    eventually(Duration::from_secs(20), || {
+        (shard_counts(&nats) == want(&[("n1", 4), ("n2", 4), ("n3", 4)])).then_some(())
+    })
+    .await;
+
+    // ... and when it is killed outright, its shards pass to the others once its leases end.
+    n3.kill().await.expect("kill n3");
+    let killed = Instant::now();
+    eventually(Duration::from_secs(20), || {
+        (shard_counts(&nats) == want(&[("n1", 6), ("n2", 6)])).then_some(())
+    })
+    .await;
+    let failover = killed.elapsed();
+    assert!(
+        failover >= Duration::from_secs(2),
+        "not before the lease ended: {failover:?}"
+    );
+
+    // Every shard has exactly one holder, and it is a live node.
+    let js = cluster::connect(&cluster_config(&nats, "probe", 3))
+        .await
+        .expect("NATS");
+    let held = holders(&js, 12).await;
+    assert!(
+        held.iter()
+            .all(|h| matches!(h.as_deref(), Some("n1" | "n2"))),
+        "{held:?}"
+    );
+    n2.stop().await;
+    // A node that stops gives its shards back at once: n1 takes them all.
+    eventually(Duration::from_secs(15), || {
+        (shard_counts(&nats) == want(&[("n1", 12)])).then_some(())
+    })
+    .await;
+    n1.stop().await;
+}
+
+#[tokio::test]
+async fn a_deposed_owner_steps_down_and_its_epochs_only_grow() {
+    let nats = Nats::start(1, JetStream::SyncAlways);
+    let mut config = cluster_config(&nats, "a", 1);
+    config.shards = 4;
+    config.lease = Duration::from_secs(3);
+    // Joined but not running: this test drives the rounds itself.
+    let node = cluster::Cluster::join(&config, Duration::from_secs(10))
+        .await
+        .expect("join");
+    let own = node.ownership();
+    own.balance().await.expect("balance");
+    let first = own.owned();
+    assert_eq!(
+        first.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+
+    own.renew().await;
+    let renewed = own.owned();
+    for ((s1, e1), (s2, e2)) in first.iter().zip(&renewed) {
+        assert_eq!(s1, s2);
+        assert!(e2 > e1, "a renewal is a new epoch");
+    }
+
+    // While "a" was paused its lease on shard 2 ended and another node took it.
+    let js = cluster::connect(&config).await.expect("NATS");
+    let leases = js
+        .get_key_value(ownership::SHARDS_BUCKET)
+        .await
+        .expect("leases");
+    let lease = ownership::Lease {
+        node: "b".into(),
+        since_ms: 0,
+    };
+    leases
+        .put(
+            ownership::key(2),
+            serde_json::to_vec(&lease).expect("json").into(),
+        )
+        .await
+        .expect("b takes shard 2");
+
+    // Its next renewal fails on the epoch: it drops shard 2 and keeps the rest.
+    own.renew().await;
+    assert_eq!(
+        own.owned().iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [0, 1, 3]
+    );
+    assert_eq!(holders(&js, 4).await[2].as_deref(), Some("b"));
+    // It does not take it back while b's lease lives.
+    own.balance().await.expect("balance");
+    assert!(!own.owned().iter().any(|(s, _)| *s == 2));
+    own.release_all().await;
+    assert!(own.owned().is_empty());
+    assert!(holders(&js, 4).await.iter().filter(|h| h.is_some()).count() == 1);
 }
