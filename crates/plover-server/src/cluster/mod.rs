@@ -304,7 +304,7 @@ pub(crate) async fn bucket(
     ttl: Option<Duration>,
     config: &ClusterConfig,
 ) -> Result<kv::Store, ClusterError> {
-    js.create_or_update_key_value(kv::Config {
+    let settings = kv::Config {
         bucket: name.to_owned(),
         description: format!("plover {name}"),
         history: 1,
@@ -314,10 +314,27 @@ pub(crate) async fn bucket(
         // read it at least once.
         limit_markers: ttl.map(|t| t.max(Duration::from_secs(60))),
         ..Default::default()
-    })
-    .await
-    .map_err(|e| ClusterError::js("key-value bucket", format!("{name}: {e}")))
+    };
+    // A JetStream cluster that has just formed (its servers started together, as the
+    // README's do) answers with timeouts until its peers are current, and nodes starting
+    // together race to create the same buckets: try again for a while before refusing.
+    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
+    loop {
+        match js.create_or_update_key_value(settings.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                warn!(bucket = name, error = %e, "JetStream not ready; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(ClusterError::js("key-value bucket", format!("{name}: {e}")));
+            }
+        }
+    }
 }
+
+/// How long a starting node waits for JetStream to create or bind its buckets.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Writes `value` at `key` of `bucket` with a time to live (whole seconds, at least 1): the
 /// key disappears unless written again before then. With `expect`, only if the key's

@@ -12,7 +12,8 @@
 //! - `measure.rs`: histograms, meters and the delivery check every scenario shares.
 //! - `server.rs`: the server under test (spawned, or `--server`).
 //! - one file per scenario: `direct.rs`, `group.rs`, `catchup.rs`, `connections.rs`,
-//!   `echo.rs` (the transport floor) and `flood.rs` (hostile clients).
+//!   `echo.rs` (the transport floor), `flood.rs` (hostile clients) and `log.rs` (a cluster's
+//!   replicated-log appends on its NATS servers).
 
 mod catchup;
 mod connections;
@@ -21,6 +22,7 @@ mod echo;
 mod flood;
 mod floor;
 mod group;
+mod log;
 mod measure;
 mod server;
 mod stages;
@@ -53,6 +55,10 @@ pub(crate) enum Scenario {
     /// pipelined `History`, sends to a large group): others' p99 compared with the quiet
     /// run's. The spawned server keeps its per-user limits for this one.
     Flood,
+    /// Appends to a JetStream stream on the NATS servers of --nats as the cluster's
+    /// replicated log does (per shard one batch at a time, fenced by the expected last
+    /// sequence): latency and rate of a cluster's durable write.
+    Log,
 }
 
 #[derive(Args)]
@@ -116,6 +122,18 @@ pub(crate) struct BenchArgs {
         default_value = "streams,acks,marks,history,group"
     )]
     pub(crate) flood_kinds: Vec<String>,
+    /// log: the NATS servers, comma-separated.
+    #[arg(long, env = "PLOVER_NATS", value_delimiter = ',')]
+    pub(crate) nats: Vec<String>,
+    /// log: shards appending at once.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) shards: usize,
+    /// log: records (200 bytes each) per append, as a group commit gathers them.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) batch: usize,
+    /// log: replicas of the stream.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) replicas: usize,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -134,8 +152,28 @@ pub(crate) fn progress(msg: &str) {
 
 /// Runs the scenario and prints its report.
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
-    let floor = echo::floor(2000).await?;
     let report = match args.scenario {
+        // No plover server, no QUIC: its floor is the NATS servers' own.
+        Scenario::Log => log::log(&args).await?,
+        _ => run_against_server(&args).await?,
+    };
+    if args.json {
+        println!("{report}");
+    } else {
+        print_table(&report);
+    }
+    let lost = report["lost"].as_u64().unwrap_or(0);
+    let duplicated = report["duplicated"].as_u64().unwrap_or(0);
+    if lost > 0 || duplicated > 0 {
+        bail!("delivery check failed: {lost} lost, {duplicated} duplicated");
+    }
+    Ok(())
+}
+
+/// The scenarios that measure a plover server, beside the QUIC floor of this run.
+async fn run_against_server(args: &BenchArgs) -> Result<Value> {
+    let floor = echo::floor(2000).await?;
+    Ok(match args.scenario {
         Scenario::Echo => {
             let mut report = json!({"scenario": "echo", "rtt": floor.json()});
             if let Some(rate) = args.rate {
@@ -147,7 +185,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
             report
         }
         _ => {
-            let target = Server::new(&args).await?;
+            let target = Server::new(args).await?;
             // The floor in the same run, before the load (and outside its CPU figures).
             let floor_time = args.duration.min(Duration::from_secs(5));
             let floors = match args.scenario {
@@ -175,7 +213,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
             };
             let before = (target.cpu_seconds(), cpu_seconds("self"));
             let wall = Instant::now();
-            let mut report = scenario(&target, &args, &floor).await?;
+            let mut report = scenario(&target, args, &floor).await?;
             let wall = wall.elapsed().as_secs_f64();
             // Where the two cores went: the server against the load generator, over the whole
             // scenario (setup included).
@@ -203,18 +241,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
             }
             report
         }
-    };
-    if args.json {
-        println!("{report}");
-    } else {
-        print_table(&report);
-    }
-    let lost = report["lost"].as_u64().unwrap_or(0);
-    let duplicated = report["duplicated"].as_u64().unwrap_or(0);
-    if lost > 0 || duplicated > 0 {
-        bail!("delivery check failed: {lost} lost, {duplicated} duplicated");
-    }
-    Ok(())
+    })
 }
 
 /// Runs a scenario against a server.
@@ -231,6 +258,7 @@ pub(crate) async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) ->
         Scenario::Catchup => catchup::catchup(target, args.messages).await?,
         Scenario::Connections => connections::connections(target, args.connections).await?,
         Scenario::Flood => flood::flood(target, args, floor).await?,
+        Scenario::Log => bail!("bench log measures NATS servers (--nats), not a plover server"),
     })
 }
 

@@ -396,3 +396,49 @@ async fn a_deposed_owner_steps_down_and_its_epochs_only_grow() {
     assert!(own.owned().is_empty());
     assert!(holders(&js, 4).await.iter().filter(|h| h.is_some()).count() == 1);
 }
+
+#[tokio::test]
+async fn bench_log_measures_fenced_appends_and_cleans_up() {
+    let nats = Nats::start(1, JetStream::SyncAlways);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plover"))
+        .args([
+            "bench",
+            "log",
+            "--json",
+            "--nats",
+            &nats.urls().join(","),
+            "--replicas",
+            "1",
+            "--shards",
+            "2",
+            "--batch",
+            "4",
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .await
+        .expect("plover bench log");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["scenario"], "log");
+    let appends = report["appends"].as_u64().expect("appends");
+    assert!(appends > 0, "{report}");
+    assert_eq!(report["append"]["count"].as_u64(), Some(appends));
+    // Four records an append (each rate rounded on its own).
+    let records = report["records_per_second"].as_f64().expect("records/s");
+    let appends_rate = report["appends_per_second"].as_f64().expect("appends/s");
+    assert!((records - appends_rate * 4.0).abs() <= 4.0, "{report}");
+    // The bench's stream is gone.
+    let jsz: serde_json::Value = ureq::get(&format!("{}/jsz", nats.monitors()[0]))
+        .call()
+        .expect("jsz")
+        .body_mut()
+        .read_json()
+        .expect("json");
+    assert_eq!(jsz["streams"], 0, "{jsz}");
+}
