@@ -23,6 +23,8 @@ pub mod names {
     pub const SHARDS_OWNED: &str = "plover_cluster_shards_owned";
     /// Counter: shard leases this node lost (deposed, or not renewed within the lease).
     pub const SHARDS_LOST: &str = "plover_cluster_shards_lost_total";
+    /// Counter: log appends JetStream answered "not ready" (10164) and that were sent again.
+    pub const LOG_NOT_READY: &str = "plover_cluster_log_not_ready_total";
     /// Counter: messages stored.
     pub const MESSAGES_IN: &str = "plover_messages_in_total";
     /// Counter: events handed to device queues.

@@ -13,9 +13,13 @@
 //! - [`registry`]: which node holds each (user, device), with the device's last heartbeat,
 //!   in the `plover_devices` bucket under a per-key TTL: the design's connections table.
 //!
+//! - [`ownership`]: one owner per shard at a time, by leases with fencing epochs.
+//! - [`log`]: a shard's replicated log, fenced appends with checksummed records.
+//!
 //! Every bucket is a JetStream stream with `cluster.replicas` replicas: no consensus or
 //! replication of plover's own.
 
+pub mod log;
 pub mod nodes;
 pub mod ownership;
 pub mod registry;

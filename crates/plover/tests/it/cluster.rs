@@ -442,3 +442,66 @@ async fn bench_log_measures_fenced_appends_and_cleans_up() {
         .expect("json");
     assert_eq!(jsz["streams"], 0, "{jsz}");
 }
+
+#[tokio::test]
+async fn the_shard_log_fences_a_stale_writer_and_checks_every_record() {
+    use plover_server::cluster::log::{AppendError, ReadError, ShardLog};
+    let nats = Nats::start(1, JetStream::SyncAlways);
+    let config = cluster_config(&nats, "w1", 1);
+    let js = cluster::connect(&config).await.expect("NATS");
+    let log = ShardLog::open(js.clone(), "PLOVER_TEST", &config)
+        .await
+        .expect("log");
+    assert_eq!(log.last(0).await.expect("last"), 0);
+
+    let one = log.append(0, 0, b"one").await.expect("first append");
+    let two = log
+        .append(0, one.sequence, b"two")
+        .await
+        .expect("second append");
+    assert!(two.sequence > one.sequence);
+    // A writer that did not see "two" (a deposed owner waking up) cannot append.
+    let stale = log.append(0, one.sequence, b"stale").await;
+    assert!(
+        matches!(stale, Err(AppendError::Deposed { shard: 0, .. })),
+        "{stale:?}"
+    );
+    // Shards are independent.
+    log.append(1, 0, b"other").await.expect("shard 1");
+    assert_eq!(log.last(0).await.expect("last"), two.sequence);
+
+    let texts = |records: Vec<(u64, bytes::Bytes)>| {
+        records
+            .into_iter()
+            .map(|(seq, r)| (seq, String::from_utf8_lossy(&r).into_owned()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        texts(log.read(0, 0).await.expect("read all")),
+        [(one.sequence, "one".into()), (two.sequence, "two".into())]
+    );
+    assert_eq!(
+        texts(log.read(0, one.sequence).await.expect("read after one")),
+        [(two.sequence, "two".into())]
+    );
+    assert!(
+        log.read(0, two.sequence)
+            .await
+            .expect("read none")
+            .is_empty()
+    );
+
+    // A record whose bytes do not match its checksum stops the read.
+    let bad = js
+        .publish("PLOVER_TEST.0", "not a sealed record".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let read = log.read(0, two.sequence).await;
+    assert!(
+        matches!(read, Err(ReadError::Corrupt { shard: 0, sequence }) if sequence == bad.sequence),
+        "{read:?}"
+    );
+    log.delete().await.expect("delete");
+}
