@@ -12,7 +12,6 @@
 //!   stops: the design's service discovery, which `plover nodes` lists.
 //! - [`registry`]: which node holds each (user, device), with the device's last heartbeat,
 //!   in the `plover_devices` bucket under a per-key TTL: the design's connections table.
-//!
 //! - [`ownership`]: one owner per shard at a time, by leases with fencing epochs.
 //! - [`log`]: a shard's replicated log, fenced appends with checksummed records.
 //!
@@ -210,16 +209,26 @@ impl Cluster {
             () = inner.registry.clone().run() => {}
             () = inner.ownership.run() => {}
         }
-        inner.ownership.release_all().await;
-        if let Err(e) = nodes::remove(&inner.nodes, &inner.config.node).await {
-            warn!(error = %e, "could not remove this node's record; it expires with its TTL");
-        }
-        inner.registry.remove_all().await;
-        if let Err(e) = inner.client.flush().await {
-            warn!(error = %e, "NATS flush at shutdown");
+        // Leaving cleanly only saves the others waiting out the TTLs: with NATS away it
+        // must not hold up the shutdown.
+        let leave = async {
+            inner.ownership.release_all().await;
+            if let Err(e) = nodes::remove(&inner.nodes, &inner.config.node).await {
+                warn!(error = %e, "could not remove this node's record; it expires with its TTL");
+            }
+            inner.registry.remove_all().await;
+            if let Err(e) = inner.client.flush().await {
+                warn!(error = %e, "NATS flush at shutdown");
+            }
+        };
+        if tokio::time::timeout(LEAVE_WITHIN, leave).await.is_err() {
+            warn!("left the cluster without removing everything: the TTLs will");
         }
     }
 }
+
+/// How long a stopping node tries to give back its shards and remove its records.
+const LEAVE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Connects to `config.nats` and checks the server's version and JetStream.
 pub async fn connect(config: &ClusterConfig) -> Result<jetstream::Context, ClusterError> {

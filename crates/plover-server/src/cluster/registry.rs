@@ -15,6 +15,7 @@
 //! a key cannot), so one user's devices share the prefix `<user>.`.
 
 use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,6 +37,9 @@ pub struct DeviceEntry {
     /// The device's last heartbeat (or its connection), in ms since the Unix epoch.
     pub heartbeat_ms: u64,
 }
+
+/// Registry writes in flight at once.
+const IN_FLIGHT: usize = 64;
 
 /// A device connected to this node, as the registry holds it.
 #[derive(Debug)]
@@ -206,39 +210,48 @@ impl Registry {
                 .collect();
             (puts, std::mem::take(&mut state.gone))
         };
-        for (key, revision) in gone {
-            // Only the entry this node wrote: if the device has since connected elsewhere,
-            // the revision moved on and that node's entry stays.
-            if let Err(e) = self
-                .store
-                .delete_expect_revision(&key, Some(revision))
-                .await
-            {
-                debug!(%key, error = %e, "registry entry not removed (moved on, or NATS away)");
-            }
-        }
-        for (key, entry) in puts {
-            let value = match serde_json::to_vec(&entry) {
-                Ok(v) => v,
-                Err(e) => {
-                    warn!(error = %e, "cannot encode a registry entry");
-                    continue;
+        // Many at once (a reconnecting crowd must not register one round trip at a time),
+        // at most `IN_FLIGHT` requests in flight.
+        futures_util::stream::iter(gone)
+            .for_each_concurrent(IN_FLIGHT, |(key, revision)| async move {
+                // Only the entry this node wrote: if the device has since connected
+                // elsewhere, the revision moved on and that node's entry stays.
+                if let Err(e) = self
+                    .store
+                    .delete_expect_revision(&key, Some(revision))
+                    .await
+                {
+                    debug!(%key, error = %e, "registry entry not removed (moved on, or NATS away)");
                 }
-            };
-            match put_with_ttl(&self.js, DEVICES_BUCKET, &key, value.into(), self.ttl).await {
-                Ok(revision) => {
-                    if let Some(local) = self.state().devices.get_mut(&key)
-                        && local.conn == entry.conn
-                    {
-                        local.written = Some((revision, Instant::now()));
-                    } else {
-                        // The device left while its entry was being written.
-                        self.state().gone.push((key, revision));
-                        self.wake.notify_one();
-                    }
+            })
+            .await;
+        futures_util::stream::iter(puts)
+            .for_each_concurrent(IN_FLIGHT, |(key, entry)| self.write(key, entry))
+            .await;
+    }
+
+    /// Writes one device's entry and notes its revision or, if the device left meanwhile,
+    /// queues the entry's removal.
+    async fn write(&self, key: String, entry: DeviceEntry) {
+        let value = match serde_json::to_vec(&entry) {
+            Ok(v) => v,
+            Err(e) => return warn!(error = %e, "cannot encode a registry entry"),
+        };
+        match put_with_ttl(&self.js, DEVICES_BUCKET, &key, value.into(), self.ttl).await {
+            Ok(revision) => {
+                let mut state = self.state();
+                if let Some(local) = state.devices.get_mut(&key)
+                    && local.conn == entry.conn
+                {
+                    local.written = Some((revision, Instant::now()));
+                } else {
+                    // The device left while its entry was being written.
+                    state.gone.push((key, revision));
+                    drop(state);
+                    self.wake.notify_one();
                 }
-                Err(e) => warn!(%key, error = %e, "could not write a registry entry"),
             }
+            Err(e) => warn!(%key, error = %e, "could not write a registry entry"),
         }
     }
 
