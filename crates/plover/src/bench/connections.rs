@@ -1,5 +1,7 @@
 //! `plover bench connections`: idle authenticated connections, the server's memory per
-//! connection and the time to connect.
+//! connection, the time to connect, and what the idle connections cost the server's CPU
+//! (their heartbeats and QUIC keep-alives, the server's timers) while they sit idle for
+//! `--duration`.
 
 use anyhow::Result;
 use plover_client::Connection;
@@ -10,8 +12,8 @@ use super::measure::*;
 use super::server::Server;
 use super::{progress, rand_u32};
 
-/// The connections scenario.
-pub(crate) async fn connections(target: &Server, n: usize) -> Result<Value> {
+/// The connections scenario: `n` connections, then `idle` with nothing but heartbeats.
+pub(crate) async fn connections(target: &Server, n: usize, idle: Duration) -> Result<Value> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = target.server_rss();
     let start = Instant::now();
@@ -50,6 +52,21 @@ pub(crate) async fn connections(target: &Server, n: usize) -> Result<Value> {
         _ => Value::Null,
     };
     let open = conns.len();
+    progress(&format!("connections: {open} idle for {idle:?}"));
+    let (server0, bench0) = (target.cpu_seconds(), cpu_seconds("self"));
+    tokio::time::sleep(idle).await;
+    let idle = idle.as_secs_f64();
+    let cores = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => json!(((b - a) / idle * 1000.0).round() / 1000.0),
+        _ => Value::Null,
+    };
+    let server_cores = cores(server0, target.cpu_seconds());
+    let bench_cores = cores(bench0, cpu_seconds("self"));
+    // Microseconds of server CPU each idle connection costs per second.
+    let server_us_per_connection = match server_cores.as_f64() {
+        Some(c) if open > 0 => json!((c * 1e6 / open as f64 * 100.0).round() / 100.0),
+        _ => Value::Null,
+    };
     for c in conns {
         c.close().await;
     }
@@ -63,5 +80,9 @@ pub(crate) async fn connections(target: &Server, n: usize) -> Result<Value> {
         "server_rss_before": before,
         "server_rss_after": after,
         "bytes_per_connection": per,
+        "idle_seconds": idle,
+        "idle_server_cores": server_cores,
+        "idle_bench_cores": bench_cores,
+        "idle_server_us_per_connection_second": server_us_per_connection,
     }))
 }

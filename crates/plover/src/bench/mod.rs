@@ -93,7 +93,8 @@ pub(crate) struct BenchArgs {
     /// with their CPU and datagram cost.
     #[arg(long)]
     rate: Option<u64>,
-    /// direct, group: how long to send.
+    /// direct, group: how long to send. connections: how long to leave them idle while the
+    /// server's CPU is measured.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) duration: Duration,
     /// group: members.
@@ -256,7 +257,9 @@ pub(crate) async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) ->
         }
         Scenario::Group => group::group(target, args, floor).await?,
         Scenario::Catchup => catchup::catchup(target, args.messages).await?,
-        Scenario::Connections => connections::connections(target, args.connections).await?,
+        Scenario::Connections => {
+            connections::connections(target, args.connections, args.duration).await?
+        }
         Scenario::Flood => flood::flood(target, args, floor).await?,
         Scenario::Log => bail!("bench log measures NATS servers (--nats), not a plover server"),
     })

@@ -100,9 +100,12 @@ fn catchup_group_and_connections_report_their_figures() {
         v["floor"]["fanout_to_last"]["count"].as_u64() > Some(0),
         "{v}"
     );
-    let v = bench(&["connections", "--connections", "50"]);
+    let v = bench(&["connections", "--connections", "50", "--duration", "1s"]);
     assert_eq!(v["open"], 50);
     assert!(v["bytes_per_connection"].is_u64(), "{v}");
+    assert_eq!(v["idle_seconds"], 1.0, "{v}");
+    assert!(v["idle_server_cores"].as_f64() >= Some(0.0), "{v}");
+    assert!(v["idle_server_us_per_connection_second"].is_f64(), "{v}");
 }
 
 #[test]
