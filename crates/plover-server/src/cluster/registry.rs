@@ -225,34 +225,41 @@ impl Registry {
                 }
             })
             .await;
+        // One warning a pass, not one a device: with NATS away every write fails.
+        let failed = std::sync::atomic::AtomicUsize::new(0);
+        let last_error = Mutex::new(None);
         futures_util::stream::iter(puts)
-            .for_each_concurrent(IN_FLIGHT, |(key, entry)| self.write(key, entry))
+            .for_each_concurrent(IN_FLIGHT, |(key, entry)| async {
+                if let Err(e) = self.write(key, entry).await {
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            })
             .await;
+        let failed = failed.into_inner();
+        if let Some(e) = last_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            warn!(failed, error = %e, "could not write registry entries; trying again");
+        }
     }
 
     /// Writes one device's entry and notes its revision or, if the device left meanwhile,
-    /// queues the entry's removal.
-    async fn write(&self, key: String, entry: DeviceEntry) {
-        let value = match serde_json::to_vec(&entry) {
-            Ok(v) => v,
-            Err(e) => return warn!(error = %e, "cannot encode a registry entry"),
-        };
-        match put_with_ttl(&self.js, DEVICES_BUCKET, &key, value.into(), self.ttl).await {
-            Ok(revision) => {
-                let mut state = self.state();
-                if let Some(local) = state.devices.get_mut(&key)
-                    && local.conn == entry.conn
-                {
-                    local.written = Some((revision, Instant::now()));
-                } else {
-                    // The device left while its entry was being written.
-                    state.gone.push((key, revision));
-                    drop(state);
-                    self.wake.notify_one();
-                }
-            }
-            Err(e) => warn!(%key, error = %e, "could not write a registry entry"),
+    /// queues the entry's removal. An entry that was not written is tried again next pass.
+    async fn write(&self, key: String, entry: DeviceEntry) -> Result<(), ClusterError> {
+        let value =
+            serde_json::to_vec(&entry).map_err(|e| ClusterError::js("encode an entry", e))?;
+        let revision = put_with_ttl(&self.js, DEVICES_BUCKET, &key, value.into(), self.ttl).await?;
+        let mut state = self.state();
+        if let Some(local) = state.devices.get_mut(&key)
+            && local.conn == entry.conn
+        {
+            local.written = Some((revision, Instant::now()));
+        } else {
+            // The device left while its entry was being written.
+            state.gone.push((key, revision));
+            drop(state);
+            self.wake.notify_one();
         }
+        Ok(())
     }
 
     /// Deletes every entry this node wrote (at shutdown).
