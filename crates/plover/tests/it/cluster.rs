@@ -506,3 +506,44 @@ async fn the_shard_log_fences_a_stale_writer_and_checks_every_record() {
     );
     log.delete().await.expect("delete");
 }
+
+#[tokio::test]
+async fn a_node_keeps_serving_its_clients_while_nats_is_away() {
+    let nats = Nats::start(1, JetStream::SyncAlways);
+    let cluster = cluster_config(&nats, "n1", 1);
+    let n1 = TestServer::start_with(move |c| {
+        c.auth.secret = Some(SECRET.into());
+        c.cluster = Some(cluster);
+    })
+    .await;
+    Connection::connect(&client(&n1, "bob", "setup"))
+        .await
+        .expect("bob")
+        .close()
+        .await;
+    let alice = Connection::connect(&client(&n1, "alice", "phone"))
+        .await
+        .expect("alice");
+    let conv = alice
+        .open(plover_proto::Target::Direct("bob".into()), true)
+        .await
+        .expect("open");
+    conv.send("before").await.expect("sent with NATS up");
+
+    // The registry, node records and leases stop being written; messages go on, and so do
+    // new connections (the registry writes them later, or the TTLs clean up).
+    drop(nats);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ack = conv.send("after").await.expect("sent with NATS away");
+    assert_eq!(ack.seq, 2);
+    let bob = Connection::connect(&client(&n1, "bob", "phone"))
+        .await
+        .expect("bob connects with NATS away");
+    assert_eq!(bob.welcome().server_id, "n1");
+    bob.close().await;
+    alice.close().await;
+    // And it still stops within its bounds.
+    tokio::time::timeout(Duration::from_secs(15), n1.stop())
+        .await
+        .expect("stops with NATS away");
+}
