@@ -648,6 +648,16 @@ mod tests {
                 .expect("parses");
         let err = none.validate().expect_err("no monitor");
         assert!(err.to_string().contains("cluster.monitor"), "{err}");
+        for (extra, named) in [
+            ("shards = 0", "cluster.shards"),
+            ("lease = \"1s\"", "cluster.lease"),
+            ("replicas = 7", "cluster.replicas"),
+            ("node_ttl = \"1s\"", "cluster.node_ttl"),
+        ] {
+            let c: Config = toml::from_str(&format!("{text}{extra}\n")).expect("parses");
+            let err = c.validate().expect_err(extra);
+            assert!(err.to_string().contains(named), "{extra}: {err}");
+        }
     }
 
     #[test]
