@@ -231,29 +231,61 @@ impl Cluster {
 const LEAVE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Connects to `config.nats` and checks the server's version and JetStream.
+///
+/// NATS servers started at the same moment as the node (the README's commands) may not
+/// listen yet, and a JetStream cluster that has just formed answers with timeouts until it
+/// has a leader: the connection is tried again for `connect_timeout`, and JetStream for
+/// [`STARTUP_PATIENCE`]. A server without JetStream is refused at once.
 pub async fn connect(config: &ClusterConfig) -> Result<jetstream::Context, ClusterError> {
     let urls = config.nats.join(",");
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("plover {}", config.node))
-        .connection_timeout(config.connect_timeout)
-        .connect(config.nats.as_slice())
-        .await
-        .map_err(|error| ClusterError::Unreachable {
-            urls: urls.clone(),
-            error,
-        })?;
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let client = loop {
+        let connected = async_nats::ConnectOptions::new()
+            .name(format!("plover {}", config.node))
+            .connection_timeout(config.connect_timeout)
+            .connect(config.nats.as_slice())
+            .await;
+        match connected {
+            Ok(client) => break client,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => {
+                return Err(ClusterError::Unreachable {
+                    urls: urls.clone(),
+                    error,
+                });
+            }
+        }
+    };
     let version = client.server_info().version;
     if !at_least(&version, MIN_NATS) {
         return Err(ClusterError::TooOld { found: version });
     }
     let js = jetstream::new(client);
-    js.query_account()
-        .await
-        .map_err(|e| ClusterError::NoJetStream {
-            urls,
-            reason: e.to_string(),
-        })?;
-    Ok(js)
+    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
+    loop {
+        let Err(e) = js.query_account().await else {
+            return Ok(js);
+        };
+        // A timeout, or 10008 ("JetStream temporarily unavailable"), is a cluster still
+        // electing its leader; anything else (no responders: JetStream off) is final.
+        let settling = match e.kind() {
+            jetstream::context::AccountErrorKind::TimedOut => true,
+            jetstream::context::AccountErrorKind::JetStream(js_error) => {
+                js_error.error_code().0 == 10008
+            }
+            _ => false,
+        };
+        if !settling || tokio::time::Instant::now() >= deadline {
+            return Err(ClusterError::NoJetStream {
+                urls,
+                reason: e.to_string(),
+            });
+        }
+        warn!(error = %e, "JetStream not ready; trying again");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Whether a `major.minor.patch[-suffix]` version is at least `min`.
