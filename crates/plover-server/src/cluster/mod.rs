@@ -235,7 +235,7 @@ const LEAVE_WITHIN: Duration = Duration::from_secs(5);
 /// NATS servers started at the same moment as the node (the README's commands) may not
 /// listen yet, and a JetStream cluster that has just formed answers with timeouts until it
 /// has a leader: the connection is tried again for `connect_timeout`, and JetStream for
-/// [`STARTUP_PATIENCE`]. A server without JetStream is refused at once.
+/// 30 s. A server without JetStream is refused at once.
 pub async fn connect(config: &ClusterConfig) -> Result<jetstream::Context, ClusterError> {
     let urls = config.nats.join(",");
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
