@@ -161,6 +161,9 @@ impl Ownership {
         let held: Vec<(u32, Held)> = self.held().iter().map(|(s, h)| (*s, *h)).collect();
         for (shard, h) in held {
             let value = self.value(h.since_ms);
+            // The lease runs from when JetStream stores the write, which is after this: a
+            // lease counted from here ends no later than the one NATS keeps.
+            let sent = Instant::now();
             let renewed = super::publish_ttl(
                 &self.js,
                 SHARDS_BUCKET,
@@ -178,11 +181,13 @@ impl Ownership {
                         shard,
                         Held {
                             revision,
-                            renewed: Instant::now(),
+                            renewed: sent,
                             since_ms: h.since_ms,
                         },
                     );
                 }
+                // Also when an earlier renewal was stored but its answer lost: the shard is
+                // then free again once that lease ends. Safe, if not the quickest.
                 Err(Renewal::Deposed) => {
                     held.remove(&shard);
                     warn!(
@@ -284,6 +289,7 @@ impl Ownership {
     /// Tries to take a free shard.
     async fn acquire(&self, shard: u32) {
         let since_ms = crate::clock::now_ms();
+        let sent = Instant::now();
         match self
             .leases
             .create_with_ttl(key(shard), self.value(since_ms), self.lease)
@@ -295,7 +301,7 @@ impl Ownership {
                     shard,
                     Held {
                         revision,
-                        renewed: Instant::now(),
+                        renewed: sent,
                         since_ms,
                     },
                 );
