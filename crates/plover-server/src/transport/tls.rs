@@ -69,11 +69,27 @@ pub fn ensure_dev_cert(dir: &Path) -> Result<(PathBuf, PathBuf), DevCertError> {
         .open(&lock)
     {
         Ok(_) => {
-            let generated = generate(&cert_path, &key_path);
+            // Another process may have generated both and let go of the lock between the
+            // first look and this one.
+            let generated = if ready() {
+                Ok(())
+            } else {
+                generate(&cert_path, &key_path)
+            };
             let _ = std::fs::remove_file(&lock);
             generated?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A lock older than the wait was left by a process that died while generating:
+            // it is taken over (once).
+            let abandoned = std::fs::metadata(&lock)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > WAIT_FOR_OTHER);
+            if abandoned && std::fs::remove_file(&lock).is_ok() {
+                return ensure_dev_cert(dir);
+            }
             let started = std::time::Instant::now();
             while !ready() || lock.exists() {
                 if started.elapsed() > WAIT_FOR_OTHER {
@@ -146,5 +162,18 @@ mod tests {
         let chain = plover_quic::tls::load_certs(&dir.path().join(DEV_CERT)).expect("chain");
         let key = plover_quic::tls::load_key(&dir.path().join(DEV_KEY)).expect("key");
         plover_quic::tls::server_config(chain, key).expect("a matching pair");
+    }
+
+    #[test]
+    fn a_lock_left_by_a_dead_process_is_taken_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lock = dir.path().join(GENERATING);
+        let file = std::fs::File::create(&lock).expect("lock");
+        let old = std::time::SystemTime::now() - 2 * WAIT_FOR_OTHER;
+        file.set_modified(old).expect("age the lock");
+        drop(file);
+        ensure_dev_cert(dir.path()).expect("generated despite the old lock");
+        assert!(dir.path().join(DEV_CERT).exists());
+        assert!(!lock.exists());
     }
 }
