@@ -21,6 +21,7 @@
 //! - A node that stops gives its leases back at once (a delete at the revision it holds).
 
 use async_nats::jetstream::{self, context::PublishErrorKind, kv};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -267,12 +268,14 @@ impl Ownership {
     async fn survey(&self) -> Result<(HashMap<String, usize>, Vec<u32>), ClusterError> {
         let mut owners: HashMap<String, usize> = HashMap::new();
         let mut free = Vec::new();
-        for shard in 0..self.shards {
-            let entry = self
-                .leases
-                .entry(key(shard))
-                .await
-                .map_err(|e| ClusterError::js("read a lease", e))?;
+        // Up to 16 reads in flight, answers in shard order.
+        let entries: Vec<_> = futures_util::stream::iter(0..self.shards)
+            .map(|shard| async move { (shard, self.leases.entry(key(shard)).await) })
+            .buffered(16)
+            .collect()
+            .await;
+        for (shard, entry) in entries {
+            let entry = entry.map_err(|e| ClusterError::js("read a lease", e))?;
             match entry {
                 Some(e) if e.operation == kv::Operation::Put => {
                     match serde_json::from_slice::<Lease>(&e.value) {
