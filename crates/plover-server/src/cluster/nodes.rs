@@ -32,8 +32,6 @@ pub struct NodeRecord {
     /// The CPU it used over the last interval, in cores (1.0 = one core busy); `None` where
     /// the platform does not say.
     pub cpu: Option<f64>,
-    /// Whether it is moving its clients away before it stops.
-    pub draining: bool,
     /// When it started, in ms since the Unix epoch.
     pub started_ms: u64,
     /// When it wrote this record, in ms since the Unix epoch.
@@ -72,7 +70,6 @@ impl Announcer {
                 connections: 0,
                 shards: 0,
                 cpu: None,
-                draining: false,
                 started_ms: now,
                 updated_ms: now,
                 version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -42,8 +42,8 @@ pub(crate) async fn nodes(args: NodesArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} {:<8} UP",
-        "NODE", "ADVERTISE", "ZONE", "CONNECTIONS", "SHARDS", "CPU", "STATE"
+        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} UP",
+        "NODE", "ADVERTISE", "ZONE", "CONNECTIONS", "SHARDS", "CPU"
     );
     for r in &records {
         println!("{}", line(r));
@@ -57,14 +57,13 @@ fn line(r: &NodeRecord) -> String {
         r.updated_ms.saturating_sub(r.started_ms) / 1000,
     ));
     format!(
-        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} {:<8} {}",
+        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} {}",
         r.node,
         r.advertise,
         r.zone.as_deref().unwrap_or("-"),
         r.connections,
         r.shards,
         cpu,
-        if r.draining { "draining" } else { "serving" },
         up
     )
 }
