@@ -25,6 +25,14 @@ pub mod names {
     pub const SHARDS_LOST: &str = "plover_cluster_shards_lost_total";
     /// Counter: log appends JetStream answered "not ready" (10164) and that were sent again.
     pub const LOG_NOT_READY: &str = "plover_cluster_log_not_ready_total";
+    /// Histogram: seconds from sending an append to the cluster log to its acknowledgement.
+    pub const LOG_APPEND_SECONDS: &str = "plover_cluster_log_append_seconds";
+    /// Histogram: entries per append to the cluster log.
+    pub const LOG_APPEND_ENTRIES: &str = "plover_cluster_log_append_entries";
+    /// Counter: appends to the cluster log sent again after a failure.
+    pub const LOG_APPEND_RETRIES: &str = "plover_cluster_log_append_retries_total";
+    /// Gauge: the stream sequence of the last cluster log message this node applied.
+    pub const LOG_APPLIED: &str = "plover_cluster_log_applied";
     /// Counter: messages stored.
     pub const MESSAGES_IN: &str = "plover_messages_in_total";
     /// Counter: events handed to device queues.

@@ -43,6 +43,8 @@ pub struct Server {
     metrics: Option<tokio::net::TcpListener>,
     render: Option<crate::metrics::Render>,
     cluster: Option<crate::cluster::Cluster>,
+    /// A cluster node's appender and applier of the replicated log.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -65,7 +67,37 @@ impl Server {
             Some(c) => Some(crate::cluster::Cluster::join(c, config.transport.heartbeat).await?),
             None => None,
         };
-        let router = Router::start(Arc::new(store), &config)?;
+        let store = Arc::new(store);
+        let mut tasks = Vec::new();
+        let router = match &cluster {
+            None => Router::start(store, &config)?,
+            Some(cluster) => {
+                // Every write goes through the cluster's log, and this node serves once it
+                // has applied what the log held (`router/replicated.rs`).
+                let replica = cluster.replica().await?;
+                let (router, entries) =
+                    Router::start_replicated(store, &config, replica.allocator())?;
+                let (ready, caught_up) = tokio::sync::oneshot::channel();
+                tasks.push(tokio::spawn(
+                    replica.clone().append(entries, router.clone()),
+                ));
+                tasks.push(tokio::spawn(replica.apply(router.clone(), ready)));
+                if caught_up.await.is_err() {
+                    for t in &tasks {
+                        t.abort();
+                    }
+                    let r = router.clone();
+                    let _ = tokio::task::spawn_blocking(move || r.shutdown_blocking()).await;
+                    return Err(ServerError::Cluster(
+                        crate::cluster::ClusterError::JetStream {
+                            what: "apply the cluster log",
+                            reason: "the log could not be applied (see the log above)".into(),
+                        },
+                    ));
+                }
+                router
+            }
+        };
         let listener = Listener::bind(&config, router.clone(), keys, cluster.as_ref())?;
         let addr = listener
             .local_addr()
@@ -89,6 +121,7 @@ impl Server {
             metrics,
             render: None,
             cluster,
+            tasks,
         })
     }
 
@@ -147,6 +180,12 @@ impl Server {
             let _ = task.await;
         }
         sweeper.abort();
+        // Stopped (and dropped) before the router, so that a write made while it stops
+        // fails at once instead of waiting for an append that will not come.
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
         if let Some(m) = metrics {
             m.abort();
         }

@@ -247,7 +247,7 @@ impl ShardLog {
 }
 
 /// A record with its checksum in front.
-fn seal(record: &[u8]) -> Bytes {
+pub(super) fn seal(record: &[u8]) -> Bytes {
     let mut sealed = BytesMut::with_capacity(CHECKSUM + record.len());
     sealed.put_u64(xxhash_rust::xxh3::xxh3_64(record));
     sealed.put_slice(record);
@@ -255,7 +255,7 @@ fn seal(record: &[u8]) -> Bytes {
 }
 
 /// The record inside `sealed`, if its checksum matches.
-fn open(sealed: &Bytes) -> Option<Bytes> {
+pub(super) fn open(sealed: &Bytes) -> Option<Bytes> {
     let sum = u64::from_be_bytes(sealed.get(..CHECKSUM)?.try_into().ok()?);
     let record = sealed.slice(CHECKSUM..);
     (xxhash_rust::xxh3::xxh3_64(&record) == sum).then_some(record)

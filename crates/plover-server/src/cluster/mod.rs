@@ -22,6 +22,7 @@ pub mod log;
 pub mod nodes;
 pub mod ownership;
 pub mod registry;
+pub mod replica;
 
 use async_nats::jetstream::{self, kv};
 use std::future::Future;
@@ -33,6 +34,7 @@ use crate::config::ClusterConfig;
 pub use nodes::NodeRecord;
 pub use ownership::Ownership;
 pub use registry::Registry;
+pub use replica::Replica;
 
 /// A JetStream context (async-nats's), as [`connect`] returns it.
 pub type JetStream = jetstream::Context;
@@ -183,6 +185,12 @@ impl Cluster {
     /// The connection registry.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.inner.registry
+    }
+
+    /// This node's shard leases.
+    /// Binds the cluster's replicated log (`replica.rs`).
+    pub async fn replica(&self) -> Result<Replica, ClusterError> {
+        Replica::open(self.inner.js.clone(), &self.inner.config).await
     }
 
     /// This node's shard leases.

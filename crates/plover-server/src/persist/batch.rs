@@ -15,6 +15,82 @@ pub(super) enum Space {
     PushContent,
 }
 
+impl Space {
+    fn ks(self) -> Ks {
+        match self {
+            Space::Pushers => Ks::Pushers,
+            Space::PendingPush => Ks::PendingPush,
+            Space::PushContent => Ks::PushContent,
+        }
+    }
+}
+
+/// A keyspace, by name: what a recorded write names (see [`Op`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Ks {
+    /// `messages`
+    Messages,
+    /// `log`
+    Log,
+    /// `conversations`
+    Conversations,
+    /// `member_of`
+    MemberOf,
+    /// `direct`
+    Direct,
+    /// `idempotency`
+    Idempotency,
+    /// `devices`
+    Devices,
+    /// `users`
+    Users,
+    /// `receipts`
+    Receipts,
+    /// `presence`
+    Presence,
+    /// `cleared`
+    Cleared,
+    /// `watermarks`
+    Watermarks,
+    /// `pushers`
+    Pushers,
+    /// `pending_push`
+    PendingPush,
+    /// `push_content`
+    PushContent,
+    /// `meta`
+    Meta,
+}
+
+/// One recorded write: a key set to a value, or removed (`None`). A cluster node records a
+/// side write's operations instead of committing them, appends them to the replicated log,
+/// and every node applies them in the log's order (`router/replicated.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Op {
+    /// Where.
+    pub ks: Ks,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The new value, or `None` to remove the key.
+    pub value: Option<Vec<u8>>,
+}
+
+/// A recorded side write: its operations, and a key that must not exist when it is applied
+/// (or nothing of it is written: how two nodes creating the same direct conversation at once
+/// end with one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recorded {
+    /// A key whose presence cancels the whole write.
+    pub unless: Option<(Ks, Vec<u8>)>,
+    /// The writes, in order.
+    pub ops: Vec<Op>,
+}
+
+enum Sink {
+    Fjall(fjall::OwnedWriteBatch),
+    Record(Recorded),
+}
+
 /// A write to add to a batch: what a [`Writer`] commits.
 pub type SideWrite = Box<dyn FnOnce(&mut StoreBatch<'_>) + Send>;
 
@@ -26,6 +102,12 @@ pub type SideWrite = Box<dyn FnOnce(&mut StoreBatch<'_>) + Send>;
 pub trait Writer: Send + Sync {
     /// Adds `write` to a batch and waits until that batch is durable (or failed). Blocking.
     fn write(&self, write: SideWrite) -> Result<(), StoreError>;
+
+    /// A new conversation id, when ids come from elsewhere than this store's counter (a
+    /// cluster's, shared by every node); `None` to use the store's own.
+    fn allocate_conversation(&self) -> Option<Result<ConversationId, StoreError>> {
+        None
+    }
 }
 
 /// The store itself commits each write as a batch of its own.
@@ -42,7 +124,41 @@ impl Store {
     pub fn batch(&self) -> StoreBatch<'_> {
         StoreBatch {
             store: self,
-            batch: self.db.batch(),
+            sink: Sink::Fjall(self.db.batch()),
+        }
+    }
+
+    /// A batch that records its writes instead of committing them ([`StoreBatch::recorded`]).
+    pub fn recorder(&self) -> StoreBatch<'_> {
+        StoreBatch {
+            store: self,
+            sink: Sink::Record(Recorded::default()),
+        }
+    }
+
+    /// Whether `key` exists in `ks`.
+    pub fn contains(&self, ks: Ks, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.keyspace(ks).contains_key(key)?)
+    }
+
+    fn keyspace(&self, ks: Ks) -> &Keyspace {
+        match ks {
+            Ks::Messages => &self.messages,
+            Ks::Log => &self.log,
+            Ks::Conversations => &self.conversations,
+            Ks::MemberOf => &self.member_of,
+            Ks::Direct => &self.direct,
+            Ks::Idempotency => &self.idempotency,
+            Ks::Devices => &self.devices,
+            Ks::Users => &self.users,
+            Ks::Receipts => &self.receipts,
+            Ks::Presence => &self.presence,
+            Ks::Cleared => &self.cleared,
+            Ks::Watermarks => &self.watermarks,
+            Ks::Pushers => &self.pushers,
+            Ks::PendingPush => &self.pending_push,
+            Ks::PushContent => &self.push_content,
+            Ks::Meta => &self.meta,
         }
     }
 }
@@ -50,15 +166,65 @@ impl Store {
 /// A group of writes committed atomically with one fsync.
 pub struct StoreBatch<'a> {
     store: &'a Store,
-    batch: fjall::OwnedWriteBatch,
+    sink: Sink,
+}
+
+impl Sink {
+    fn insert(&mut self, store: &Store, ks: Ks, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        match self {
+            Sink::Fjall(b) => b.insert(store.keyspace(ks), key.as_ref(), value.as_ref()),
+            Sink::Record(r) => r.ops.push(Op {
+                ks,
+                key: key.as_ref().to_vec(),
+                value: Some(value.as_ref().to_vec()),
+            }),
+        }
+    }
+
+    fn remove(&mut self, store: &Store, ks: Ks, key: impl AsRef<[u8]>) {
+        match self {
+            Sink::Fjall(b) => b.remove(store.keyspace(ks), key.as_ref()),
+            Sink::Record(r) => r.ops.push(Op {
+                ks,
+                key: key.as_ref().to_vec(),
+                value: None,
+            }),
+        }
+    }
 }
 
 impl StoreBatch<'_> {
+    /// Applies recorded writes (another node's, from the replicated log).
+    pub fn apply(&mut self, ops: &[Op]) {
+        for op in ops {
+            match &op.value {
+                Some(v) => self.sink.insert(self.store, op.ks, &op.key, v),
+                None => self.sink.remove(self.store, op.ks, &op.key),
+            }
+        }
+    }
+
+    /// Cancels the whole write when it is applied if `key` then exists in `ks` (a recording
+    /// batch only: a committing batch's caller serialises its check-and-write itself).
+    pub fn unless_exists(&mut self, ks: Ks, key: Vec<u8>) {
+        if let Sink::Record(r) = &mut self.sink {
+            r.unless = Some((ks, key));
+        }
+    }
+
+    /// What a recording batch ([`Store::recorder`]) recorded; `None` for a committing one.
+    pub fn recorded(self) -> Option<Recorded> {
+        match self.sink {
+            Sink::Record(r) => Some(r),
+            Sink::Fjall(_) => None,
+        }
+    }
+
     /// Stores a message with its idempotency key (membership events have none).
     pub fn put_message(&mut self, msg: &Message) {
-        let s = self.store;
-        self.batch.insert(
-            &s.messages,
+        self.sink.insert(
+            self.store,
+            Ks::Messages,
             keys::message(msg.conversation, msg.seq),
             encode(msg),
         );
@@ -68,8 +234,9 @@ impl StoreBatch<'_> {
         let mut idem = [0u8; 16];
         idem[..8].copy_from_slice(&msg.seq.to_be_bytes());
         idem[8..].copy_from_slice(&msg.ts.to_be_bytes());
-        self.batch.insert(
-            &s.idempotency,
+        self.sink.insert(
+            self.store,
+            Ks::Idempotency,
             keys::idempotency(msg.conversation, &msg.from, &msg.id),
             idem,
         );
@@ -77,14 +244,15 @@ impl StoreBatch<'_> {
 
     /// Appends an entry to a user's log at `pos` (the caller assigns positions in order).
     pub fn append_log(&mut self, user: &str, pos: u64, entry: &LogEntry) {
-        self.batch
-            .insert(&self.store.log, keys::log(user, pos), encode(entry));
+        self.sink
+            .insert(self.store, Ks::Log, keys::log(user, pos), encode(entry));
     }
 
     /// Sets a retention watermark.
     pub fn put_watermark(&mut self, name: &str, conv: ConversationId, value: u64) {
-        self.batch.insert(
-            &self.store.watermarks,
+        self.sink.insert(
+            self.store,
+            Ks::Watermarks,
             keys::watermark(name, conv),
             value.to_be_bytes(),
         );
@@ -92,8 +260,9 @@ impl StoreBatch<'_> {
 
     /// Writes a conversation's record.
     pub fn put_conversation(&mut self, conv: ConversationId, record: &ConversationRecord) {
-        self.batch.insert(
-            &self.store.conversations,
+        self.sink.insert(
+            self.store,
+            Ks::Conversations,
             conv.to_be_bytes(),
             encode(record),
         );
@@ -101,14 +270,14 @@ impl StoreBatch<'_> {
 
     /// Indexes `user` as a member of `conv`.
     pub fn add_member_of(&mut self, user: &str, conv: ConversationId) {
-        self.batch
-            .insert(&self.store.member_of, keys::member_of(user, conv), []);
+        self.sink
+            .insert(self.store, Ks::MemberOf, keys::member_of(user, conv), []);
     }
 
     /// Removes `user`'s membership index entry for `conv`.
     pub fn remove_member_of(&mut self, user: &str, conv: ConversationId) {
-        self.batch
-            .remove(&self.store.member_of, keys::member_of(user, conv));
+        self.sink
+            .remove(self.store, Ks::MemberOf, keys::member_of(user, conv));
     }
 
     /// Records a member's marks in a conversation.
@@ -117,13 +286,14 @@ impl StoreBatch<'_> {
         let mut value = [0u8; 16];
         value[..8].copy_from_slice(&delivered.to_be_bytes());
         value[8..].copy_from_slice(&read.to_be_bytes());
-        self.batch.insert(&self.store.receipts, key, value);
+        self.sink.insert(self.store, Ks::Receipts, key, value);
     }
 
     /// Records the log position a device acknowledged.
     pub fn put_cursor(&mut self, user: &str, device: &str, cursor: u64) {
-        self.batch.insert(
-            &self.store.devices,
+        self.sink.insert(
+            self.store,
+            Ks::Devices,
             keys::device(user, device),
             cursor.to_be_bytes(),
         );
@@ -131,26 +301,57 @@ impl StoreBatch<'_> {
 
     /// Records a user's first connection.
     pub fn put_user(&mut self, user: &str, first_ms: u64) {
-        self.batch
-            .insert(&self.store.users, user, first_ms.to_be_bytes());
+        self.sink
+            .insert(self.store, Ks::Users, user, first_ms.to_be_bytes());
     }
 
     /// Sets the id the next conversation gets.
     pub fn put_next_conversation(&mut self, next: ConversationId) {
-        self.batch
-            .insert(&self.store.meta, "next_conversation", next.to_be_bytes());
+        self.sink.insert(
+            self.store,
+            Ks::Meta,
+            "next_conversation",
+            next.to_be_bytes(),
+        );
+    }
+
+    /// Records the last entry of a cluster's replicated log this store holds (see
+    /// [`Store::applied`]).
+    pub fn put_applied(&mut self, seq: u64, index: u32) {
+        let mut value = [0u8; 12];
+        value[..8].copy_from_slice(&seq.to_be_bytes());
+        value[8..].copy_from_slice(&index.to_be_bytes());
+        self.sink.insert(self.store, Ks::Meta, "applied", value);
+    }
+
+    /// Applies a side write another node recorded, unless the key it must not find exists;
+    /// returns whether it was applied. Only the commit thread calls it, in the log's order,
+    /// and nothing else in its batch writes the keys such a write checks.
+    pub fn apply_recorded(&mut self, recorded: &Recorded) -> Result<bool, StoreError> {
+        if let Some((ks, key)) = &recorded.unless
+            && self.store.contains(*ks, key)?
+        {
+            return Ok(false);
+        }
+        self.apply(&recorded.ops);
+        Ok(true)
     }
 
     /// Indexes the direct conversation of two users.
     pub fn put_direct(&mut self, a: &str, b: &str, conv: ConversationId) {
-        self.batch
-            .insert(&self.store.direct, keys::direct(a, b), conv.to_be_bytes());
+        self.sink.insert(
+            self.store,
+            Ks::Direct,
+            keys::direct(a, b),
+            conv.to_be_bytes(),
+        );
     }
 
     /// Records how far `user` cleared their history of `conv`.
     pub fn put_cleared(&mut self, conv: ConversationId, user: &str, up_to: u64) {
-        self.batch.insert(
-            &self.store.cleared,
+        self.sink.insert(
+            self.store,
+            Ks::Cleared,
             keys::conv_user(conv, user),
             up_to.to_be_bytes(),
         );
@@ -160,14 +361,19 @@ impl StoreBatch<'_> {
     pub fn put_pusher(&mut self, user: &str, device: &str, pusher: &plover_proto::Pusher) {
         let mut value = vec![PUSHER_WITH_DEVICE];
         value.extend(encode(&(device, pusher)));
-        self.batch
-            .insert(&self.store.pushers, keys::device(user, pusher.key()), value);
+        self.sink.insert(
+            self.store,
+            Ks::Pushers,
+            keys::device(user, pusher.key()),
+            value,
+        );
     }
 
     /// Stores (or replaces) a pending notification.
     pub fn put_pending_push(&mut self, user: &str, pending: &PendingPush) {
-        self.batch.insert(
-            &self.store.pending_push,
+        self.sink.insert(
+            self.store,
+            Ks::PendingPush,
             keys::log(user, pending.first_ms),
             encode(pending),
         );
@@ -175,38 +381,31 @@ impl StoreBatch<'_> {
 
     /// Records when a user's last device went.
     pub fn put_last_seen(&mut self, user: &str, ms: u64) {
-        self.batch
-            .insert(&self.store.presence, user, ms.to_be_bytes());
-    }
-
-    fn space(&self, space: Space) -> &Keyspace {
-        match space {
-            Space::Pushers => &self.store.pushers,
-            Space::PendingPush => &self.store.pending_push,
-            Space::PushContent => &self.store.push_content,
-        }
+        self.sink
+            .insert(self.store, Ks::Presence, user, ms.to_be_bytes());
     }
 
     /// Sets an empty-valued key.
     pub(super) fn put_key(&mut self, space: Space, key: Vec<u8>) {
-        let ks = self.space(space).clone();
-        self.batch.insert(&ks, key, []);
+        self.sink.insert(self.store, space.ks(), key, []);
     }
 
     /// Removes a key.
     pub(super) fn remove_key(&mut self, space: Space, key: Vec<u8>) {
-        let ks = self.space(space).clone();
-        self.batch.remove(&ks, key);
+        self.sink.remove(self.store, space.ks(), key);
     }
 
     /// Number of writes in the batch.
     pub fn len(&self) -> usize {
-        self.batch.len()
+        match &self.sink {
+            Sink::Fjall(b) => b.len(),
+            Sink::Record(r) => r.ops.len(),
+        }
     }
 
     /// Whether the batch is empty.
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
+        self.len() == 0
     }
 
     /// Writes the batch and (in `sync` durability) fsyncs it. Nothing in it is visible to
@@ -216,9 +415,14 @@ impl StoreBatch<'_> {
         if store.is_poisoned() {
             return Err(StoreError::Poisoned);
         }
+        let Sink::Fjall(batch) = self.sink else {
+            return Err(StoreError::Corrupt {
+                keyspace: "batch",
+                message: "a recording batch cannot be committed".into(),
+            });
+        };
         let result = match store.failpoint("commit") {
-            Ok(()) => self
-                .batch
+            Ok(()) => batch
                 .durability(Some(store.mode()))
                 .commit()
                 .map_err(StoreError::from),

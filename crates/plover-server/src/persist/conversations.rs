@@ -1,6 +1,7 @@
 //! Conversations: direct pairs, group ids, records and members, receipts, retention
 //! progress, cleared history.
 
+use super::batch::Ks;
 use super::records::*;
 use super::{Store, StoreError, Writer, decode, keys};
 use plover_proto::{ConversationId, ConversationKind, Retention};
@@ -25,7 +26,10 @@ impl Store {
         b: &str,
         now_ms: u64,
     ) -> Result<ConversationId, StoreError> {
-        let next = self.next_conversation()?;
+        let (next, counted) = match w.allocate_conversation() {
+            Some(id) => (id?, false),
+            None => (self.next_conversation()?, true),
+        };
         let mut names = vec![a.to_owned(), b.to_owned()];
         names.sort();
         names.dedup();
@@ -45,7 +49,13 @@ impl Store {
         };
         let (a, b) = (a.to_owned(), b.to_owned());
         w.write(Box::new(move |batch| {
-            batch.put_next_conversation(next + 1);
+            // Applied by every node of a cluster in the log's order: the first creation of
+            // a pair's conversation wins, and a later one (from another node, at the same
+            // moment) writes nothing. The caller reads the pair's conversation back.
+            batch.unless_exists(Ks::Direct, keys::direct(&a, &b));
+            if counted {
+                batch.put_next_conversation(next + 1);
+            }
             batch.put_conversation(next, &record);
             for m in &record.members {
                 batch.add_member_of(&m.user, next);
@@ -53,6 +63,24 @@ impl Store {
             batch.put_direct(&a, &b, next);
         }))?;
         Ok(next)
+    }
+
+    /// The last entry of a cluster's replicated log this store holds: the stream sequence of
+    /// its message and its index there (`None` before the first).
+    pub fn applied(&self) -> Result<Option<(u64, u32)>, StoreError> {
+        let Some(v) = self.meta.get("applied")? else {
+            return Ok(None);
+        };
+        match (keys::head_u64(&v), v.get(8..12)) {
+            (Some(seq), Some(index)) => Ok(Some((
+                seq,
+                u32::from_be_bytes(index.try_into().unwrap_or_default()),
+            ))),
+            _ => Err(StoreError::Corrupt {
+                keyspace: "meta",
+                message: "applied".into(),
+            }),
+        }
     }
 
     /// The id the next conversation gets.
@@ -69,6 +97,9 @@ impl Store {
     /// Allocates the next conversation id (the caller serialises calls, as for
     /// [`Store::create_direct`]). Durable before it returns, so an id is never handed out twice.
     pub fn allocate_conversation(&self, w: &dyn Writer) -> Result<ConversationId, StoreError> {
+        if let Some(id) = w.allocate_conversation() {
+            return id;
+        }
         let next = self.next_conversation()?;
         w.write(Box::new(move |b| b.put_next_conversation(next + 1)))?;
         Ok(next)

@@ -51,7 +51,7 @@ mod records;
 mod store;
 mod users;
 
-pub use batch::{SideWrite, StoreBatch, Writer};
+pub use batch::{Ks, Op, Recorded, SideWrite, StoreBatch, Writer};
 pub use records::{ConversationRecord, LogEntry, MemberRecord, PendingPush, has_body, tombstone};
 pub use store::{DEFAULT_JOURNAL_SIZE, MEMTABLE_SIZE};
 
@@ -91,6 +91,9 @@ pub enum StoreError {
     /// The writer (the commit thread) has stopped: the server is shutting down.
     #[error("store: the server is shutting down; nothing was written")]
     Stopped,
+    /// The cluster could not do what the store needed from it (a conversation id).
+    #[error("the cluster cannot answer right now: {0}")]
+    Cluster(String),
     /// An earlier write or fsync failed; the store refuses writes until the server restarts.
     #[error("store is read-only after a failed write; restart the server once the disk is healthy")]
     Poisoned,

@@ -2,7 +2,7 @@
 
 use super::*;
 use bytes::Bytes;
-use plover_proto::{ClientMsgId, Message, Retention};
+use plover_proto::{ClientMsgId, ConversationId, Message, Retention};
 
 fn msg(conv: u64, seq: u64) -> Message {
     Message {
@@ -178,4 +178,78 @@ mod removal_tests {
         assert!(kept.body.is_empty() && kept.change == Some(ConversationChange::Erased));
         assert_eq!((kept.seq, kept.from.as_str()), (7, "alice"));
     }
+}
+
+/// A writer that records a side write instead of committing it, as a cluster node's does.
+/// The third field is the conversation id its cluster hands out.
+struct Recording<'a>(&'a Store, std::sync::Mutex<Vec<Recorded>>, ConversationId);
+
+impl Writer for Recording<'_> {
+    fn write(&self, write: SideWrite) -> Result<(), StoreError> {
+        let mut b = self.0.recorder();
+        write(&mut b);
+        self.1
+            .lock()
+            .expect("recorded")
+            .push(b.recorded().expect("a recording batch"));
+        Ok(())
+    }
+
+    fn allocate_conversation(&self) -> Option<Result<ConversationId, StoreError>> {
+        Some(Ok(self.2))
+    }
+}
+
+#[test]
+fn recorded_writes_applied_elsewhere_give_the_same_store_and_a_second_direct_pair_is_cancelled() {
+    let (a, b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let origin = Store::open(a.path(), Durability::Sync).expect("origin");
+    let replica = Store::open(b.path(), Durability::Sync).expect("replica");
+    let rec = Recording(&origin, Default::default(), 41);
+    origin.ensure_user(&rec, "alice", 5).expect("user");
+    let id = origin
+        .create_direct(&rec, "alice", "bob", 7)
+        .expect("direct");
+    assert_eq!(
+        id, 41,
+        "the id comes from the writer (the cluster's counter)"
+    );
+    // The same pair created again on another node at the same moment.
+    let c = tempfile::tempdir().expect("c");
+    let other = Store::open(c.path(), Durability::Sync).expect("other");
+    let late = Recording(&other, Default::default(), 42);
+    other.create_direct(&late, "bob", "alice", 9).expect("late");
+    let mut late_writes = late.1.into_inner().expect("late");
+    let mut recorded = rec.1.into_inner().expect("recorded");
+    assert_eq!(recorded.len(), 2);
+    recorded.append(&mut late_writes);
+
+    // Nothing was written where they were recorded.
+    assert!(!origin.user_exists("alice").expect("read"));
+    // Applied in order on the replica: the first creation wins, the second writes nothing.
+    let mut applied = Vec::new();
+    for r in &recorded {
+        let mut batch = replica.batch();
+        applied.push(batch.apply_recorded(r).expect("apply"));
+        batch.commit().expect("commit");
+    }
+    assert_eq!(applied, [true, true, false]);
+    assert!(replica.user_exists("alice").expect("read"));
+    assert_eq!(
+        replica.direct_between("bob", "alice").expect("read"),
+        Some(41)
+    );
+    assert!(replica.conversation(41).expect("read").is_some());
+    assert!(
+        replica.conversation(42).expect("read").is_none(),
+        "the cancelled creation left no conversation"
+    );
+    // The applied checkpoint.
+    let mut batch = replica.batch();
+    batch.put_applied(12, 3);
+    batch.commit().expect("commit");
+    assert_eq!(replica.applied().expect("applied"), Some((12, 3)));
 }

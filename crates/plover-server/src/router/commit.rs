@@ -45,6 +45,8 @@ struct Fanout {
     origin: u64,
     /// Its stage stamps, by index into the batch's (a `Send` only).
     trace: Option<usize>,
+    /// Whether the recipients' pushers are offered it.
+    notify: bool,
 }
 
 pub(super) struct CommitThread {
@@ -140,7 +142,16 @@ impl CommitThread {
         // The side writes' answers, given once the batch is durable (or failed).
         let mut sides: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::new();
 
+        // The last entry of the replicated log this batch applies (cluster).
+        let mut applied = None;
         for item in items.drain(..) {
+            let item = match item {
+                CommitItem::Applied { item, at } => {
+                    applied = Some(at);
+                    *item
+                }
+                item => item,
+            };
             match item {
                 CommitItem::Message {
                     msg,
@@ -151,6 +162,7 @@ impl CommitThread {
                     stamps,
                     origin,
                     held,
+                    notify,
                 } => {
                     bodies.extend(held);
                     if failed.is_some() {
@@ -206,6 +218,7 @@ impl CommitThread {
                                 event: Arc::new(Event::Message(msg)),
                                 origin,
                                 trace,
+                                notify,
                             });
                         }
                         Err(e) => {
@@ -248,6 +261,7 @@ impl CommitThread {
                             event: Arc::new(Event::Receipt(receipt)),
                             origin: 0,
                             trace: None,
+                            notify: false,
                         }),
                         Err(e) => failed = Some(e),
                     }
@@ -289,6 +303,7 @@ impl CommitThread {
                             event: Arc::new(event),
                             origin: 0,
                             trace: None,
+                            notify: false,
                         }),
                         Err(e) => failed = Some(e),
                     }
@@ -321,8 +336,14 @@ impl CommitThread {
                     write(&mut batch);
                     sides.push(reply);
                 }
+                CommitItem::Applied { .. } => {
+                    tracing::error!("an applied item nested in an applied item; ignored");
+                }
                 CommitItem::Stop => stop = true,
             }
+        }
+        if let Some(at) = applied {
+            batch.put_applied(at.seq, at.index);
         }
 
         // Test builds: a failure of this thread's commit only (not of a batch of its own).
@@ -377,10 +398,13 @@ impl CommitThread {
                     event,
                     origin,
                     trace,
+                    notify,
                 } in deliveries
                 {
                     let timing = trace_of(trace);
-                    if let Event::Message(msg) = &*event {
+                    if let Event::Message(msg) = &*event
+                        && notify
+                    {
                         for member in members.iter() {
                             self.notifier.offer(member, msg);
                         }

@@ -15,6 +15,7 @@ mod gate;
 mod limiter;
 mod pipeline;
 mod presence;
+mod replicated;
 mod retention;
 mod sessions;
 mod shard;
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use feed::DeviceFeed;
 pub use pipeline::Sent;
 pub use presence::{PUSH_QUEUE, Presence, PresenceGuard, Push};
+pub use replicated::{Allocate, Entry, LOG_QUEUE, Record};
 pub use sessions::{Delivery, Sessions};
 pub use shard::MemberOp;
 
@@ -108,7 +110,9 @@ impl RouterError {
             Self::Invalid(_) => ErrorCode::INVALID_REQUEST,
             Self::Forbidden(_) => ErrorCode::FORBIDDEN,
             Self::Limit(_) => ErrorCode::LIMIT,
-            Self::Unavailable | Self::Store(StoreError::Poisoned) => ErrorCode::UNAVAILABLE,
+            Self::Unavailable
+            | Self::Store(StoreError::Poisoned)
+            | Self::Store(StoreError::Cluster(_)) => ErrorCode::UNAVAILABLE,
             Self::ShuttingDown => ErrorCode::SHUTDOWN,
             Self::Store(_) | Self::Internal(_) => ErrorCode::INTERNAL,
         }
@@ -207,6 +211,8 @@ struct Inner {
     push: crate::config::PushConfig,
     /// Bytes of bodies in flight (see [`BODY_BYTES_IN_FLIGHT`]).
     bodies: Arc<tokio::sync::Semaphore>,
+    /// A cluster node's replicated log (`replicated.rs`); `None` on one node.
+    replicated: Option<Arc<replicated::Replicated>>,
 }
 
 /// The router handle; cheap to clone.
@@ -226,11 +232,45 @@ impl Router {
     ///
     /// Must be called within a tokio runtime (the notifier's task starts here).
     pub fn start(store: Arc<Store>, config: &Config) -> Result<Self, RouterError> {
+        Self::start_with(store, config, None)
+    }
+
+    /// Starts the router of a cluster node: every write goes through the replicated log
+    /// (`replicated.rs`). The entries to append come out of the returned receiver (the
+    /// cluster's appender); the cluster's applier hands them back through [`Router::apply`].
+    /// `allocate` gives cluster-wide conversation ids.
+    pub fn start_replicated(
+        store: Arc<Store>,
+        config: &Config,
+        allocate: Allocate,
+    ) -> Result<(Self, mpsc::Receiver<Entry>), RouterError> {
+        let (tx, rx) = mpsc::channel(LOG_QUEUE);
+        let replicated = Arc::new(replicated::Replicated::new(tx, allocate));
+        Ok((Self::start_with(store, config, Some(replicated))?, rx))
+    }
+
+    fn start_with(
+        store: Arc<Store>,
+        config: &Config,
+        replicated: Option<Arc<replicated::Replicated>>,
+    ) -> Result<Self, RouterError> {
         let sessions = Arc::new(Sessions::default());
         let gate = gate::Gate::new(gate::BLOCKING_REQUESTS);
         // Every write off the hot path goes through the commit thread and its fsync.
         let (commit_tx, commit_rx) = sync_channel(COMMIT_QUEUE);
-        let writer: Arc<dyn Writer> = Arc::new(commit::CommitWriter(commit_tx.clone()));
+        let writer: Arc<dyn Writer> = match &replicated {
+            None => Arc::new(commit::CommitWriter(commit_tx.clone())),
+            Some(r) => Arc::new(replicated::ReplicatedWriter {
+                store: store.clone(),
+                replicated: r.clone(),
+            }),
+        };
+        // A cluster node applies the log in its order through one shard (`replicated.rs`).
+        let shard_count = if replicated.is_some() {
+            1
+        } else {
+            config.store.shards
+        };
         let presence = Arc::new(Presence::new(
             store.clone(),
             config.presence.debounce,
@@ -289,20 +329,21 @@ impl Router {
         let mut threads = Vec::new();
         // Writes per user, fan-out included: charged by the shards, which know the members.
         let writes = Arc::new(limiter::SendLimiter::new(config.limits.writes_per_second));
-        for i in 0..config.store.shards {
+        for i in 0..shard_count {
             let (tx, rx) = mpsc::channel(SHARD_QUEUE);
             let shard = Shard {
                 store: store.clone(),
                 rx,
                 commit: commit_tx.clone(),
                 recent_capacity: Shard::recent_capacity(COMMIT_QUEUE, config.store.commit_batch),
-                cached_members: config.store.cached_members / config.store.shards,
+                cached_members: config.store.cached_members / shard_count,
                 index: i,
                 writes: writes.clone(),
                 limits: ShardLimits {
                     max_group: config.limits.max_group,
                     receipt_fanout: config.limits.receipt_fanout,
                 },
+                replicated: replicated.is_some(),
             };
             threads.push(spawn(
                 format!("plover-shard-{i}"),
@@ -332,6 +373,7 @@ impl Router {
                 limiter: limiter::SendLimiter::new(config.limits.sends_per_second),
                 push: config.push.clone(),
                 bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
+                replicated,
             }),
         })
     }
@@ -528,7 +570,15 @@ impl Router {
                             Some(id) => id,
                             None => {
                                 self.charge(user, "starting conversations")?;
-                                store.create_direct(&*self.inner.writer, user, &peer, now_ms())?
+                                let made = store.create_direct(
+                                    &*self.inner.writer,
+                                    user,
+                                    &peer,
+                                    now_ms(),
+                                )?;
+                                // In a cluster another node may have created the pair's
+                                // conversation first: the log's order chose one.
+                                store.direct_between(user, &peer)?.unwrap_or(made)
                             }
                         }
                     }
@@ -584,7 +634,13 @@ impl Router {
             stamps: timing::Stamps::new(arrived),
             origin,
             held,
+            ts: 0,
+            notify: true,
         };
+        if let Some(replicated) = self.replicated() {
+            self.send_replicated(replicated, request).await?;
+            return Ok(rx);
+        }
         shard
             .send(ShardRequest::Send(request))
             .await
@@ -634,14 +690,17 @@ impl Router {
         delivered: u64,
         read: u64,
     ) -> Result<(), RouterError> {
-        let shard = self.shard(conversation);
-        shard
-            .send(ShardRequest::Marks(MarksRequest {
-                conversation,
-                user: user.to_owned(),
-                delivered,
-                read,
-            }))
+        let request = MarksRequest {
+            conversation,
+            user: user.to_owned(),
+            delivered,
+            read,
+        };
+        if let Some(replicated) = self.replicated() {
+            return self.marks_replicated(replicated, request).await;
+        }
+        self.shard(conversation)
+            .send(ShardRequest::Marks(request))
             .await
             .map_err(|_| RouterError::ShuttingDown)
     }
@@ -897,17 +956,23 @@ impl Router {
         op: MemberOp,
     ) -> Result<u64, RouterError> {
         let (reply, rx) = oneshot::channel();
-        let shard = self.shard(conversation);
-        shard
-            .send(ShardRequest::Membership(MembershipRequest {
-                conversation,
-                by: by.to_owned(),
-                device: device.to_owned(),
-                op,
-                reply,
-            }))
-            .await
-            .map_err(|_| RouterError::ShuttingDown)?;
+        let request = MembershipRequest {
+            conversation,
+            by: by.to_owned(),
+            device: device.to_owned(),
+            op,
+            reply,
+            id: ClientMsgId::random(),
+            ts: 0,
+        };
+        match self.replicated() {
+            Some(replicated) => self.change_replicated(replicated, request).await?,
+            None => self
+                .shard(conversation)
+                .send(ShardRequest::Membership(request))
+                .await
+                .map_err(|_| RouterError::ShuttingDown)?,
+        }
         let sent = rx.await.map_err(|_| RouterError::ShuttingDown)??;
         Ok(sent.seq)
     }
@@ -927,7 +992,12 @@ impl Router {
             .register(user, self.inner.outbound_queue);
         // Let the cursor acknowledged on the device's previous connection land first.
         // Queued without parking a thread on a full commit queue: a reconnect storm waits
-        // here as futures, and leaves the blocking pool to `Open` and `History`.
+        // here as futures, and leaves the blocking pool to `Open` and `History`. In a
+        // cluster that connection may have been on another node: wait for this node to
+        // apply what the log held.
+        if let Some(replicated) = self.replicated() {
+            self.barrier_replicated(replicated).await?;
+        }
         let (barrier, landed) = oneshot::channel();
         let mut item = CommitItem::Barrier(barrier);
         loop {
@@ -966,6 +1036,9 @@ impl Router {
     /// Advisory and never blocking: when the commit queue is full the ack is dropped, and the
     /// device's next ack (which carries a later cursor) takes its place.
     pub fn ack(&self, user: &str, device: &str, cursor: u64) {
+        if let Some(replicated) = self.replicated() {
+            return self.ack_replicated(replicated, user, device, cursor);
+        }
         let item = CommitItem::Cursor {
             user: user.to_owned(),
             device: device.to_owned(),

@@ -40,6 +40,14 @@ pub(super) struct MembershipWrite {
     pub(super) removed: Vec<String>,
 }
 
+/// Where an entry sits in the cluster's replicated log: the JetStream message (its stream
+/// sequence) and the entry's index in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Position {
+    pub(crate) seq: u64,
+    pub(crate) index: u32,
+}
+
 /// Work for the commit thread.
 pub(super) enum CommitItem {
     /// Store a message (or membership event) and append it to each recipient's log.
@@ -57,6 +65,8 @@ pub(super) enum CommitItem {
         /// The body's share of the bytes in flight ([`super::BODY_BYTES_IN_FLIGHT`]),
         /// released once the batch is done.
         held: Option<tokio::sync::OwnedSemaphorePermit>,
+        /// Whether to offer it to the recipients' pushers.
+        notify: bool,
     },
     /// A member's marks moved: store them and append the receipt to each recipient's log;
     /// under `until_delivered`, remove the bodies of the seq range everyone now has.
@@ -90,6 +100,9 @@ pub(super) enum CommitItem {
         write: SideWrite,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// The item an entry of the replicated log made (cluster): committed with the entry's
+    /// position, so a restarted node resumes after the last entry it wrote.
+    Applied { item: Box<CommitItem>, at: Position },
     /// Finish the current batch and stop.
     Stop,
 }
@@ -103,6 +116,7 @@ impl CommitItem {
     /// Which of [`KINDS`] the item is (`Stop` counts as a barrier).
     pub(super) fn kind(&self) -> usize {
         match self {
+            CommitItem::Applied { item, .. } => item.kind(),
             CommitItem::Message { .. } => 0,
             CommitItem::Marks { .. } => 1,
             CommitItem::Deleted { .. } => 2,
@@ -116,6 +130,7 @@ impl CommitItem {
     /// About how many writes the item costs.
     pub(super) fn work(&self) -> usize {
         match self {
+            CommitItem::Applied { item, .. } => item.work(),
             CommitItem::Message { recipients, .. } => 3 + recipients.len(),
             CommitItem::Marks {
                 recipients, erase, ..

@@ -14,11 +14,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::RouterError;
 use super::cache::Generations;
-use super::pipeline::{CommitItem, ERASED, MembershipWrite, Reply, Sent};
+use super::pipeline::{CommitItem, ERASED, MembershipWrite, Position, Reply, Sent};
 use super::timing::Stamps;
 use crate::metrics::names;
 use crate::persist::{ConversationRecord, MemberRecord, Store, tombstone};
@@ -31,6 +31,21 @@ pub(super) enum ShardRequest {
     Send(SendRequest),
     Marks(MarksRequest),
     Membership(MembershipRequest),
+    /// An entry of the cluster's replicated log, at `at`: handled as `request`, and the item
+    /// it makes carries `at` to the commit thread, which records it as applied in the same
+    /// batch (`replicated.rs`).
+    Log {
+        at: Position,
+        request: Box<ShardRequest>,
+    },
+    /// Hands an item to the commit thread in its turn (a replicated cursor or barrier).
+    Pass(CommitItem),
+    /// A replicated side write: committed before the next request is handled, since later
+    /// requests may read what it wrote (a new user, a new direct conversation).
+    Write {
+        write: crate::persist::SideWrite,
+        reply: Option<oneshot::Sender<Result<(), crate::persist::StoreError>>>,
+    },
     Stop,
 }
 
@@ -56,10 +71,16 @@ pub(super) struct SendRequest {
     pub(super) origin: u64,
     /// The body's share of the bytes in flight.
     pub(super) held: tokio::sync::OwnedSemaphorePermit,
+    /// Its server time, Unix ms, when it was taken elsewhere (a cluster's entry node); 0 for
+    /// now.
+    pub(super) ts: u64,
+    /// Whether this node offers it to the members' pushers (in a cluster, only the node
+    /// where it was sent does).
+    pub(super) notify: bool,
 }
 
 /// A change to a group's membership.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum MemberOp {
     /// Create the group with this record (its members, the creator an admin).
     Create(ConversationRecord),
@@ -84,6 +105,10 @@ pub(super) struct MembershipRequest {
     pub(super) device: String,
     pub(super) op: MemberOp,
     pub(super) reply: Reply,
+    /// The event's id and server time (0: now), chosen where the change was asked for, so
+    /// that every node of a cluster stores the same event.
+    pub(super) id: ClientMsgId,
+    pub(super) ts: u64,
 }
 
 struct ConvState {
@@ -127,6 +152,10 @@ pub(super) struct Shard {
     /// a message's fan-out is known.
     pub(super) writes: Arc<super::limiter::SendLimiter>,
     pub(super) limits: ShardLimits,
+    /// In a cluster every node runs this shard over the same replicated log, and must decide
+    /// everything alike: no time-based budget (the entry node charges its own), and a read
+    /// of a stored message waits for what was queued before it.
+    pub(super) replicated: bool,
 }
 
 pub(super) use crate::clock::now_ms;
@@ -162,20 +191,42 @@ impl Shard {
             order: VecDeque::new(),
         };
         while let Some(request) = self.rx.blocking_recv() {
+            let (at, request) = match request {
+                ShardRequest::Log { at, request } => (Some(at), *request),
+                other => (None, other),
+            };
             let conversation = match &request {
                 ShardRequest::Send(req) => req.conversation,
                 ShardRequest::Marks(req) => req.conversation,
                 ShardRequest::Membership(req) => req.conversation,
-                ShardRequest::Stop => 0,
+                _ => 0,
             };
+            let mut wait = None;
             let item = match request {
                 ShardRequest::Send(req) => self.sequence(req, &mut owned),
                 ShardRequest::Marks(req) => self.marks(req, &mut owned),
                 ShardRequest::Membership(req) => self.membership(req, &mut owned),
+                ShardRequest::Pass(item) => Some(item),
+                ShardRequest::Write { write, reply } => {
+                    let (done, landed) = oneshot::channel();
+                    wait = Some((landed, reply));
+                    Some(CommitItem::Side { write, reply: done })
+                }
+                ShardRequest::Log { .. } => {
+                    tracing::error!("a log entry nested in a log entry; ignored");
+                    None
+                }
                 ShardRequest::Stop => break,
             };
             let Some(item) = item else {
                 continue;
+            };
+            let item = match at {
+                Some(at) => CommitItem::Applied {
+                    item: Box::new(item),
+                    at,
+                },
+                None => item,
             };
             if self.commit.send(item).is_err() {
                 // The commit thread is gone: the router is shutting down. The reply inside the
@@ -186,6 +237,23 @@ impl Shard {
             if let Some(state) = owned.convs.get_mut(&conversation) {
                 state.queued = owned.queued;
             }
+            if let Some((landed, reply)) = wait {
+                let result = landed
+                    .blocking_recv()
+                    .unwrap_or(Err(crate::persist::StoreError::Stopped));
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    /// Waits until everything this shard queued is committed (or failed), so that the store
+    /// answers reads of it.
+    fn settle(&self) {
+        let (done, landed) = oneshot::channel();
+        if self.commit.send(CommitItem::Barrier(done)).is_ok() {
+            let _ = landed.blocking_recv();
         }
     }
 
@@ -298,14 +366,14 @@ impl Shard {
         // A message writes itself, its idempotency key, the sender's marks and a log entry
         // per member: charged before it is given a seq, so a refusal leaves nothing behind.
         let cost = 3 + state.names.len();
-        if !self.writes.allow_n(&key.1, cost as f64) {
+        if !self.replicated && !self.writes.allow_n(&key.1, cost as f64) {
             let _ = req.reply.send(Err(write_limit(&self.writes, cost)));
             return None;
         }
         state.last_seq += 1;
         let sent = Sent {
             seq: state.last_seq,
-            ts: now_ms(),
+            ts: if req.ts > 0 { req.ts } else { now_ms() },
             log: 0,
             timing: None,
         };
@@ -342,6 +410,7 @@ impl Shard {
             }),
             origin: req.origin,
             held: Some(req.held),
+            notify: req.notify,
         })
     }
 
@@ -391,9 +460,10 @@ impl Shard {
         };
         // The marks record and a log entry per member told. Past the budget the move is
         // dropped before it changes anything; the device's next report carries it.
-        if !self
-            .writes
-            .allow_n(&req.user, (1 + recipients.len()) as f64)
+        if !self.replicated
+            && !self
+                .writes
+                .allow_n(&req.user, (1 + recipients.len()) as f64)
         {
             tracing::debug!(user = %req.user, "marks dropped: over the write budget");
             return None;
@@ -457,11 +527,16 @@ impl Shard {
                 .state(owned, req.conversation)
                 .map_or(0, |s| s.names.len()),
         };
-        if !self.writes.allow_n(&req.by, (3 + members) as f64) {
+        if !self.replicated && !self.writes.allow_n(&req.by, (3 + members) as f64) {
             let _ = req.reply.send(Err(write_limit(&self.writes, 3 + members)));
             return None;
         }
         if let MemberOp::Delete(seq) = req.op {
+            if self.replicated {
+                // The message may have been queued just before: read it from the store only
+                // once it is there, as every node does.
+                self.settle();
+            }
             return match self.delete(req.conversation, &req.by, seq, owned) {
                 Ok(Some((tombstone, recipients))) => Some(CommitItem::Deleted {
                     tombstone,
@@ -485,14 +560,14 @@ impl Shard {
         }
         match self.change(&req.op, req.conversation, &req.by, owned) {
             Ok(Some((seq, change, write, recipients))) => {
-                let ts = now_ms();
+                let ts = if req.ts > 0 { req.ts } else { now_ms() };
                 let msg = Message {
                     conversation: req.conversation,
                     seq,
                     from: req.by,
                     device: req.device,
                     ts,
-                    id: ClientMsgId::random(),
+                    id: req.id,
                     body: bytes::Bytes::new(),
                     change: Some(change),
                 };
@@ -505,6 +580,7 @@ impl Shard {
                     stamps: None,
                     origin: 0,
                     held: None,
+                    notify: false,
                 })
             }
             Ok(None) => {

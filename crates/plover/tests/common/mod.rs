@@ -213,6 +213,11 @@ pub async fn spawn_server(dir: &Path) -> (Child, String) {
 
 /// [`spawn_server`] with more configuration (TOML tables after `[limits]`).
 pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
+    spawn_server_at(dir, &dir.join("certs"), extra).await
+}
+
+/// [`spawn_server_with`] with its certificate in `certs` (cluster nodes share one).
+pub async fn spawn_server_at(dir: &Path, certs: &Path, extra: &str) -> (Child, String) {
     // Tests send faster than a person: lift the per-user rate limit.
     let config = dir.join("test.toml");
     std::fs::write(
@@ -232,7 +237,7 @@ pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
         .arg("--data")
         .arg(dir.join("data"))
         .arg("--certs")
-        .arg(dir.join("certs"))
+        .arg(certs)
         .env("PLOVER_LOG", "info")
         // Its end of the pipe closes when this process ends, however it ends: the server
         // then stops too.
@@ -248,7 +253,12 @@ pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         let mut tx = Some(tx);
+        // PLOVER_TEST_SERVER_LOG=1 shows the spawned servers' logs in the test's output.
+        let show = std::env::var_os("PLOVER_TEST_SERVER_LOG").is_some();
         while let Ok(Some(line)) = lines.next_line().await {
+            if show {
+                eprintln!("[server] {line}");
+            }
             if let Some(addr) = line.split("listening on ").nth(1)
                 && let Some(tx) = tx.take()
             {

@@ -88,6 +88,12 @@ impl Nats {
         nats
     }
 
+    /// Kills server `i` with SIGKILL (its files stay; it is not restarted).
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.servers[i].child.kill();
+        let _ = self.servers[i].child.wait();
+    }
+
     /// The client URLs (`nats://127.0.0.1:port`).
     pub fn urls(&self) -> Vec<String> {
         self.servers

@@ -508,7 +508,7 @@ async fn the_shard_log_fences_a_stale_writer_and_checks_every_record() {
 }
 
 #[tokio::test]
-async fn a_node_keeps_serving_its_clients_while_nats_is_away() {
+async fn a_node_refuses_writes_it_cannot_replicate_while_nats_is_away() {
     let nats = Nats::start(1, JetStream::SyncAlways);
     let cluster = cluster_config(&nats, "n1", 1);
     let n1 = TestServer::start_with(move |c| {
@@ -524,26 +524,125 @@ async fn a_node_keeps_serving_its_clients_while_nats_is_away() {
     let alice = Connection::connect(&client(&n1, "alice", "phone"))
         .await
         .expect("alice");
-    let conv = alice
-        .open(plover_proto::Target::Direct("bob".into()), true)
-        .await
-        .expect("open");
+    let conv = eventually_open(&alice, "bob").await;
     conv.send("before").await.expect("sent with NATS up");
 
-    // The registry, node records and leases stop being written; messages go on, and so do
-    // new connections (the registry writes them later, or the TTLs clean up).
+    // A write is acknowledged only once the cluster log holds it: with NATS gone, the send
+    // is refused (after the appender's patience), never acknowledged and then lost.
     drop(nats);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let ack = conv.send("after").await.expect("sent with NATS away");
-    assert_eq!(ack.seq, 2);
-    let bob = Connection::connect(&client(&n1, "bob", "phone"))
-        .await
-        .expect("bob connects with NATS away");
-    assert_eq!(bob.welcome().server_id, "n1");
-    bob.close().await;
+    let started = Instant::now();
+    let refused = conv.send("after").await.expect_err("no log, no ack");
+    assert!(
+        refused.to_string().contains("cluster"),
+        "the refusal says why: {refused}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "{:?}",
+        started.elapsed()
+    );
     alice.close().await;
     // And it still stops within its bounds.
     tokio::time::timeout(Duration::from_secs(15), n1.stop())
         .await
         .expect("stops with NATS away");
+}
+
+/// Opens `user`'s direct conversation with `peer`, once the node has applied `peer`'s
+/// first connection (made on another node, it reaches this one through the log).
+async fn eventually_open(user: &Connection, peer: &str) -> plover_client::Conversation {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match user
+            .open(plover_proto::Target::Direct(peer.into()), true)
+            .await
+        {
+            Ok(conv) => return conv,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "not yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot open the conversation with {peer}: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn alice_on_n1_and_bob_on_n2_chat_and_bob_catches_up_on_n3() {
+    use crate::common::{assert_quiet, next_event, next_receipt, text};
+    use plover_client::EventStream;
+
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let n1 = node(&nats, "n1").await;
+    let n2 = node(&nats, "n2").await;
+    let n3 = node(&nats, "n3").await;
+
+    let mut bob = EventStream::start(client(&n2, "bob", "phone"), Some(0));
+    assert!(bob.synced().await);
+    let mut alice_laptop = EventStream::start(client(&n1, "alice", "laptop"), Some(0));
+    assert!(alice_laptop.synced().await);
+    let alice = Connection::connect(&client(&n1, "alice", "phone"))
+        .await
+        .expect("alice");
+    let conv = eventually_open(&alice, "bob").await;
+
+    // Live, across nodes: n1 takes the send, n2 delivers it.
+    let ack = conv.send("hi bob").await.expect("send");
+    assert_eq!(ack.seq, 1);
+    let got = next_event(&mut bob).await;
+    assert_eq!(text(&got), "hi bob");
+    assert_eq!(text(&next_event(&mut alice_laptop).await), "hi bob");
+
+    // bob's read mark reaches alice's devices on n1.
+    let bob_conn = bob.connection().expect("connected");
+    let bob_conv = bob_conn
+        .open(plover_proto::Target::Conversation(ack.conversation), false)
+        .await
+        .expect("bob opens");
+    bob_conv.mark_read(1).await.expect("mark");
+    let receipt = next_receipt(&mut alice_laptop).await;
+    assert_eq!((receipt.user.as_str(), receipt.read), ("bob", 1));
+    drop(bob_conv);
+    drop(bob_conn);
+    // Let bob's cursor reach the log before he goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bob.close().await;
+
+    // bob is away; alice goes on.
+    for i in 2..=4 {
+        assert_eq!(conv.send(format!("m{i}")).await.expect("send").seq, i);
+    }
+
+    // bob comes back on n3, from the cursor his phone acknowledged on n2: exactly what he
+    // missed, in order, once each.
+    let mut bob = EventStream::start(client(&n3, "bob", "phone"), None);
+    assert!(bob.synced().await);
+    for i in 2..=4 {
+        assert_eq!(text(&next_event(&mut bob).await), format!("m{i}"));
+    }
+    assert_quiet(&mut bob, Duration::from_millis(500)).await;
+
+    // Every node's history is the same.
+    let mut histories = Vec::new();
+    for n in [&n1, &n2, &n3] {
+        let c = Connection::connect(&client(n, "alice", "tablet"))
+            .await
+            .expect("alice's tablet");
+        let conv = c
+            .open(plover_proto::Target::Conversation(ack.conversation), false)
+            .await
+            .expect("open");
+        histories.push(crate::common::all_history(&conv).await);
+        c.close().await;
+    }
+    assert_eq!(histories[0].len(), 4);
+    assert_eq!(histories[0], histories[1]);
+    assert_eq!(histories[1], histories[2]);
+
+    bob.close().await;
+    alice_laptop.close().await;
+    alice.close().await;
+    for n in [n1, n2, n3] {
+        n.stop().await;
+    }
 }

@@ -19,6 +19,7 @@ mod chat_tui;
 mod cli;
 mod client_protocol_faults;
 mod cluster;
+mod cluster_failover;
 mod crash_loop;
 mod device_sync;
 mod disk_full;
