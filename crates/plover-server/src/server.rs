@@ -82,6 +82,7 @@ impl Server {
                     replica.clone().append(entries, router.clone()),
                 ));
                 tasks.push(tokio::spawn(replica.apply(router.clone(), ready)));
+                tasks.push(cluster.relay(router.presence().clone()));
                 if caught_up.await.is_err() {
                     for t in &tasks {
                         t.abort();

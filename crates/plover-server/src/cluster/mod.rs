@@ -22,6 +22,7 @@ pub mod log;
 pub mod nodes;
 pub mod ownership;
 pub mod registry;
+mod relay;
 pub mod replica;
 
 use async_nats::jetstream::{self, kv};
@@ -188,6 +189,17 @@ impl Cluster {
     }
 
     /// This node's shard leases.
+    /// Makes `presence` cluster-wide (`relay.rs`): the returned task relays until dropped.
+    pub fn relay(&self, presence: Arc<crate::router::Presence>) -> tokio::task::JoinHandle<()> {
+        relay::start(
+            self.inner.client.clone(),
+            self.inner.js.clone(),
+            self.inner.config.node.clone(),
+            presence,
+            self.inner.config.node_ttl,
+        )
+    }
+
     /// Binds the cluster's replicated log (`replica.rs`).
     pub async fn replica(&self) -> Result<Replica, ClusterError> {
         Replica::open(self.inner.js.clone(), &self.inner.config).await

@@ -86,6 +86,22 @@ pub struct Recorded {
     pub ops: Vec<Op>,
 }
 
+impl Recorded {
+    /// The users whose pushers or notification settings it changes.
+    pub fn push_users(&self) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .ops
+            .iter()
+            .filter(|op| matches!(op.ks, Ks::Pushers | Ks::PushContent))
+            .filter_map(|op| op.key.split(|b| *b == 0).next())
+            .map(|u| String::from_utf8_lossy(u).into_owned())
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+}
+
 enum Sink {
     Fjall(fjall::OwnedWriteBatch),
     Record(Recorded),

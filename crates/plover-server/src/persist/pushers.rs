@@ -142,5 +142,16 @@ impl Store {
         Ok(out)
     }
 
+    /// The conversations whose notifications carry bodies for `user`.
+    pub fn push_content_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.push_content.prefix(keys::name_prefix(user)) {
+            if let Some(conv) = keys::tail_u64(&guard.key()?) {
+                out.push(conv);
+            }
+        }
+        Ok(out)
+    }
+
     // ----- sync logs and cursors -----
 }

@@ -117,6 +117,24 @@ impl Notifier {
         Ok(notifier)
     }
 
+    /// Reads `users`' pushers and notification settings again from the store (in a cluster,
+    /// after another node changed them through the replicated log). Blocking.
+    pub fn refresh(&self, users: &[String]) -> Result<(), StoreError> {
+        for user in users {
+            let has = !self.store.pusher_records(user)?.is_empty();
+            let content = self.store.push_content_of(user)?;
+            if has {
+                write(&self.with_pushers).insert(user.clone());
+            } else {
+                write(&self.with_pushers).remove(user);
+            }
+            let mut pairs = write(&self.content);
+            pairs.retain(|(u, _)| u != user);
+            pairs.extend(content.into_iter().map(|c| (user.clone(), c)));
+        }
+        Ok(())
+    }
+
     /// Stops the notifier: what is pending is written to the store (and sent after the next
     /// start); notifications being sent are abandoned and stay pending too.
     pub fn stop(&self) {

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use feed::DeviceFeed;
 pub use pipeline::Sent;
-pub use presence::{PUSH_QUEUE, Presence, PresenceGuard, Push};
+pub use presence::{PUSH_QUEUE, Presence, PresenceGuard, Push, Relay};
 pub use replicated::{Allocate, Entry, LOG_QUEUE, Record};
 pub use sessions::{Delivery, Sessions};
 pub use shard::MemberOp;

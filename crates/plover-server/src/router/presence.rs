@@ -10,9 +10,9 @@
 //! A std `Mutex` guards the map: connect and disconnect are rare, pushes are `try_send`s, and the
 //! lock is never held across an await or any I/O.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -65,8 +65,24 @@ struct UserState {
     last_seen: Option<u64>,
 }
 
+/// Carries presence changes and typing to the other nodes of a cluster (`cluster/relay.rs`).
+/// Never blocking: what cannot be sent at once is dropped, as a full push queue drops.
+pub trait Relay: Send + Sync {
+    /// `user` has devices on this node now (the first came), or none (the last went): at
+    /// once, so that every node knows whether `user` is connected anywhere (for push).
+    fn here(&self, user: &str, online: bool);
+    /// `user`'s peers are to be told that `user` came online, or went (after the debounce).
+    fn presence(&self, user: &str, online: bool, last_seen: u64);
+    /// `user` types in `conversation`, whose other members are `to`.
+    fn typing(&self, to: &[String], except: &str, conversation: ConversationId, user: &str);
+}
+
 /// The presence registry.
 pub struct Presence {
+    /// In a cluster: the other nodes.
+    relay: OnceLock<Arc<dyn Relay>>,
+    /// In a cluster: the users online on other nodes, and where.
+    remote: Mutex<HashMap<String, HashSet<String>>>,
     users: Mutex<HashMap<String, UserState>>,
     store: Arc<Store>,
     /// Its store calls go through the router's gate.
@@ -112,6 +128,8 @@ impl Presence {
         writer: Arc<dyn crate::persist::Writer>,
     ) -> Self {
         Self {
+            relay: OnceLock::new(),
+            remote: Mutex::default(),
             users: Mutex::new(HashMap::new()),
             store,
             gate,
@@ -131,14 +149,22 @@ impl Presence {
     pub fn connect(self: &Arc<Self>, user: &str) -> (PresenceGuard, mpsc::Receiver<Arc<Push>>) {
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let publish = {
+        let (first, publish) = {
             let mut users = self.lock();
             let state = users.entry(user.to_owned()).or_default();
+            let first = state.conns.is_empty();
             state.conns.push(Conn { id, tx });
             let publish = !state.published_online;
             state.published_online = true;
-            publish
+            (first, publish)
         };
+        // A `Presence` relayed below says it too (and must find the user not yet here).
+        if first
+            && !publish
+            && let Some(relay) = self.relay.get()
+        {
+            relay.here(user, true);
+        }
         if publish {
             self.clone().publish(user.to_owned(), true, 0);
         }
@@ -165,6 +191,9 @@ impl Presence {
             state.last_seen = Some(now);
             state.generation
         };
+        if let Some(relay) = self.relay.get() {
+            relay.here(user, false);
+        }
         let presence = self.clone();
         let user = user.to_owned();
         // Outside a runtime (a test dropping a guard late) there is nothing to publish to.
@@ -212,8 +241,94 @@ impl Presence {
         });
     }
 
-    /// Tells every connected peer of `user` about a change, from a task of its own.
+    /// Makes this registry cluster-wide: changes go to the other nodes through `relay`, and
+    /// theirs come back through [`Presence::remote_presence`] and [`Presence::push_local`].
+    pub fn set_relay(&self, relay: Arc<dyn Relay>) {
+        let _ = self.relay.set(relay);
+    }
+
+    fn remote(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `user` has a device connected to another node of the cluster.
+    fn elsewhere(&self, user: &str) -> bool {
+        self.remote()
+            .get(user)
+            .is_some_and(|nodes| !nodes.is_empty())
+    }
+
+    /// Tells every connected peer of `user` about a change on this node, and the other
+    /// nodes; peers are told only of what changes for them (a user going from one node to
+    /// another stays online).
     fn publish(self: Arc<Self>, user: String, online: bool, last_seen: u64) {
+        if let Some(relay) = self.relay.get() {
+            relay.presence(&user, online, last_seen);
+        }
+        if self.elsewhere(&user) {
+            return;
+        }
+        self.tell_peers(user, online, last_seen);
+    }
+
+    /// Another node of the cluster says whether it has devices of `user` now.
+    pub fn remote_here(&self, node: &str, user: String, online: bool) {
+        let mut remote = self.remote();
+        if online {
+            remote.entry(user).or_default().insert(node.to_owned());
+        } else if let Some(nodes) = remote.get_mut(&user) {
+            nodes.remove(node);
+            if nodes.is_empty() {
+                remote.remove(&user);
+            }
+        }
+    }
+
+    /// Another node of the cluster tells `user`'s peers that `user` came online or went:
+    /// this node's devices of those peers hear of it unless it changes nothing for them
+    /// (`user` was online elsewhere already, or is still).
+    pub fn remote_presence(
+        self: &Arc<Self>,
+        node: &str,
+        user: String,
+        online: bool,
+        last_seen: u64,
+    ) {
+        let was = self.is_online(&user);
+        self.remote_here(node, user.clone(), online);
+        let tell = if online { !was } else { !self.is_online(&user) };
+        if tell {
+            self.clone().tell_peers(user, online, last_seen);
+        }
+    }
+
+    /// Forgets the devices of nodes no longer in the cluster (`live` are those that are):
+    /// their users' peers here are told they went, unless they are online elsewhere.
+    pub fn retain_nodes(self: &Arc<Self>, live: &HashSet<String>) {
+        let gone: Vec<String> = {
+            let mut remote = self.remote();
+            let mut gone = Vec::new();
+            remote.retain(|user, nodes| {
+                nodes.retain(|n| live.contains(n));
+                if nodes.is_empty() {
+                    gone.push(user.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            gone
+        };
+        let now = now_ms();
+        for user in gone {
+            if !self.is_online_here(&user) {
+                self.clone().tell_peers(user, false, now);
+            }
+        }
+    }
+
+    /// Tells this node's devices of `user`'s peers, from a task of its own.
+    fn tell_peers(self: Arc<Self>, user: String, online: bool, last_seen: u64) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -263,6 +378,7 @@ impl Presence {
                 None => (false, None),
             }
         };
+        let online = online || self.elsewhere(user);
         if online {
             return Ok((true, 0));
         }
@@ -275,13 +391,27 @@ impl Presence {
         Ok((false, stored.unwrap_or(0)))
     }
 
-    /// Whether `user` has at least one connected device.
+    /// Whether `user` has at least one connected device (in a cluster: on any node).
     pub fn is_online(&self, user: &str) -> bool {
+        self.is_online_here(user) || self.elsewhere(user)
+    }
+
+    fn is_online_here(&self, user: &str) -> bool {
         self.lock().get(user).is_some_and(|s| !s.conns.is_empty())
     }
 
-    /// Pushes to every connection of each user in `to` (never blocking; full queues drop).
+    /// Pushes to every connection of each user in `to` (never blocking; full queues drop),
+    /// and in a cluster to the other nodes' (typing).
     pub fn push_to(&self, to: &[String], except: &str, push: Push) {
+        if let (Some(relay), Push::Typing { conversation, user }) = (self.relay.get(), &push) {
+            relay.typing(to, except, *conversation, user);
+        }
+        self.push_local(to, except, push);
+    }
+
+    /// Pushes to this node's connections of each user in `to` only (typing relayed from
+    /// another node).
+    pub fn push_local(&self, to: &[String], except: &str, push: Push) {
         let push = Arc::new(push);
         let users = self.lock();
         for user in to.iter().filter(|u| u.as_str() != except) {

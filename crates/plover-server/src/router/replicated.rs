@@ -476,10 +476,32 @@ impl Router {
                     cursor,
                 }),
                 Record::Write(recorded) => {
-                    let reply = match waiting {
+                    let mut reply = match waiting {
                         Some(Waiting::Done(reply)) => Some(reply),
                         _ => None,
                     };
+                    // Pushers changed (on any node): this node's notifier reads them again
+                    // once they are written, so that it can notify for what it takes.
+                    let users = recorded.push_users();
+                    if !users.is_empty() {
+                        let (done, written) = oneshot::channel();
+                        let (waiter, notifier) = (reply.take(), self.inner.notifier.clone());
+                        tokio::spawn(async move {
+                            let result = written.await.unwrap_or(Err(StoreError::Stopped));
+                            if result.is_ok() {
+                                let read =
+                                    tokio::task::spawn_blocking(move || notifier.refresh(&users))
+                                        .await;
+                                if !matches!(read, Ok(Ok(()))) {
+                                    tracing::warn!("pushers changed elsewhere could not be read");
+                                }
+                            }
+                            if let Some(w) = waiter {
+                                let _ = w.send(result);
+                            }
+                        });
+                        reply = Some(done);
+                    }
                     let write: SideWrite = Box::new(move |batch| {
                         if let Err(e) = batch.apply_recorded(&recorded) {
                             tracing::error!(error = %e, "a replicated write could not be checked");

@@ -65,9 +65,14 @@ pub(crate) enum Scenario {
 pub(crate) struct BenchArgs {
     /// The scenario.
     scenario: Scenario,
-    /// Target a running server instead of spawning one (needs --data for its secret).
+    /// Target a running server instead of spawning one (needs --data or --config for its
+    /// secret). A cluster's nodes, separated by commas: each user starts on one of them (by
+    /// a hash of its name) and falls over to the next.
     #[arg(long)]
     server: Option<String>,
+    /// With --server: the server's configuration file (its `[auth] secret` or `data`).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// With --server: its CA certificate.
     #[arg(long, default_value = "./certs/cert.pem")]
     ca: PathBuf,

@@ -55,7 +55,13 @@ impl Server {
                 (addr, ca, data, Some(child), Some(dir), Some(metrics))
             }
         };
-        let keys = TokenKeys::new(&load_or_create_secret(&data)?);
+        let keys = match (&args.server, &args.config) {
+            (Some(_), Some(path)) => {
+                let config = plover_server::config::Config::from_file(path)?;
+                TokenKeys::new(&plover_server::auth::secret_for(&config)?)
+            }
+            _ => TokenKeys::new(&load_or_create_secret(&data)?),
+        };
 
         let roots = plover_quic::tls::load_certs(&ca)?;
         let endpoint = plover_client::endpoint(&roots, Duration::from_secs(5))?;
@@ -98,10 +104,26 @@ impl Server {
 
     pub(crate) fn config(&self, user: &str, device: &str) -> Result<ClientConfig> {
         let token = self.keys.mint(user, None, Duration::from_secs(3600))?;
-        let mut config = ClientConfig::new(self.addr.clone(), &self.ca, token, device)?;
+        let mut config = ClientConfig::new(self.addr_for(user), &self.ca, token, device)?;
         config.endpoint = Some(self.endpoint.clone());
         config.connect_timeout = Duration::from_secs(30);
         Ok(config)
+    }
+
+    /// The server list for `user`: a cluster's nodes, starting at one chosen by a hash of
+    /// the name (so a pair's two users are on different nodes about as often as not).
+    fn addr_for(&self, user: &str) -> String {
+        let nodes: Vec<&str> = self.addr.split(',').collect();
+        if nodes.len() < 2 {
+            return self.addr.clone();
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(user, &mut hasher);
+        let first = (std::hash::Hasher::finish(&hasher) % nodes.len() as u64) as usize;
+        (0..nodes.len())
+            .map(|i| nodes[(first + i) % nodes.len()])
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub(crate) async fn connect(&self, user: &str, device: &str) -> Result<Connection> {

@@ -62,15 +62,26 @@ async fn a_node_refuses_an_engine_it_cannot_trust() {
 }
 
 async fn node(nats: &Nats, id: &str) -> TestServer {
+    node_with(nats, id, |_| {}).await
+}
+
+/// A node of a three-replica cluster on `nats`, its configuration tweaked.
+pub(crate) async fn node_with(
+    nats: &Nats,
+    id: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> TestServer {
     let cluster = cluster_config(nats, id, 3);
     TestServer::start_with(move |c| {
         c.auth.secret = Some(SECRET.into());
         c.cluster = Some(cluster);
+        c.presence.debounce = Duration::from_millis(300);
+        tweak(c);
     })
     .await
 }
 
-fn client(node: &TestServer, user: &str, device: &str) -> ClientConfig {
+pub(crate) fn client(node: &TestServer, user: &str, device: &str) -> ClientConfig {
     let token = TokenKeys::new(SECRET.as_bytes())
         .mint(user, None, Duration::from_secs(3600))
         .expect("mint");
@@ -550,7 +561,7 @@ async fn a_node_refuses_writes_it_cannot_replicate_while_nats_is_away() {
 
 /// Opens `user`'s direct conversation with `peer`, once the node has applied `peer`'s
 /// first connection (made on another node, it reaches this one through the log).
-async fn eventually_open(user: &Connection, peer: &str) -> plover_client::Conversation {
+pub(crate) async fn eventually_open(user: &Connection, peer: &str) -> plover_client::Conversation {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match user
@@ -645,4 +656,97 @@ async fn alice_on_n1_and_bob_on_n2_chat_and_bob_catches_up_on_n3() {
     for n in [n1, n2, n3] {
         n.stop().await;
     }
+}
+
+#[tokio::test]
+async fn presence_and_typing_cross_nodes() {
+    use plover_client::{EventStream, Incoming};
+
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let n1 = node(&nats, "n1").await;
+    let n2 = node(&nats, "n2").await;
+
+    // bob on n2, who shares a conversation with alice.
+    let mut bob = EventStream::start(client(&n2, "bob", "phone"), Some(0));
+    assert!(bob.synced().await);
+    let setup = Connection::connect(&client(&n1, "alice", "setup"))
+        .await
+        .expect("alice");
+    let conv = eventually_open(&setup, "bob").await;
+    let conversation = conv.id();
+    drop(conv);
+    setup.close().await;
+
+    /// The next presence or typing item bob gets about alice (log events skipped).
+    async fn next_live(bob: &mut EventStream) -> Incoming {
+        loop {
+            match crate::common::next_incoming(bob).await {
+                Incoming::Log(_) => {}
+                other => return other,
+            }
+        }
+    }
+    // Skip what the setup connection caused: wait until alice is shown offline.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        next_live(&mut bob).await,
+        Incoming::Presence { online: false, .. }
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "alice's setup connection never went"
+        );
+    }
+
+    // alice connects to n1: bob, on n2, sees her online; asked, n2 says so too.
+    let alice = Connection::connect(&client(&n1, "alice", "phone"))
+        .await
+        .expect("alice");
+    match next_live(&mut bob).await {
+        Incoming::Presence { user, online, .. } => {
+            assert_eq!((user.as_str(), online), ("alice", true))
+        }
+        other => panic!("expected alice online, got {other:?}"),
+    }
+    let bob_conn = bob.connection().expect("connected");
+    assert!(bob_conn.presence("alice").await.expect("presence").0);
+
+    // She types: bob sees it, through n1 and n2.
+    alice.typing(conversation).expect("typing");
+    match next_live(&mut bob).await {
+        Incoming::Typing {
+            conversation: c,
+            user,
+        } => {
+            assert_eq!((c, user.as_str()), (conversation, "alice"));
+        }
+        other => panic!("expected typing, got {other:?}"),
+    }
+
+    // She moves to n2 (phone off, laptop on n2 within the debounce): still online for bob,
+    // who is told nothing; then she goes, and bob sees her offline with her last seen.
+    let laptop = Connection::connect(&client(&n2, "alice", "laptop"))
+        .await
+        .expect("laptop");
+    alice.close().await;
+    if let Ok(item) = tokio::time::timeout(Duration::from_millis(1000), next_live(&mut bob)).await {
+        panic!("bob was told of a move that changed nothing for him: {item:?}");
+    }
+    assert!(bob_conn.presence("alice").await.expect("presence").0);
+    laptop.close().await;
+    match next_live(&mut bob).await {
+        Incoming::Presence {
+            user,
+            online,
+            last_seen,
+        } => {
+            assert_eq!((user.as_str(), online), ("alice", false));
+            assert!(last_seen > 0);
+        }
+        other => panic!("expected alice offline, got {other:?}"),
+    }
+    drop(bob_conn);
+    bob.close().await;
+    n1.stop().await;
+    n2.stop().await;
 }

@@ -494,3 +494,68 @@ async fn redirects_are_not_followed_and_every_request_is_checked() {
     alice.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn in_a_cluster_the_node_that_took_the_message_notifies_once_and_none_while_online_elsewhere()
+{
+    use crate::cluster::{client, eventually_open, node_with};
+    use crate::common::nats::{JetStream, Nats};
+    use plover_client::Connection;
+
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let tweak = |c: &mut plover_server::config::Config| {
+        c.push.allow_private_targets = true;
+        c.push.coalesce = Duration::from_millis(300);
+    };
+    let n1 = node_with(&nats, "n1", tweak).await;
+    let n2 = node_with(&nats, "n2", tweak).await;
+    let n3 = node_with(&nats, "n3", tweak).await;
+    let receiver = Receiver::start(vec![]);
+
+    // bob registers his pusher on n2 and goes.
+    let bob = Connection::connect(&client(&n2, "bob", "phone"))
+        .await
+        .expect("bob");
+    bob.register_pusher(gateway(&receiver.url, "key-c"))
+        .await
+        .expect("register");
+    bob.close().await;
+
+    // alice writes through n1, which learned of the pusher from the log: one notification,
+    // from one node, though all three applied the messages.
+    let alice = Connection::connect(&client(&n1, "alice", "phone"))
+        .await
+        .expect("alice");
+    let conv = eventually_open(&alice, "bob").await;
+    for i in 0..3 {
+        conv.send(format!("offline {i}")).await.expect("send");
+    }
+    receiver.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        receiver.requests().len(),
+        1,
+        "one node, one coalesced notification"
+    );
+
+    // bob online on n3: n1 knows it (the relay), and notifies nobody.
+    let bob = Connection::connect(&client(&n3, "bob", "laptop"))
+        .await
+        .expect("bob");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..2 {
+        conv.send(format!("online {i}")).await.expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        receiver.requests().len(),
+        1,
+        "nothing while bob is connected anywhere"
+    );
+
+    bob.close().await;
+    alice.close().await;
+    for n in [n1, n2, n3] {
+        n.stop().await;
+    }
+}
