@@ -287,6 +287,8 @@ impl Replica {
                 if seq >= target
                     && let Some(r) = ready.take()
                 {
+                    // Serve once the store holds it all, not just once it is queued.
+                    router.settled().await.map_err(|e| e.to_string())?;
                     info!(at = seq, "caught up with the cluster log");
                     let _ = r.send(());
                 }

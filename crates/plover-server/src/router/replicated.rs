@@ -536,6 +536,16 @@ impl Router {
         }
     }
 
+    /// Waits until everything handed to [`Router::apply`] so far is committed to the store.
+    pub async fn settled(&self) -> Result<(), RouterError> {
+        let (reply, done) = oneshot::channel();
+        self.shard(0)
+            .send(ShardRequest::Pass(CommitItem::Barrier(reply)))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?;
+        done.await.map_err(|_| RouterError::ShuttingDown)
+    }
+
     /// The cluster's appender stopped: see `Replicated::close`.
     pub fn log_closed(&self) {
         if let Some(r) = self.replicated() {

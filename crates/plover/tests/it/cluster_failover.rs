@@ -268,6 +268,27 @@ impl Run {
         }
     }
 
+    /// How long after `since` the writer of `prefix` was acknowledged again (its first
+    /// acknowledgement past the `before`th), within 30 s.
+    async fn wrote_again(&self, prefix: &str, before: usize, since: Instant) -> Duration {
+        let deadline = since + Duration::from_secs(30);
+        loop {
+            let after = self
+                .acked
+                .lock()
+                .expect("acked")
+                .iter()
+                .skip(before)
+                .find(|(_, body, _, _)| body.starts_with(prefix))
+                .map(|a| a.3);
+            if let Some(at) = after {
+                return at.duration_since(since);
+            }
+            assert!(Instant::now() < deadline, "{prefix} never wrote again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops the writers and checks the history on every live node; returns its length.
     async fn finish(mut self, live: &[usize]) -> usize {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -320,22 +341,7 @@ async fn killing_a_node_loses_nothing_acknowledged_and_its_writer_goes_on_elsewh
     run.nodes[0].child.start_kill().expect("kill -9");
     let _ = run.nodes[0].child.wait().await;
     // w1 is acknowledged again through another node.
-    let deadline = killed + Duration::from_secs(30);
-    let failover = loop {
-        let after = run
-            .acked
-            .lock()
-            .expect("acked")
-            .iter()
-            .skip(before)
-            .find(|(_, body, _, _)| body.starts_with("w1-"))
-            .map(|a| a.3);
-        if let Some(at) = after {
-            break at.duration_since(killed);
-        }
-        assert!(Instant::now() < deadline, "w1 never wrote again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let failover = run.wrote_again("w1-", before, killed).await;
     eprintln!("failover: w1 acknowledged again {failover:?} after the kill");
     run.progress(60, Duration::from_secs(30)).await;
     let n = run.finish(&[1, 2]).await;
@@ -368,5 +374,31 @@ async fn a_node_paused_past_its_lease_cannot_give_a_seq_twice() {
     // one log, after what the others appended meanwhile.
     run.progress(60, Duration::from_secs(45)).await;
     let n = run.finish(&[0, 1, 2]).await;
+    assert!(n >= 150, "{n}");
+}
+
+#[tokio::test]
+async fn a_node_joins_and_another_stops_gracefully_while_clients_chat() {
+    let mut run = start().await;
+    run.progress(60, Duration::from_secs(30)).await;
+    // n4 joins: it applies the log from its start, then serves; a reader on it sees the
+    // history so far.
+    let joined = spawn_node(&run.nats, "n4", run.certs.path()).await;
+    run.nodes.push(joined);
+    run.progress(30, Duration::from_secs(30)).await;
+    // n1 stops the way an operator stops it (SIGTERM, here its stdin closing): its clients
+    // are closed with `shutdown` and move to the next node of their list.
+    drop(run.nodes[0].child.stdin.take());
+    let stopped = tokio::time::timeout(Duration::from_secs(30), run.nodes[0].child.wait())
+        .await
+        .expect("n1 stops in time")
+        .expect("wait");
+    assert!(stopped.success(), "n1 stopped cleanly: {stopped:?}");
+    // Its writer is not stuck: it goes on through another node.
+    let (before, gone) = (run.acked(), Instant::now());
+    let moved = run.wrote_again("w1-", before, gone).await;
+    eprintln!("w1 acknowledged again {moved:?} after n1 stopped");
+    run.progress(60, Duration::from_secs(30)).await;
+    let n = run.finish(&[1, 2, 3]).await;
     assert!(n >= 150, "{n}");
 }
