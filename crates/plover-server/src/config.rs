@@ -126,6 +126,12 @@ pub struct ClusterConfig {
         with = "humantime_serde"
     )]
     pub connect_timeout: Duration,
+    /// Messages of the replicated log between two snapshots of the store. The node holding
+    /// shard 0 writes a snapshot to the `plover_snapshots` object store every this many, then
+    /// removes the log before it, so the log stays bounded and a node that joins (or was away
+    /// past the removal) loads the snapshot and applies only what follows. 0: never.
+    #[serde(default = "ClusterConfig::default_snapshot_every")]
+    pub snapshot_every: u64,
 }
 
 impl ClusterConfig {
@@ -142,7 +148,12 @@ impl ClusterConfig {
             shards: Self::default_shards(),
             lease: Self::default_lease(),
             connect_timeout: Self::default_connect_timeout(),
+            snapshot_every: Self::default_snapshot_every(),
         }
+    }
+
+    fn default_snapshot_every() -> u64 {
+        10_000
     }
 
     fn default_shards() -> u32 {

@@ -75,14 +75,22 @@ impl Server {
                 // Every write goes through the cluster's log, and this node serves once it
                 // has applied what the log held (`router/replicated.rs`).
                 let replica = cluster.replica().await?;
+                replica.restore_if_behind(&store, &config.data).await?;
                 let (router, entries) =
                     Router::start_replicated(store, &config, replica.allocator())?;
                 let (ready, caught_up) = tokio::sync::oneshot::channel();
                 tasks.push(tokio::spawn(
                     replica.clone().append(entries, router.clone()),
                 ));
-                tasks.push(tokio::spawn(replica.apply(router.clone(), ready)));
+                tasks.push(tokio::spawn(replica.clone().apply(router.clone(), ready)));
                 tasks.push(cluster.relay(router.presence().clone()));
+                let every = config.cluster.as_ref().map_or(0, |c| c.snapshot_every);
+                tasks.push(tokio::spawn(replica.snapshots(
+                    router.store().clone(),
+                    cluster.ownership().clone(),
+                    every,
+                    config.data.clone(),
+                )));
                 if caught_up.await.is_err() {
                     for t in &tasks {
                         t.abort();

@@ -13,7 +13,7 @@
 //!   applying: skipping it would make its store differ from the others'), and hands the
 //!   entries to [`Router::apply`].
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use futures_util::StreamExt;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -37,6 +37,11 @@ pub const APPEND_BYTES: usize = 512 * 1024;
 pub const APPEND_PATIENCE: Duration = Duration::from_secs(20);
 /// How long the applier waits for the next message before it asks whether the log has more.
 const STALL: Duration = Duration::from_secs(2);
+/// The object store of snapshots, and the name of the latest.
+pub const SNAPSHOTS: &str = "plover_snapshots";
+const LATEST: &str = "latest";
+/// How often the node holding shard 0 looks whether a snapshot is due.
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(5);
 /// The key of the next conversation id in the cluster bucket.
 const NEXT_CONVERSATION: &str = "next_conversation";
 
@@ -45,6 +50,7 @@ const NEXT_CONVERSATION: &str = "next_conversation";
 pub struct Replica {
     js: jetstream::Context,
     settings: kv::Store,
+    snapshots: object_store::ObjectStore,
     node: String,
 }
 
@@ -83,11 +89,198 @@ impl Replica {
                 Err(e) => return Err(ClusterError::js("log stream", format!("{STREAM}: {e}"))),
             }
         }
+        let snapshots = loop {
+            let wanted = object_store::Config {
+                bucket: SNAPSHOTS.to_owned(),
+                description: Some("plover: snapshots of the store, for nodes that join".into()),
+                num_replicas: config.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            };
+            match js.create_object_store(wanted).await {
+                Ok(store) => break store,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(error = %e, "JetStream not ready for the snapshots; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(ClusterError::js("snapshots", format!("{SNAPSHOTS}: {e}"))),
+            }
+        };
         Ok(Self {
             js,
             settings,
+            snapshots,
             node: config.node.clone(),
         })
+    }
+
+    /// Before the router starts: when the log no longer holds the entries that follow this
+    /// store's position (they were removed after a snapshot, while this node was away or
+    /// before it first joined), replaces the store with the latest snapshot, whose position
+    /// the log follows on from. `dir` holds the download meanwhile.
+    pub async fn restore_if_behind(
+        &self,
+        store: &std::sync::Arc<crate::persist::Store>,
+        dir: &std::path::Path,
+    ) -> Result<(), ClusterError> {
+        let failed = |e: &dyn std::fmt::Display| ClusterError::js("load a snapshot", e);
+        let mut stream = self.js.get_stream(STREAM).await.map_err(|e| failed(&e))?;
+        let first = stream
+            .info()
+            .await
+            .map_err(|e| failed(&e))?
+            .state
+            .first_sequence;
+        let needed = store
+            .applied()
+            .map_err(|e| failed(&e))?
+            .map_or(1, |(seq, _)| seq);
+        if first <= 1 || needed >= first {
+            return Ok(());
+        }
+        info!(
+            needed,
+            first, "the log before this store's next entry is gone; loading the latest snapshot"
+        );
+        let started = std::time::Instant::now();
+        let mut object = self.snapshots.get(LATEST).await.map_err(|e| failed(&e))?;
+        let path = dir.join("snapshot.incoming");
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| failed(&e))?;
+        let bytes = tokio::io::copy(&mut object, &mut file)
+            .await
+            .map_err(|e| failed(&e))?;
+        file.sync_all().await.map_err(|e| failed(&e))?;
+        drop(file);
+        let (s, p) = (store.clone(), path.clone());
+        let at = tokio::task::spawn_blocking(move || s.import(&p))
+            .await
+            .map_err(|e| failed(&e))?
+            .map_err(|e| failed(&e))?;
+        let _ = tokio::fs::remove_file(&path).await;
+        if at.0 + 1 < first {
+            return Err(failed(&format!(
+                "the latest snapshot holds the log up to {}, but the log now starts at {first}",
+                at.0
+            )));
+        }
+        info!(
+            seq = at.0,
+            bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "loaded the latest snapshot"
+        );
+        Ok(())
+    }
+
+    /// While this node holds shard 0: every `every` log messages, writes a snapshot of the
+    /// store to the `plover_snapshots` object store, then removes the log before the
+    /// previous snapshot's position (nodes a little behind keep what they need). Forever.
+    pub async fn snapshots(
+        self,
+        store: std::sync::Arc<crate::persist::Store>,
+        ownership: std::sync::Arc<super::Ownership>,
+        every: u64,
+        dir: std::path::PathBuf,
+    ) {
+        if every == 0 {
+            return;
+        }
+        let position = |info: &object_store::ObjectInfo| {
+            info.metadata.get("seq").and_then(|s| s.parse::<u64>().ok())
+        };
+        let mut last = match self.snapshots.info(LATEST).await {
+            Ok(info) => position(&info).unwrap_or(0),
+            Err(_) => 0,
+        };
+        let mut tick = tokio::time::interval(SNAPSHOT_CHECK);
+        loop {
+            tick.tick().await;
+            if !ownership.owned().iter().any(|(shard, _)| *shard == 0) {
+                continue;
+            }
+            // Another node may have written one since.
+            if let Ok(info) = self.snapshots.info(LATEST).await
+                && let Some(seq) = position(&info)
+            {
+                last = last.max(seq);
+            }
+            let applied = match store.applied() {
+                Ok(Some((seq, _))) => seq,
+                _ => continue,
+            };
+            if applied < last + every {
+                continue;
+            }
+            match self.snapshot(&store, &dir).await {
+                Ok(at) => {
+                    // Keep the log since the previous snapshot: a node a little behind
+                    // reads on without loading this one.
+                    if last > 1 {
+                        match self.js.get_stream(STREAM).await {
+                            Ok(stream) => match stream.purge().sequence(last).await {
+                                Ok(p) => info!(
+                                    before = last,
+                                    removed = p.purged,
+                                    "removed the log before the previous snapshot"
+                                ),
+                                Err(e) => warn!(error = %e, "could not remove the old log"),
+                            },
+                            Err(e) => warn!(error = %e, "could not remove the old log"),
+                        }
+                    }
+                    last = at;
+                }
+                Err(e) => warn!(error = %e, "could not write a snapshot"),
+            }
+        }
+    }
+
+    /// Writes one snapshot; returns the log position it holds.
+    async fn snapshot(
+        &self,
+        store: &std::sync::Arc<crate::persist::Store>,
+        dir: &std::path::Path,
+    ) -> Result<u64, String> {
+        let started = std::time::Instant::now();
+        let path = dir.join("snapshot.outgoing");
+        let (s, p) = (store.clone(), path.clone());
+        let at = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::create(&p).map_err(|e| e.to_string())?;
+            s.export(std::io::BufWriter::new(file))
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??
+        .ok_or("the store holds no entry of the log yet")?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let meta = object_store::ObjectMetadata {
+            name: LATEST.to_owned(),
+            description: Some(format!("the store after log entry {}.{}", at.0, at.1)),
+            metadata: [
+                ("seq".to_owned(), at.0.to_string()),
+                ("index".to_owned(), at.1.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let info = self
+            .snapshots
+            .put(meta, &mut file)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tokio::fs::remove_file(&path).await;
+        info!(
+            seq = at.0,
+            bytes = info.size,
+            seconds = started.elapsed().as_secs_f64(),
+            "wrote a snapshot"
+        );
+        Ok(at.0)
     }
 
     /// Cluster-wide conversation ids, for the router's writer (a blocking call: it runs on
@@ -268,6 +461,17 @@ impl Replica {
                 };
                 if seq < next.0 {
                     continue;
+                }
+                if seq > next.0 {
+                    // Removed after a snapshot while this node was that far behind: it cannot
+                    // go on without loading the snapshot, which it does at its next start.
+                    let why = format!(
+                        "the cluster log before {seq} was removed while this node still needed {}; \
+                         restart it to load the latest snapshot",
+                        next.0
+                    );
+                    router.store().poison(&why);
+                    return Err(why);
                 }
                 let entries: Vec<Entry> = log::open(&message.payload)
                     .and_then(|record| postcard::from_bytes(&record).ok())

@@ -86,6 +86,28 @@ pub struct Recorded {
     pub ops: Vec<Op>,
 }
 
+impl Ks {
+    /// Every keyspace, in the order snapshots number them.
+    pub const ALL: [Ks; 16] = [
+        Ks::Messages,
+        Ks::Log,
+        Ks::Conversations,
+        Ks::MemberOf,
+        Ks::Direct,
+        Ks::Idempotency,
+        Ks::Devices,
+        Ks::Users,
+        Ks::Receipts,
+        Ks::Presence,
+        Ks::Cleared,
+        Ks::Watermarks,
+        Ks::Pushers,
+        Ks::PendingPush,
+        Ks::PushContent,
+        Ks::Meta,
+    ];
+}
+
 impl Recorded {
     /// The users whose pushers or notification settings it changes.
     pub fn push_users(&self) -> Vec<String> {
@@ -157,7 +179,7 @@ impl Store {
         Ok(self.keyspace(ks).contains_key(key)?)
     }
 
-    fn keyspace(&self, ks: Ks) -> &Keyspace {
+    pub(super) fn keyspace(&self, ks: Ks) -> &Keyspace {
         match ks {
             Ks::Messages => &self.messages,
             Ks::Log => &self.log,

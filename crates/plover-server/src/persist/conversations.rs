@@ -6,6 +6,13 @@ use super::records::*;
 use super::{Store, StoreError, Writer, decode, keys};
 use plover_proto::{ConversationId, ConversationKind, Retention};
 
+/// Decodes the `applied` value: (stream sequence, entry index).
+pub(super) fn applied_of(v: &[u8]) -> Option<(u64, u32)> {
+    let seq = keys::head_u64(v)?;
+    let index = u32::from_be_bytes(v.get(8..12)?.try_into().ok()?);
+    Some((seq, index))
+}
+
 impl Store {
     /// The direct conversation between two users, if it exists.
     pub fn direct_between(&self, a: &str, b: &str) -> Result<Option<ConversationId>, StoreError> {
@@ -71,16 +78,10 @@ impl Store {
         let Some(v) = self.meta.get("applied")? else {
             return Ok(None);
         };
-        match (keys::head_u64(&v), v.get(8..12)) {
-            (Some(seq), Some(index)) => Ok(Some((
-                seq,
-                u32::from_be_bytes(index.try_into().unwrap_or_default()),
-            ))),
-            _ => Err(StoreError::Corrupt {
-                keyspace: "meta",
-                message: "applied".into(),
-            }),
-        }
+        applied_of(&v).map(Some).ok_or_else(|| StoreError::Corrupt {
+            keyspace: "meta",
+            message: "applied".into(),
+        })
     }
 
     /// The id the next conversation gets.

@@ -48,6 +48,7 @@ mod priority;
 mod pushers;
 mod reaper;
 mod records;
+mod snapshot;
 mod store;
 mod users;
 

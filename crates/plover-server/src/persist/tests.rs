@@ -253,3 +253,63 @@ fn recorded_writes_applied_elsewhere_give_the_same_store_and_a_second_direct_pai
     batch.commit().expect("commit");
     assert_eq!(replica.applied().expect("applied"), Some((12, 3)));
 }
+
+#[test]
+fn a_snapshot_replaces_another_store_whole_and_a_damaged_one_changes_nothing() {
+    let (a, b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let origin = Store::open(a.path(), Durability::Sync).expect("origin");
+    let mut batch = origin.batch();
+    for seq in 1..=50 {
+        batch.put_message(&msg(7, seq));
+        batch.append_log(
+            "bob",
+            seq,
+            &LogEntry::Message {
+                conversation: 7,
+                seq,
+            },
+        );
+    }
+    batch.put_user("bob", 3);
+    batch.put_applied(90, 4);
+    batch.commit().expect("commit");
+    let file = a.path().join("snap");
+    let at = origin
+        .export(std::fs::File::create(&file).expect("create"))
+        .expect("export");
+    assert_eq!(at, Some((90, 4)));
+
+    // Another store, with keys of its own that must go.
+    let other = Store::open(b.path(), Durability::Sync).expect("other");
+    let mut batch = other.batch();
+    batch.put_message(&msg(8, 1));
+    batch.put_user("carol", 1);
+    batch.commit().expect("commit");
+
+    // Damaged: refused, nothing changed.
+    let mut bytes = std::fs::read(&file).expect("read");
+    let damaged = b.path().join("damaged");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&damaged, &bytes).expect("write");
+    assert!(other.import(&damaged).is_err());
+    assert!(other.user_exists("carol").expect("read"));
+
+    // Whole: the other store is now the origin's, byte for byte.
+    assert_eq!(other.import(&file).expect("import"), (90, 4));
+    assert!(!other.user_exists("carol").expect("read"));
+    assert_eq!(other.last_seq(8).expect("read"), 0);
+    assert_eq!(other.last_seq(7).expect("read"), 50);
+    assert_eq!(other.applied().expect("applied"), Some((90, 4)));
+    let again = b.path().join("again");
+    other
+        .export(std::fs::File::create(&again).expect("create"))
+        .expect("export");
+    assert_eq!(
+        std::fs::read(&again).expect("a"),
+        std::fs::read(&file).expect("b")
+    );
+}

@@ -27,6 +27,24 @@ pub struct TestServer {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A stopped [`TestServer`]'s data, address and certificate.
+pub struct Stopped {
+    addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Stopped {
+    /// Starts the server again on its data, address and certificate.
+    pub async fn start_with(self, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let addr = self.addr;
+        TestServer::start_in(self.dir, |c| {
+            c.listen = addr;
+            tweak(c);
+        })
+        .await
+    }
+}
+
 pub fn test_config(dir: &Path) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
@@ -135,6 +153,17 @@ impl TestServer {
         self.shut_down().await;
     }
 
+    /// Stops the server and keeps its directory, to start it again later with
+    /// [`Stopped::start_with`].
+    pub async fn stop_keeping_data(mut self) -> Stopped {
+        self.shut_down().await;
+        let TestServer {
+            addr, dir, router, ..
+        } = self;
+        drop(router);
+        Stopped { addr, dir }
+    }
+
     async fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -218,6 +247,16 @@ pub async fn spawn_server_with(dir: &Path, extra: &str) -> (Child, String) {
 
 /// [`spawn_server_with`] with its certificate in `certs` (cluster nodes share one).
 pub async fn spawn_server_at(dir: &Path, certs: &Path, extra: &str) -> (Child, String) {
+    spawn_server_on(dir, certs, extra, "127.0.0.1:0").await
+}
+
+/// [`spawn_server_at`] listening on `listen` (a replacement on a dead node's address).
+pub async fn spawn_server_on(
+    dir: &Path,
+    certs: &Path,
+    extra: &str,
+    listen: &str,
+) -> (Child, String) {
     // Tests send faster than a person: lift the per-user rate limit.
     let config = dir.join("test.toml");
     std::fs::write(
@@ -233,7 +272,7 @@ pub async fn spawn_server_at(dir: &Path, certs: &Path, extra: &str) -> (Child, S
         .arg("--config")
         .arg(&config)
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--data")
         .arg(dir.join("data"))
         .arg("--certs")

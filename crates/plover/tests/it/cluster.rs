@@ -750,3 +750,78 @@ async fn presence_and_typing_cross_nodes() {
     n1.stop().await;
     n2.stop().await;
 }
+
+#[tokio::test]
+async fn snapshots_bound_the_log_and_nodes_behind_it_start_from_the_latest() {
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let often = |c: &mut Config| {
+        if let Some(cluster) = c.cluster.as_mut() {
+            cluster.snapshot_every = 20;
+        }
+    };
+    let n1 = node_with(&nats, "n1", often).await;
+    let n2 = node_with(&nats, "n2", often).await;
+    Connection::connect(&client(&n2, "bob", "setup"))
+        .await
+        .expect("bob")
+        .close()
+        .await;
+    // n2 goes away with the log's start in its store.
+    let n2_stopped = n2.stop_keeping_data().await;
+
+    let alice = Connection::connect(&client(&n1, "alice", "phone"))
+        .await
+        .expect("alice");
+    let conv = eventually_open(&alice, "bob").await;
+    for i in 1..=100u64 {
+        assert_eq!(conv.send(format!("m{i}")).await.expect("send").seq, i);
+    }
+    // Two snapshots, then the log before the first is removed.
+    let js = cluster::connect(&ClusterConfig::client(nats.urls()))
+        .await
+        .expect("js");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut stream = js
+            .get_stream(cluster::replica::STREAM)
+            .await
+            .expect("stream");
+        let first = stream.info().await.expect("info").state.first_sequence;
+        if first > 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the log was never cut");
+        // Keep the log moving: a snapshot is due every 20 messages.
+        conv.send("tick").await.expect("send");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let expected = crate::common::all_history(&conv).await;
+
+    // A new node, and n2 back: each loads the snapshot (the log before it is gone) and
+    // applies what follows; both hold the same history.
+    let n3 = node_with(&nats, "n3", often).await;
+    let n2 = n2_stopped
+        .start_with(|c| {
+            c.auth.secret = Some(SECRET.into());
+            c.cluster = Some(ClusterConfig {
+                snapshot_every: 20,
+                ..cluster_config(&nats, "n2", 3)
+            });
+        })
+        .await;
+    for n in [&n2, &n3] {
+        let c = Connection::connect(&client(n, "bob", "phone"))
+            .await
+            .expect("bob");
+        let conv = c
+            .open(plover_proto::Target::Conversation(conv.id()), false)
+            .await
+            .expect("open");
+        assert_eq!(crate::common::all_history(&conv).await, expected);
+        c.close().await;
+    }
+    alice.close().await;
+    for n in [n1, n2, n3] {
+        n.stop().await;
+    }
+}

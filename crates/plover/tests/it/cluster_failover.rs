@@ -7,7 +7,7 @@
 //! node holds the same history.
 
 use crate::common::nats::{JetStream, Nats};
-use crate::common::{all_history, spawn_server_at};
+use crate::common::{all_history, spawn_server_on};
 use plover_client::{ClientConfig, Connection, Conversation};
 use plover_proto::{ClientMsgId, ConversationId, Target};
 use plover_server::auth::TokenKeys;
@@ -27,6 +27,11 @@ struct Node {
 
 /// Starts node `id` on `nats`, its certificate in the shared `certs`.
 async fn spawn_node(nats: &Nats, id: &str, certs: &Path) -> Node {
+    spawn_node_on(nats, id, certs, "127.0.0.1:0").await
+}
+
+/// [`spawn_node`] on `listen`.
+async fn spawn_node_on(nats: &Nats, id: &str, certs: &Path, listen: &str) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let quote = |v: Vec<String>| {
         v.iter()
@@ -40,7 +45,7 @@ async fn spawn_node(nats: &Nats, id: &str, certs: &Path) -> Node {
         quote(nats.urls()),
         quote(nats.monitors()),
     );
-    let (child, addr) = spawn_server_at(dir.path(), certs, &extra).await;
+    let (child, addr) = spawn_server_on(dir.path(), certs, &extra, listen).await;
     Node {
         child,
         addr,
@@ -401,4 +406,32 @@ async fn a_node_joins_and_another_stops_gracefully_while_clients_chat() {
     run.progress(60, Duration::from_secs(30)).await;
     let n = run.finish(&[1, 2, 3]).await;
     assert!(n >= 150, "{n}");
+}
+
+/// The long version of the node-loss test: `PLOVER_CLUSTER_CYCLES` (default 10) cycles of
+/// SIGKILL of one node in turn and its replacement by a new node of the same id on an empty
+/// directory (which loads the latest snapshot or the log), with the writers running
+/// throughout; the checker at the end. RELIABILITY.md row 15.
+#[tokio::test]
+#[ignore = "long: many kill and replace cycles"]
+async fn many_kills_and_replacements_lose_nothing_acknowledged() {
+    let cycles: usize = std::env::var("PLOVER_CLUSTER_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut run = start().await;
+    run.progress(30, Duration::from_secs(30)).await;
+    for cycle in 0..cycles {
+        let k = cycle % 3;
+        run.nodes[k].child.start_kill().expect("kill -9");
+        let _ = run.nodes[k].child.wait().await;
+        run.progress(30, Duration::from_secs(60)).await;
+        // A replacement with the same id and address, on an empty directory.
+        let (id, addr) = (format!("n{}", k + 1), run.nodes[k].addr.clone());
+        run.nodes[k] = spawn_node_on(&run.nats, &id, run.certs.path(), &addr).await;
+        run.progress(30, Duration::from_secs(60)).await;
+        eprintln!("cycle {cycle}: {} acknowledged so far", run.acked());
+    }
+    let n = run.finish(&[0, 1, 2]).await;
+    assert!(n >= 30 * (2 * cycles + 1), "{n}");
 }
