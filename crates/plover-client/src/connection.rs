@@ -68,16 +68,25 @@ impl Connection {
     /// cost the whole timeout.
     pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
         let mut attempts = Vec::new();
-        let servers: Vec<&str> = config.servers().collect();
-        for (i, server) in servers.iter().enumerate() {
-            let timeout = if i + 1 < servers.len() {
-                config.connect_timeout.min(NEXT_SERVER_AFTER)
-            } else {
+        let mut servers: std::collections::VecDeque<String> =
+            config.servers().map(str::to_owned).collect();
+        // A server may send the client to another (`moved`): that one is tried next, once.
+        let mut moved = false;
+        while let Some(server) = servers.pop_front() {
+            let timeout = if servers.is_empty() {
                 config.connect_timeout
+            } else {
+                config.connect_timeout.min(NEXT_SERVER_AFTER)
             };
-            match Self::connect_to(config, server, timeout).await {
+            match Self::connect_to(config, &server, timeout).await {
                 Ok(conn) => return Ok(conn),
-                Err(e) if e.try_next_server() => attempts.push(((*server).to_owned(), e)),
+                Err(e) if e.try_next_server() => {
+                    if let Some(to) = e.moved_to().filter(|_| !moved) {
+                        moved = true;
+                        servers.push_front(to.to_owned());
+                    }
+                    attempts.push((server, e));
+                }
                 Err(e) => return Err(e),
             }
         }

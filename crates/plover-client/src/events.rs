@@ -241,9 +241,19 @@ async fn drive(
     } = signals;
     let mut backoff = FIRST_BACKOFF;
     let mut first = true;
+    // Where the last server sent this device when it stopped (`moved`), tried first once.
+    let mut moved: Option<String> = None;
     loop {
+        let target = match moved.take() {
+            Some(to) => {
+                let mut c = config.clone();
+                c.server = format!("{to},{}", config.server);
+                c
+            }
+            None => config.clone(),
+        };
         let conn = tokio::select! {
-            c = Connection::connect(&config) => c,
+            c = Connection::connect(&target) => c,
             _ = stop.changed() => return,
         };
         let conn = match conn {
@@ -322,6 +332,15 @@ async fn drive(
             let e = ClientError::from(quinn::ConnectionError::ApplicationClosed(close));
             let _ = tx.send(Item::Failed(e)).await;
             return;
+        }
+        // A node of a cluster that stops sends its devices to another: reconnect there, now.
+        if let Some(quinn::ConnectionError::ApplicationClosed(close)) = conn.quic().close_reason()
+            && close.error_code == quinn::VarInt::from(ErrorCode::MOVED.0)
+            && !close.reason.is_empty()
+        {
+            moved = Some(String::from_utf8_lossy(&close.reason).into_owned());
+            backoff = FIRST_BACKOFF;
+            continue;
         }
         // A connection that lasted a while is reconnected at once (a server restart); one
         // that failed soon after it started (a server that keeps breaking the protocol, or

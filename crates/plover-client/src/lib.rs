@@ -182,10 +182,23 @@ impl ClientError {
     pub(crate) fn try_next_server(&self) -> bool {
         match self {
             Self::Refused { code, .. } => {
-                matches!(*code, ErrorCode::SHUTDOWN | ErrorCode::UNAVAILABLE)
+                matches!(
+                    *code,
+                    ErrorCode::SHUTDOWN | ErrorCode::UNAVAILABLE | ErrorCode::MOVED
+                )
             }
             Self::Resolve { .. } | Self::Connect(_) | Self::Lost(_) | Self::Timeout(_) => true,
             _ => false,
+        }
+    }
+
+    /// The node a server sent this client to (`moved`: its address), if it did.
+    pub fn moved_to(&self) -> Option<&str> {
+        match self {
+            Self::Refused { code, message } if *code == ErrorCode::MOVED && !message.is_empty() => {
+                Some(message)
+            }
+            _ => None,
         }
     }
 
@@ -193,7 +206,10 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Refused { code, .. } => {
-                matches!(*code, ErrorCode::SHUTDOWN | ErrorCode::UNAVAILABLE)
+                matches!(
+                    *code,
+                    ErrorCode::SHUTDOWN | ErrorCode::UNAVAILABLE | ErrorCode::MOVED
+                )
             }
             Self::Resolve { .. }
             | Self::Bind(_)

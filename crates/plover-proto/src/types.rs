@@ -89,6 +89,9 @@ impl ErrorCode {
     /// The control stream ended without a clean finish (reset, or the server could not write
     /// on it): the connection ends with it.
     pub const CONTROL_CLOSED: Self = Self(19);
+    /// The node is stopping and sends the client to another node of its cluster: the close
+    /// reason is that node's address (`host:port`); connect there (then the usual list).
+    pub const MOVED: Self = Self(20);
 
     /// The constant's name, for logs and CLI messages.
     pub fn name(self) -> &'static str {
@@ -113,6 +116,7 @@ impl ErrorCode {
             Self::FORBIDDEN => "forbidden",
             Self::REPLACED => "replaced",
             Self::CONTROL_CLOSED => "control_closed",
+            Self::MOVED => "moved",
             _ => "unknown",
         }
     }

@@ -564,6 +564,14 @@ impl Config {
         {
             return invalid("limits.max_body must be positive and at least 512 below max_frame");
         }
+        if self.cluster.is_some() && self.limits.max_body > 256 * 1024 {
+            // An append carries up to 512 KiB of entries plus the last one taken, and NATS
+            // takes messages of at most 1 MiB by default.
+            return invalid(
+                "in a cluster, limits.max_body must be at most 256 KiB (every write goes \
+                 through NATS, whose messages are at most 1 MiB)",
+            );
+        }
         if self.limits.max_streams == 0 || self.limits.max_streams > 1024 {
             return invalid("limits.max_streams must be between 1 and 1024");
         }
@@ -669,6 +677,12 @@ mod tests {
             let err = c.validate().expect_err(extra);
             assert!(err.to_string().contains(named), "{extra}: {err}");
         }
+        assert_eq!(cluster.snapshot_every, 10_000);
+        let mut big = c.clone();
+        big.limits.max_frame = 1024 * 1024;
+        big.limits.max_body = 512 * 1024;
+        let err = big.validate().expect_err("bodies past what NATS carries");
+        assert!(err.to_string().contains("max_body"), "{err}");
     }
 
     #[test]

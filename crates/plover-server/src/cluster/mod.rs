@@ -200,6 +200,21 @@ impl Cluster {
         )
     }
 
+    /// The address of the least loaded other live node (by connected devices), where this
+    /// node's clients go when it stops; `None` when there is none or NATS does not answer
+    /// within a second.
+    pub async fn elsewhere(&self) -> Option<String> {
+        let nodes = tokio::time::timeout(Duration::from_secs(1), nodes::list(&self.inner.js))
+            .await
+            .ok()?
+            .ok()?;
+        nodes
+            .into_iter()
+            .filter(|n| n.node != self.inner.config.node)
+            .min_by_key(|n| n.connections)
+            .map(|n| n.advertise)
+    }
+
     /// Binds the cluster's replicated log (`replica.rs`).
     pub async fn replica(&self) -> Result<Replica, ClusterError> {
         Replica::open(self.inner.js.clone(), &self.inner.config).await

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::Semaphore;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::TokenKeys;
 use crate::config::Config;
@@ -91,6 +91,8 @@ pub struct Listener {
     handshakes: Arc<std::sync::atomic::AtomicUsize>,
     /// Past this many handshakes under way, unvalidated addresses get a Retry.
     retry_above: usize,
+    /// In a cluster, where to send the clients when this node stops.
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -142,6 +144,7 @@ impl Listener {
             endpoint,
             handshakes: Arc::default(),
             retry_above: config.transport.retry_above,
+            cluster: cluster.cloned(),
             permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             shared: Arc::new(Shared::new(
                 router,
@@ -159,7 +162,8 @@ impl Listener {
     }
 
     /// Accepts connections until `shutdown` completes, then closes every connection with
-    /// code `SHUTDOWN` and waits (briefly) for the closes to be sent.
+    /// code `SHUTDOWN` (in a cluster, `MOVED` to another node) and waits (briefly) for the
+    /// closes to be sent.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let next_id = AtomicU64::new(1);
         tokio::pin!(shutdown);
@@ -207,10 +211,23 @@ impl Listener {
                 .instrument(span),
             );
         }
-        self.endpoint.close(
-            quinn::VarInt::from(ErrorCode::SHUTDOWN.0),
-            b"server shutting down",
-        );
+        // In a cluster the clients are sent to the least loaded other node (`moved`, its
+        // address as the reason), so they do not all try the same next one of their lists.
+        let moved = match &self.cluster {
+            Some(cluster) => cluster.elsewhere().await,
+            None => None,
+        };
+        match moved {
+            Some(addr) => {
+                info!(to = %addr, "sending this node's clients to another node");
+                self.endpoint
+                    .close(quinn::VarInt::from(ErrorCode::MOVED.0), addr.as_bytes());
+            }
+            None => self.endpoint.close(
+                quinn::VarInt::from(ErrorCode::SHUTDOWN.0),
+                b"server shutting down",
+            ),
+        }
         if tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle())
             .await
             .is_err()

@@ -825,3 +825,45 @@ async fn snapshots_bound_the_log_and_nodes_behind_it_start_from_the_latest() {
         n.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_stopping_node_sends_its_devices_to_another_node() {
+    use crate::common::{next_event, text};
+    use plover_client::EventStream;
+
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    // One certificate for both nodes, as the README's nodes share one: bob's client trusts
+    // whichever node it is sent to.
+    let certs = tempfile::tempdir().expect("certs");
+    let shared = certs.path().to_path_buf();
+    let n1 = node_with(&nats, "n1", |c| c.certs = shared.clone()).await;
+    let n2 = node_with(&nats, "n2", |c| c.certs = shared.clone()).await;
+    // bob knows only n1: without being sent elsewhere he would wait for it forever.
+    let shared_client = |n: &TestServer, user: &str| {
+        let token = TokenKeys::new(SECRET.as_bytes())
+            .mint(user, None, Duration::from_secs(3600))
+            .expect("mint");
+        ClientConfig::new(n.addr.to_string(), &shared.join("cert.pem"), token, "phone")
+            .expect("client config")
+    };
+    let mut bob = EventStream::start(shared_client(&n1, "bob"), Some(0));
+    assert!(bob.synced().await);
+    let alice = Connection::connect(&shared_client(&n2, "alice"))
+        .await
+        .expect("alice");
+    let conv = eventually_open(&alice, "bob").await;
+    conv.send("before").await.expect("send");
+    assert_eq!(text(&next_event(&mut bob).await), "before");
+
+    // n1 stops: it closes bob's connection with `moved` and n2's address, and bob's
+    // stream goes on there.
+    n1.stop().await;
+    conv.send("after").await.expect("send");
+    assert_eq!(text(&next_event(&mut bob).await), "after");
+    let now = bob.connection().expect("connected again");
+    assert_eq!(now.welcome().server_id, "n2");
+
+    bob.close().await;
+    alice.close().await;
+    n2.stop().await;
+}
