@@ -159,7 +159,8 @@ impl Server {
     /// flushes the store.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         info!("listening on {}", self.addr);
-        let sweeper = tokio::spawn(sweep(self.router.clone(), self.retention.clone()));
+        let duty = self.cluster.as_ref().map(|c| c.ownership().clone());
+        let sweeper = tokio::spawn(sweep(self.router.clone(), self.retention.clone(), duty));
         let metrics = self.metrics.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 info!("metrics on http://{addr}/metrics");
@@ -208,11 +209,22 @@ impl Server {
 }
 
 /// Removes expired bodies every `sweep_interval`.
-async fn sweep(router: Router, config: crate::config::RetentionConfig) {
+/// In a cluster only the node holding shard 0 sweeps (`duty`): its removals go through the
+/// log to every node, and the others would only append the same ones again.
+async fn sweep(
+    router: Router,
+    config: crate::config::RetentionConfig,
+    duty: Option<Arc<crate::cluster::Ownership>>,
+) {
     let mut tick = tokio::time::interval(config.sweep_interval);
     tick.tick().await;
     loop {
         tick.tick().await;
+        if let Some(ownership) = &duty
+            && !ownership.owned().iter().any(|(shard, _)| *shard == 0)
+        {
+            continue;
+        }
         let r = router.clone();
         let max = config.max_undelivered;
         match tokio::task::spawn_blocking(move || r.sweep_blocking(max)).await {

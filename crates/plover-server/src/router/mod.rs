@@ -213,6 +213,10 @@ struct Inner {
     bodies: Arc<tokio::sync::Semaphore>,
     /// A cluster node's replicated log (`replicated.rs`); `None` on one node.
     replicated: Option<Arc<replicated::Replicated>>,
+    /// Bytes of other nodes' bodies between the log and the store (cluster). Not `bodies`:
+    /// this node's sends hold those while they wait for the applier, which must never wait
+    /// for them in turn.
+    applied_bodies: Arc<tokio::sync::Semaphore>,
 }
 
 /// The router handle; cheap to clone.
@@ -374,6 +378,7 @@ impl Router {
                 push: config.push.clone(),
                 bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
                 replicated,
+                applied_bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
             }),
         })
     }

@@ -409,7 +409,7 @@ impl Router {
                                 .unwrap_or(u32::MAX);
                             let held = self
                                 .inner
-                                .bodies
+                                .applied_bodies
                                 .clone()
                                 .acquire_many_owned(share)
                                 .await

@@ -472,6 +472,11 @@ impl Shard {
             .marks
             .insert(req.user.clone(), (new_delivered, new_read));
         let erase = erasable(state);
+        if self.replicated && erase.is_some() {
+            // The commit thread erases bodies it reads from the store: the messages queued
+            // just before must be there, on every node alike, however its batches fall.
+            self.settle();
+        }
         Some(CommitItem::Marks {
             receipt: Receipt {
                 conversation: req.conversation,

@@ -867,3 +867,78 @@ async fn a_stopping_node_sends_its_devices_to_another_node() {
     alice.close().await;
     n2.stop().await;
 }
+
+#[tokio::test]
+async fn until_delivered_erases_the_same_bodies_on_every_node() {
+    use crate::common::next_event;
+    use plover_client::EventStream;
+    use plover_proto::Retention;
+
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let n1 = node(&nats, "n1").await;
+    let n2 = node(&nats, "n2").await;
+    let mut bob = EventStream::start(client(&n2, "bob", "phone"), Some(0));
+    assert!(bob.synced().await);
+    let alice = Connection::connect(&client(&n1, "alice", "phone"))
+        .await
+        .expect("alice");
+    let conv = eventually_open(&alice, "bob").await;
+    conv.set_retention(Retention::UntilDelivered)
+        .await
+        .expect("retention");
+    for i in 0..20 {
+        conv.send(format!("gone once delivered {i}"))
+            .await
+            .expect("send");
+    }
+    // bob's device on n2 takes them all and reports them delivered.
+    let mut got = 0;
+    while got < 20 {
+        if matches!(
+            next_event(&mut bob).await.event,
+            plover_proto::Event::Message(ref m) if m.change.is_none()
+        ) {
+            got += 1;
+        }
+    }
+    // On both nodes, every body goes (tombstones keep the seqs), and the histories match.
+    let history_at = |n: &TestServer| {
+        let config = client(n, "alice", "reader");
+        let id = conv.id();
+        async move {
+            let c = Connection::connect(&config).await.expect("reader");
+            let h = crate::common::all_history(
+                &c.open(plover_proto::Target::Conversation(id), false)
+                    .await
+                    .expect("open"),
+            )
+            .await;
+            c.close().await;
+            h
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (a, b) = (history_at(&n1).await, history_at(&n2).await);
+        let bodies = |h: &[plover_proto::Message]| {
+            h.iter()
+                .filter(|m| m.change.is_none() && !m.body.is_empty())
+                .count()
+        };
+        if bodies(&a) == 0 && bodies(&b) == 0 {
+            assert_eq!(a, b, "both nodes erased the same");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bodies left: {} and {}",
+            bodies(&a),
+            bodies(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    bob.close().await;
+    alice.close().await;
+    n1.stop().await;
+    n2.stop().await;
+}
