@@ -132,6 +132,11 @@ pub struct ClusterConfig {
     /// past the removal) loads the snapshot and applies only what follows. 0: never.
     #[serde(default = "ClusterConfig::default_snapshot_every")]
     pub snapshot_every: u64,
+    /// A node holding this many more connected devices than the least loaded live node
+    /// answers new clients' `Hello` with `moved` and that node's address, until the gap
+    /// closes (looked at every third of `node_ttl`). 0: never.
+    #[serde(default = "ClusterConfig::default_rebalance_above")]
+    pub rebalance_above: u64,
 }
 
 impl ClusterConfig {
@@ -149,7 +154,12 @@ impl ClusterConfig {
             lease: Self::default_lease(),
             connect_timeout: Self::default_connect_timeout(),
             snapshot_every: Self::default_snapshot_every(),
+            rebalance_above: Self::default_rebalance_above(),
         }
+    }
+
+    fn default_rebalance_above() -> u64 {
+        1000
     }
 
     fn default_snapshot_every() -> u64 {

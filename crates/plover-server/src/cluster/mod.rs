@@ -116,6 +116,29 @@ impl ClusterError {
     }
 }
 
+/// Where this node sends new clients while it holds too many (`[cluster] rebalance_above`
+/// more than the least loaded node): that node's address, or nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Redirect(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Redirect {
+    /// The address new clients are sent to now, if any.
+    pub fn target(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, to: Option<String>) {
+        let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if *now != to {
+            match &to {
+                Some(addr) => info!(to = %addr, "sending new clients to a less loaded node"),
+                None => info!("taking new clients again"),
+            }
+        }
+        *now = to;
+    }
+}
+
 /// A node's place in its cluster: the NATS connection, the buckets and this node's record.
 #[derive(Clone)]
 pub struct Cluster {
@@ -129,6 +152,7 @@ struct Inner {
     nodes: kv::Store,
     registry: Arc<Registry>,
     ownership: Arc<Ownership>,
+    redirect: Redirect,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -164,6 +188,7 @@ impl Cluster {
                 nodes,
                 registry,
                 ownership,
+                redirect: Redirect::default(),
             }),
         })
     }
@@ -188,6 +213,37 @@ impl Cluster {
         &self.inner.registry
     }
 
+    /// Where this node sends new clients, kept up to date by [`Cluster::run`].
+    pub fn redirect(&self) -> &Redirect {
+        &self.inner.redirect
+    }
+
+    /// Compares this node's connected devices with the least loaded other node's every
+    /// third of `node_ttl`, and sets the redirect accordingly. Forever.
+    async fn rebalance(&self) {
+        let config = &self.inner.config;
+        if config.rebalance_above == 0 {
+            return std::future::pending().await;
+        }
+        let mut tick = tokio::time::interval(config.node_ttl / 3);
+        loop {
+            tick.tick().await;
+            let Ok(nodes) = nodes::list(&self.inner.js).await else {
+                continue;
+            };
+            let mine = self.inner.registry.local_count() as u64;
+            let least = nodes
+                .into_iter()
+                .filter(|n| n.node != config.node)
+                .min_by_key(|n| n.connections);
+            self.inner.redirect.set(
+                least
+                    .filter(|n| mine >= n.connections + config.rebalance_above)
+                    .map(|n| n.advertise),
+            );
+        }
+    }
+
     /// This node's shard leases.
     /// Makes `presence` cluster-wide (`relay.rs`): the returned task relays until dropped.
     pub fn relay(&self, presence: Arc<crate::router::Presence>) -> tokio::task::JoinHandle<()> {
@@ -200,19 +256,17 @@ impl Cluster {
         )
     }
 
-    /// The address of the least loaded other live node (by connected devices), where this
-    /// node's clients go when it stops; `None` when there is none or NATS does not answer
-    /// within a second.
-    pub async fn elsewhere(&self) -> Option<String> {
-        let nodes = tokio::time::timeout(Duration::from_secs(1), nodes::list(&self.inner.js))
-            .await
-            .ok()?
-            .ok()?;
-        nodes
-            .into_iter()
-            .filter(|n| n.node != self.inner.config.node)
-            .min_by_key(|n| n.connections)
-            .map(|n| n.advertise)
+    /// The addresses of the other live nodes, least loaded (by connected devices) first:
+    /// where this node's clients go when it stops. Empty when there is none or NATS does not
+    /// answer within a second.
+    pub async fn elsewhere(&self) -> Vec<String> {
+        let listed = tokio::time::timeout(Duration::from_secs(1), nodes::list(&self.inner.js));
+        let Ok(Ok(mut nodes)) = listed.await else {
+            return Vec::new();
+        };
+        nodes.retain(|n| n.node != self.inner.config.node);
+        nodes.sort_by_key(|n| n.connections);
+        nodes.into_iter().map(|n| n.advertise).collect()
     }
 
     /// Binds the cluster's replicated log (`replica.rs`).
@@ -243,6 +297,7 @@ impl Cluster {
             () = announcer.run() => {}
             () = inner.registry.clone().run() => {}
             () = inner.ownership.run() => {}
+            () = self.rebalance() => {}
         }
         // Leaving cleanly only saves the others waiting out the TTLs: with NATS away it
         // must not hold up the shutdown.

@@ -51,6 +51,16 @@ impl Devices {
         }
     }
 
+    /// Closes every device's connection with `moved`, sending them to `to` in turn (a
+    /// stopping node spreads its devices over the others instead of sending all to one).
+    pub(crate) fn move_all(&self, to: &[String]) {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        for (held, target) in users.values().flatten().zip(to.iter().cycle()) {
+            held.conn
+                .close(quinn::VarInt::from(ErrorCode::MOVED.0), target.as_bytes());
+        }
+    }
+
     /// The device is alive (it sent a heartbeat).
     pub(crate) fn heartbeat(&self, user: &str, device: &str) {
         if let Some(registry) = &self.registry {

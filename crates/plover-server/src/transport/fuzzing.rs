@@ -131,6 +131,7 @@ impl World {
             &config,
             "fuzz".into(),
             None,
+            None,
         ));
         let mut actors = Vec::new();
         let mut online = Vec::new();

@@ -152,6 +152,7 @@ impl Listener {
                 config,
                 server_id,
                 cluster.map(|c| c.registry().clone()),
+                cluster.map(|c| c.redirect().clone()),
             )),
         })
     }
@@ -211,17 +212,19 @@ impl Listener {
                 .instrument(span),
             );
         }
-        // In a cluster the clients are sent to the least loaded other node (`moved`, its
-        // address as the reason), so they do not all try the same next one of their lists.
+        // In a cluster the clients are spread over the other nodes, least loaded first
+        // (`moved`, the address as the reason), so they do not all try the same next one of
+        // their lists; connections still in their handshake go to the least loaded.
         let moved = match &self.cluster {
             Some(cluster) => cluster.elsewhere().await,
-            None => None,
+            None => Vec::new(),
         };
-        match moved {
-            Some(addr) => {
-                info!(to = %addr, "sending this node's clients to another node");
+        match moved.first() {
+            Some(first) => {
+                info!(to = ?moved, "sending this node's clients to the other nodes");
+                self.shared.devices.move_all(&moved);
                 self.endpoint
-                    .close(quinn::VarInt::from(ErrorCode::MOVED.0), addr.as_bytes());
+                    .close(quinn::VarInt::from(ErrorCode::MOVED.0), first.as_bytes());
             }
             None => self.endpoint.close(
                 quinn::VarInt::from(ErrorCode::SHUTDOWN.0),

@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     pub(crate) devices: Arc<super::devices::Devices>,
     /// Whether and how messages' stage latencies are recorded.
     pub(crate) stages: crate::router::timing::StageRecorder,
+    /// In a cluster: where new clients go while this node holds too many (see
+    /// `Cluster::redirect`).
+    pub(crate) redirect: Option<crate::cluster::Redirect>,
 }
 
 impl Shared {
@@ -40,6 +43,7 @@ impl Shared {
         config: &Config,
         server_id: String,
         registry: Option<Arc<crate::cluster::Registry>>,
+        redirect: Option<crate::cluster::Redirect>,
     ) -> Self {
         Self {
             router,
@@ -54,6 +58,7 @@ impl Shared {
                 registry,
             )),
             stages: crate::router::timing::StageRecorder::new(&config.metrics),
+            redirect,
         }
     }
 }

@@ -190,6 +190,12 @@ async fn authenticate(
             return None;
         }
     };
+    // A node of a cluster that holds many more devices than another sends new ones there.
+    if let Some(to) = shared.redirect.as_ref().and_then(|r| r.target()) {
+        let refusal = Refusal::new(ErrorCode::MOVED, to);
+        refuse(conn, &mut writer, refusal).await;
+        return None;
+    }
     if let Err(e) = shared.router.ensure_user(&user).await {
         refuse(conn, &mut writer, Refusal::new(e.code(), e.to_string())).await;
         return None;

@@ -41,7 +41,20 @@ pub fn free_port() -> u16 {
 
 impl Nats {
     /// `n` servers routed to each other (one: a standalone server), ready to serve JetStream.
+    /// Started again on other ports when one of them exits at once (a port another test took
+    /// between `free_port` and the server's bind), up to three times.
     pub fn start(n: usize, js: JetStream) -> Self {
+        let mut why = String::new();
+        for _ in 0..3 {
+            match Self::try_start(n, js) {
+                Ok(nats) => return nats,
+                Err(e) => why = e,
+            }
+        }
+        panic!("nats-server did not start: {why}");
+    }
+
+    fn try_start(n: usize, js: JetStream) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<(u16, u16, u16)> = (0..n)
             .map(|_| (free_port(), free_port(), free_port()))
@@ -83,9 +96,9 @@ impl Nats {
                 monitor: *monitor,
             });
         }
-        let nats = Self { servers, _dir: dir };
-        nats.wait_ready(js != JetStream::Off);
-        nats
+        let mut nats = Self { servers, _dir: dir };
+        nats.wait_ready(js != JetStream::Off)?;
+        Ok(nats)
     }
 
     /// Kills server `i` with SIGKILL (its files stay; it is not restarted).
@@ -112,9 +125,9 @@ impl Nats {
 
     /// Waits until every server answers its health check (with JetStream, once it has a
     /// meta leader).
-    fn wait_ready(&self, jetstream: bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for s in &self.servers {
+    fn wait_ready(&mut self, jetstream: bool) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for s in &mut self.servers {
             let url = if jetstream {
                 format!(
                     "http://127.0.0.1:{}/healthz?js-enabled-only=true",
@@ -127,7 +140,12 @@ impl Nats {
                 if ureq::get(&url).call().is_ok() {
                     break;
                 }
-                assert!(Instant::now() < deadline, "nats-server not ready: {url}");
+                if let Ok(Some(status)) = s.child.try_wait() {
+                    return Err(format!("a server exited at start ({status}): {url}"));
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("not ready in 60 s: {url}"));
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -143,10 +161,13 @@ impl Nats {
                 if leader {
                     break;
                 }
-                assert!(Instant::now() < deadline, "no JetStream meta leader");
+                if Instant::now() > deadline {
+                    return Err("no JetStream meta leader in 60 s".into());
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        Ok(())
     }
 }
 

@@ -942,3 +942,62 @@ async fn until_delivered_erases_the_same_bodies_on_every_node() {
     n1.stop().await;
     n2.stop().await;
 }
+
+#[tokio::test]
+async fn a_node_with_many_more_devices_sends_new_ones_to_the_least_loaded() {
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let certs = tempfile::tempdir().expect("certs");
+    let shared = certs.path().to_path_buf();
+    let tweak = |c: &mut Config| {
+        c.certs = shared.clone();
+        if let Some(cluster) = c.cluster.as_mut() {
+            cluster.rebalance_above = 2;
+        }
+    };
+    let n1 = node_with(&nats, "n1", tweak).await;
+    let n2 = node_with(&nats, "n2", tweak).await;
+    let to = |n: &TestServer, user: &str| {
+        let token = TokenKeys::new(SECRET.as_bytes())
+            .mint(user, None, Duration::from_secs(3600))
+            .expect("mint");
+        ClientConfig::new(n.addr.to_string(), &shared.join("cert.pem"), token, "phone")
+            .expect("client config")
+    };
+    // Three devices on n1, none on n2.
+    let mut held = Vec::new();
+    for user in ["u1", "u2", "u3"] {
+        let c = Connection::connect(&to(&n1, user)).await.expect("connect");
+        assert_eq!(c.welcome().server_id, "n1");
+        held.push(c);
+    }
+    // Once n1 has seen the gap (records refreshed every second here), a new device that
+    // asks n1 is sent to n2 (`moved`), which the SDK follows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = Connection::connect(&to(&n1, "u4")).await.expect("connect");
+        let on = c.welcome().server_id.clone();
+        c.close().await;
+        if on == "n2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n1 kept taking new devices");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The gap closes: n1 takes new devices again.
+    for c in held {
+        c.close().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = Connection::connect(&to(&n1, "u5")).await.expect("connect");
+        let on = c.welcome().server_id.clone();
+        c.close().await;
+        if on == "n1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n1 never took new devices again");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    n1.stop().await;
+    n2.stop().await;
+}
