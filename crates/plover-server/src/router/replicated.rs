@@ -132,11 +132,9 @@ pub(crate) struct Replicated {
 
 impl Replicated {
     pub(super) fn new(log: mpsc::Sender<Entry>, allocate: Allocate) -> Self {
-        let mut boot = [0u8; 8];
-        // A process id that the entries of an earlier run of this node cannot carry.
-        getrandom(&mut boot);
         Self {
-            boot: u64::from_le_bytes(boot),
+            // A process id that the entries of an earlier run of this node cannot carry.
+            boot: boot_id(),
             next: AtomicU64::new(1),
             waiting: Mutex::new(Some(HashMap::new())),
             log,
@@ -238,11 +236,11 @@ impl Replicated {
     }
 }
 
-/// Fills `buf` with random bytes (the boot id needs no cryptographic quality, only a
-/// negligible chance of repeating).
-fn getrandom(buf: &mut [u8; 8]) {
-    let id = ClientMsgId::random();
-    buf.copy_from_slice(&id.0[..8]);
+/// A random id for this process (it needs no cryptographic quality, only a negligible
+/// chance of repeating): the first half of a random client message id.
+fn boot_id() -> u64 {
+    let id = ClientMsgId::random().0;
+    u64::from_le_bytes([id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7]])
 }
 
 /// The writer of a cluster node: a side write is recorded, appended to the log, and answered
