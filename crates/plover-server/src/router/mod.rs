@@ -1092,7 +1092,11 @@ impl Router {
             let _ = thread.join();
         }
         if !self.inner.store.is_poisoned() {
-            self.inner.presence.record_all_last_seen();
+            // In a cluster, last seen goes through the log like every write (at each
+            // disconnect); a write to this store alone would make it differ from the others.
+            if self.replicated().is_none() {
+                self.inner.presence.record_all_last_seen();
+            }
             self.inner.store.flush()?;
         }
         Ok(())
