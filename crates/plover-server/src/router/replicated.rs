@@ -212,16 +212,16 @@ impl Replicated {
                 continue;
             }
             let unavailable = || {
-                RouterError::Store(StoreError::Cluster(format!(
+                StoreError::Cluster(format!(
                     "the cluster log did not take the write ({why}); nothing was acknowledged"
-                )))
+                ))
             };
             match waiting.remove(&tag) {
                 Some(Waiting::Send { reply, .. }) | Some(Waiting::Change(reply)) => {
-                    let _ = reply.send(Err(unavailable()));
+                    let _ = reply.send(Err(RouterError::Store(unavailable())));
                 }
                 Some(Waiting::Done(reply)) => {
-                    let _ = reply.send(Err(StoreError::Stopped));
+                    let _ = reply.send(Err(unavailable()));
                 }
                 Some(Waiting::Barrier(_)) | None => {}
             }
