@@ -93,11 +93,20 @@ impl Ownership {
         {
             info!(shards = config.shards, "created the cluster's shard map");
         }
-        let stored = settings
-            .get("shards")
-            .await
-            .map_err(|e| ClusterError::js("read the shard count", e))?
-            .ok_or_else(|| ClusterError::js("read the shard count", "it is missing"))?;
+        // A bucket just created may answer "no responders" for a moment (its stream's
+        // direct get is not up yet on a busy cluster): try again for a while.
+        let deadline = tokio::time::Instant::now() + super::STARTUP_PATIENCE;
+        let stored = loop {
+            match settings.get("shards").await {
+                Ok(stored) => break stored,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(error = %e, "cannot read the shard count yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(ClusterError::js("read the shard count", e)),
+            }
+        }
+        .ok_or_else(|| ClusterError::js("read the shard count", "it is missing"))?;
         let shards: u32 = std::str::from_utf8(&stored)
             .ok()
             .and_then(|s| s.parse().ok())

@@ -22,7 +22,8 @@ impl Store {
             .and_then(|v| keys::head_u64(&v)))
     }
 
-    /// Creates the direct conversation between two users and returns its id.
+    /// Creates the direct conversation between two users and returns its id (in a cluster,
+    /// the one the log kept if another node created the pair's first).
     ///
     /// The caller serialises calls (the router holds a lock around check-and-create), so that
     /// two users opening their conversation at once get the same one.
@@ -54,12 +55,12 @@ impl Store {
             created_ms: now_ms,
             retention: Retention::Keep,
         };
-        let (a, b) = (a.to_owned(), b.to_owned());
+        let (first, second) = (a.to_owned(), b.to_owned());
         w.write(Box::new(move |batch| {
             // Applied by every node of a cluster in the log's order: the first creation of
             // a pair's conversation wins, and a later one (from another node, at the same
             // moment) writes nothing. The caller reads the pair's conversation back.
-            batch.unless_exists(Ks::Direct, keys::direct(&a, &b));
+            batch.unless_exists(Ks::Direct, keys::direct(&first, &second));
             if counted {
                 batch.put_next_conversation(next + 1);
             }
@@ -67,9 +68,11 @@ impl Store {
             for m in &record.members {
                 batch.add_member_of(&m.user, next);
             }
-            batch.put_direct(&a, &b, next);
+            batch.put_direct(&first, &second, next);
         }))?;
-        Ok(next)
+        // The write is applied when this returns; in a cluster the pair's conversation may
+        // be another node's, created first in the log's order.
+        Ok(self.direct_between(a, b)?.unwrap_or(next))
     }
 
     /// The last entry of a cluster's replicated log this store holds: the stream sequence of

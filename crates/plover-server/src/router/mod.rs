@@ -575,15 +575,7 @@ impl Router {
                             Some(id) => id,
                             None => {
                                 self.charge(user, "starting conversations")?;
-                                let made = store.create_direct(
-                                    &*self.inner.writer,
-                                    user,
-                                    &peer,
-                                    now_ms(),
-                                )?;
-                                // In a cluster another node may have created the pair's
-                                // conversation first: the log's order chose one.
-                                store.direct_between(user, &peer)?.unwrap_or(made)
+                                store.create_direct(&*self.inner.writer, user, &peer, now_ms())?
                             }
                         }
                     }

@@ -8,6 +8,7 @@ use plover_server::auth::TokenKeys;
 use plover_server::cluster::{self, ClusterError, ownership, registry};
 use plover_server::config::{ClusterConfig, Config};
 use plover_server::server::{Server, ServerError};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const SECRET: &str = "a secret every node of the test cluster shares";
@@ -82,10 +83,15 @@ pub(crate) async fn node_with(
 }
 
 pub(crate) fn client(node: &TestServer, user: &str, device: &str) -> ClientConfig {
+    client_trusting(node, &node.ca(), user, device)
+}
+
+/// [`client`] trusting the certificate `ca` (nodes that share one certificate directory).
+fn client_trusting(node: &TestServer, ca: &Path, user: &str, device: &str) -> ClientConfig {
     let token = TokenKeys::new(SECRET.as_bytes())
         .mint(user, None, Duration::from_secs(3600))
         .expect("mint");
-    ClientConfig::new(node.addr.to_string(), &node.ca(), token, device).expect("client config")
+    ClientConfig::new(node.addr.to_string(), ca, token, device).expect("client config")
 }
 
 /// `plover nodes --json` against the cluster: one record per line.
@@ -839,13 +845,8 @@ async fn a_stopping_node_sends_its_devices_to_another_node() {
     let n1 = node_with(&nats, "n1", |c| c.certs = shared.clone()).await;
     let n2 = node_with(&nats, "n2", |c| c.certs = shared.clone()).await;
     // bob knows only n1: without being sent elsewhere he would wait for it forever.
-    let shared_client = |n: &TestServer, user: &str| {
-        let token = TokenKeys::new(SECRET.as_bytes())
-            .mint(user, None, Duration::from_secs(3600))
-            .expect("mint");
-        ClientConfig::new(n.addr.to_string(), &shared.join("cert.pem"), token, "phone")
-            .expect("client config")
-    };
+    let ca = shared.join("cert.pem");
+    let shared_client = |n: &TestServer, user: &str| client_trusting(n, &ca, user, "phone");
     let mut bob = EventStream::start(shared_client(&n1, "bob"), Some(0));
     assert!(bob.synced().await);
     let alice = Connection::connect(&shared_client(&n2, "alice"))
@@ -956,13 +957,8 @@ async fn a_node_with_many_more_devices_sends_new_ones_to_the_least_loaded() {
     };
     let n1 = node_with(&nats, "n1", tweak).await;
     let n2 = node_with(&nats, "n2", tweak).await;
-    let to = |n: &TestServer, user: &str| {
-        let token = TokenKeys::new(SECRET.as_bytes())
-            .mint(user, None, Duration::from_secs(3600))
-            .expect("mint");
-        ClientConfig::new(n.addr.to_string(), &shared.join("cert.pem"), token, "phone")
-            .expect("client config")
-    };
+    let ca = shared.join("cert.pem");
+    let to = |n: &TestServer, user: &str| client_trusting(n, &ca, user, "phone");
     // Three devices on n1, none on n2.
     let mut held = Vec::new();
     for user in ["u1", "u2", "u3"] {
