@@ -143,6 +143,7 @@ impl Connection {
                 version: PROTOCOL_VERSION,
                 token: config.token.clone(),
                 device: config.device.clone(),
+                zone: config.zone.clone(),
             })
             .await
             .map_err(|e| stream_failure(&conn, e))?;

@@ -275,6 +275,9 @@ pub struct ClientConfig {
     /// An endpoint (UDP socket) to share between connections, as a load generator does;
     /// `None` gives each connection its own.
     pub endpoint: Option<quinn::Endpoint>,
+    /// The zone this client would rather be served in (`Hello.zone`): a cluster node of
+    /// another zone sends it to a node of this one, if one is up. `None`: any.
+    pub zone: Option<String>,
 }
 
 impl ClientConfig {
@@ -305,6 +308,7 @@ impl ClientConfig {
             keep_alive: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             endpoint: None,
+            zone: None,
         }
     }
 

@@ -13,7 +13,8 @@ use super::types::{ClientMsgId, Pusher, Retention, Target};
 /// reorder (the pinned vectors below fail if you do).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientFrame {
-    /// Opens the session: protocol version, bearer token, and this device's name.
+    /// Opens the session: protocol version, bearer token, this device's name, and the zone
+    /// the client would rather be served in.
     Hello {
         /// [`super::PROTOCOL_VERSION`] of the client.
         version: u16,
@@ -21,6 +22,10 @@ pub enum ClientFrame {
         token: String,
         /// The device's stable name (1 to 64 characters of `[A-Za-z0-9._-]`).
         device: String,
+        /// The zone the client would rather be served in (a cluster node of another zone
+        /// sends it to a node of this one, if one is up); `None`: any. New in version 3: a
+        /// version 2 `Hello` ends after `device` (see [`ClientFrame::decode_first`]).
+        zone: Option<String>,
     },
     /// Liveness probe; answered with `Pong` carrying the same nonce.
     Ping {
@@ -190,7 +195,38 @@ pub enum ClientFrame {
     },
 }
 
+/// `Hello` as protocol version 2 sent it, without `zone`.
+#[derive(Deserialize)]
+enum HelloV2 {
+    Hello {
+        version: u16,
+        token: String,
+        device: String,
+    },
+}
+
 impl ClientFrame {
+    /// Decodes the first frame of a connection: any frame of this version, or a version 2
+    /// `Hello` (which has no `zone`: read as `zone: None`), so that a server can still
+    /// answer clients of the previous version.
+    pub fn decode_first(body: &[u8]) -> Result<Self, crate::FrameError> {
+        crate::codec::decode_body::<Self>(body).or_else(|e| {
+            match crate::codec::decode_body::<HelloV2>(body) {
+                Ok(HelloV2::Hello {
+                    version,
+                    token,
+                    device,
+                }) if version < 3 => Ok(Self::Hello {
+                    version,
+                    token,
+                    device,
+                    zone: None,
+                }),
+                _ => Err(e),
+            }
+        })
+    }
+
     /// The variant's name, for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
@@ -231,11 +267,21 @@ mod tests {
         vec![
             (
                 ClientFrame::Hello {
-                    version: 2,
+                    version: 3,
                     token: "t.k.n".into(),
                     device: "cli".into(),
+                    zone: None,
                 },
-                "0c 00 02 05 74 2e 6b 2e 6e 03 63 6c 69",
+                "0d 00 03 05 74 2e 6b 2e 6e 03 63 6c 69 00",
+            ),
+            (
+                ClientFrame::Hello {
+                    version: 3,
+                    token: "t".into(),
+                    device: "d".into(),
+                    zone: Some("eu".into()),
+                },
+                "09 00 03 01 74 01 64 01 02 65 75",
             ),
             (ClientFrame::Ping { nonce: 300 }, "03 01 ac 02"),
             (ClientFrame::Sync { cursor: Some(5) }, "03 02 01 05"),
@@ -399,6 +445,28 @@ mod tests {
             assert_eq!(back, frame);
             assert!(src.is_empty());
         }
+    }
+
+    #[test]
+    fn a_version_2_hello_is_read_without_a_zone() {
+        let v2 = [0x00, 0x02, 0x01, b't', 0x01, b'd'];
+        assert_eq!(
+            ClientFrame::decode_first(&v2).expect("version 2 Hello"),
+            ClientFrame::Hello {
+                version: 2,
+                token: "t".into(),
+                device: "d".into(),
+                zone: None,
+            }
+        );
+        assert!(include_str!("../../../PROTOCOL.md").contains("`00 02 01 74 01 64`"));
+        // A version 3 Hello missing its zone, and anything else cut short, stays an error.
+        assert!(ClientFrame::decode_first(&[0x00, 0x03, 0x01, b't', 0x01, b'd']).is_err());
+        assert!(ClientFrame::decode_first(&[0x00, 0x02, 0x01, b't']).is_err());
+        assert_eq!(
+            ClientFrame::decode_first(&[0x01, 0x05]).expect("Ping"),
+            ClientFrame::Ping { nonce: 5 }
+        );
     }
 
     #[test]

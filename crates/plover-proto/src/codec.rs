@@ -131,12 +131,22 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 /// On [`FrameError::Incomplete`] nothing is consumed, so the caller appends more bytes and
 /// calls again. On any other error the stream is unusable.
 pub fn decode<T: DeserializeOwned>(src: &mut BytesMut, max: u32) -> Result<T, FrameError> {
+    decode_with(src, max, decode_body)
+}
+
+/// [`decode`] with a body decoder of the caller's (such as
+/// [`crate::ClientFrame::decode_first`]).
+pub fn decode_with<T>(
+    src: &mut BytesMut,
+    max: u32,
+    body: impl FnOnce(&[u8]) -> Result<T, FrameError>,
+) -> Result<T, FrameError> {
     let (prefix, len) = frame_bounds(src, max)?;
     // `frame_bounds` found the whole body in `src`, so neither the sum nor the range fails.
     let end = prefix.saturating_add(len);
     let value = src
         .get(prefix..end)
-        .map_or(Err(FrameError::Incomplete), decode_body);
+        .map_or(Err(FrameError::Incomplete), body);
     // A bad body still consumes its frame, so a caller that logs and carries on stays aligned.
     src.advance(end);
     value

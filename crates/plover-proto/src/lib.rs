@@ -62,7 +62,11 @@ pub use types::{
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// The oldest client version a server of this build still serves (version 2 differs only
+/// in `Hello`, which had no `zone`).
+pub const OLDEST_CLIENT_VERSION: u16 = 2;
 
 /// The TLS ALPN identifier of protocol version 1.
 pub const ALPN: &[u8] = b"plover/1";

@@ -65,8 +65,17 @@ impl FrameReader {
 
     /// The next frame, or `None` when the peer finished the stream cleanly between frames.
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, StreamError> {
+        self.next_with(codec::decode_body).await
+    }
+
+    /// [`FrameReader::next`] with a body decoder of the caller's (a server reads the first
+    /// frame with [`plover_proto::ClientFrame::decode_first`]).
+    pub async fn next_with<T>(
+        &mut self,
+        body: impl Fn(&[u8]) -> Result<T, FrameError>,
+    ) -> Result<Option<T>, StreamError> {
         loop {
-            match codec::decode(&mut self.buf, self.max) {
+            match codec::decode_with(&mut self.buf, self.max, &body) {
                 Ok(frame) => return Ok(Some(frame)),
                 Err(FrameError::Incomplete) => {}
                 Err(e) => return Err(e.into()),

@@ -158,6 +158,17 @@ impl Server {
     /// Serves until `shutdown` completes, then closes connections, drains the router and
     /// flushes the store.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        self.run_draining(shutdown, std::future::pending()).await
+    }
+
+    /// [`Server::run`], and when `drain` completes first, a node of a cluster drains before
+    /// it stops: it gives back its shards, sends new clients elsewhere, and moves its
+    /// devices to the other nodes `cluster.drain_rate` a second (`plover serve` on SIGUSR1).
+    pub async fn run_draining(
+        self,
+        shutdown: impl Future<Output = ()>,
+        drain: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
         info!("listening on {}", self.addr);
         let duty = self.cluster.as_ref().map(|c| c.ownership().clone());
         let sweeper = tokio::spawn(sweep(self.router.clone(), self.retention.clone(), duty));
@@ -184,7 +195,7 @@ impl Server {
                 let _ = stop.await;
             }))
         });
-        self.listener.run(shutdown).await;
+        self.listener.run(shutdown, drain).await;
         let _ = stopped.send(());
         if let Some(task) = cluster {
             let _ = task.await;

@@ -42,16 +42,22 @@ pub(crate) struct ClientArgs {
     /// This device's name.
     #[arg(long, env = "PLOVER_DEVICE", default_value = "cli")]
     device: String,
+    /// The zone to be served in: a cluster node of another zone sends this client to a node
+    /// of this one, if one is up.
+    #[arg(long, env = "PLOVER_ZONE")]
+    zone: Option<String>,
 }
 
 impl ClientArgs {
     pub(crate) fn config(&self) -> Result<ClientConfig> {
-        Ok(ClientConfig::new(
+        let mut config = ClientConfig::new(
             self.server.clone(),
             &self.ca,
             self.token.clone(),
             self.device.clone(),
-        )?)
+        )?;
+        config.zone = self.zone.clone();
+        Ok(config)
     }
 }
 

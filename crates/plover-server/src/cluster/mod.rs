@@ -116,26 +116,78 @@ impl ClusterError {
     }
 }
 
-/// Where this node sends new clients while it holds too many (`[cluster] rebalance_above`
-/// more than the least loaded node): that node's address, or nothing.
+/// Where this node sends a new client instead of serving it, from the other nodes' records
+/// (refreshed every third of `node_ttl` by [`Cluster::run`]) and the zone the client asked
+/// for in `Hello`.
 #[derive(Debug, Clone, Default)]
-pub struct Redirect(Arc<std::sync::Mutex<Option<String>>>);
+pub struct Redirect(Arc<std::sync::Mutex<Placement>>);
+
+/// What [`Redirect::target`] decides from.
+#[derive(Debug, Default)]
+struct Placement {
+    /// The other live nodes that take clients (not draining), least loaded first.
+    others: Vec<NodeRecord>,
+    /// This node's zone.
+    zone: Option<String>,
+    /// Devices on this node at the last look.
+    mine: u64,
+    /// `cluster.rebalance_above` (0: never).
+    above: u64,
+    /// This node is draining: every new client goes elsewhere, if there is an elsewhere.
+    draining: bool,
+}
 
 impl Redirect {
-    /// The address new clients are sent to now, if any.
-    pub fn target(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The address to send a new client to, or `None` to serve it here.
+    ///
+    /// - A client that asked for another zone than this node's goes to the least loaded node
+    ///   of that zone, if one is up (if none is, it is served here: better served far away
+    ///   than not at all).
+    /// - A draining node sends every client to the least loaded node of the client's zone
+    ///   (the one it asked for, or this node's), or of any zone.
+    /// - A node holding `rebalance_above` more devices than the least loaded node of its
+    ///   zone sends new clients there. Load never moves a client to another zone.
+    pub fn target(&self, asked: Option<&str>) -> Option<String> {
+        let p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let of_zone = |zone: Option<&str>| p.others.iter().find(|n| n.zone.as_deref() == zone);
+        let zone = p.zone.as_deref();
+        if let Some(asked) = asked.filter(|a| Some(*a) != zone)
+            && let Some(n) = of_zone(Some(asked))
+        {
+            return Some(n.advertise.clone());
+        }
+        let near = of_zone(zone);
+        if p.draining {
+            return near.or(p.others.first()).map(|n| n.advertise.clone());
+        }
+        near.filter(|n| p.above > 0 && p.mine >= n.connections.saturating_add(p.above))
+            .map(|n| n.advertise.clone())
     }
 
-    fn set(&self, to: Option<String>) {
-        let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if *now != to {
-            match &to {
-                Some(addr) => info!(to = %addr, "sending new clients to a less loaded node"),
-                None => info!("taking new clients again"),
-            }
+    /// Sends every new client elsewhere from now on.
+    fn drain(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).draining = true;
+    }
+
+    fn update(&self, mut others: Vec<NodeRecord>, mine: u64, draining: bool) {
+        others.retain(|n| !n.draining);
+        others.sort_by_key(|n| n.connections);
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let was = p.above > 0 && !p.draining && Self::overloaded(&p);
+        (p.others, p.mine, p.draining) = (others, mine, draining);
+        let is = p.above > 0 && !p.draining && Self::overloaded(&p);
+        match (was, is) {
+            (false, true) => info!("sending new clients to a less loaded node"),
+            (true, false) => info!("taking new clients again"),
+            _ => {}
         }
-        *now = to;
+    }
+
+    fn overloaded(p: &Placement) -> bool {
+        p.others
+            .iter()
+            .find(|n| n.zone == p.zone)
+            .is_some_and(|n| p.mine >= n.connections.saturating_add(p.above))
     }
 }
 
@@ -153,6 +205,10 @@ struct Inner {
     registry: Arc<Registry>,
     ownership: Arc<Ownership>,
     redirect: Redirect,
+    /// Wakes the announcer (this node's record changed: it drains).
+    announce: Arc<tokio::sync::Notify>,
+    /// Wakes [`Cluster::place`].
+    replace: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -188,7 +244,13 @@ impl Cluster {
                 nodes,
                 registry,
                 ownership,
-                redirect: Redirect::default(),
+                redirect: Redirect(Arc::new(std::sync::Mutex::new(Placement {
+                    zone: config.zone.clone(),
+                    above: config.rebalance_above,
+                    ..Placement::default()
+                }))),
+                announce: Arc::default(),
+                replace: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -218,33 +280,44 @@ impl Cluster {
         &self.inner.redirect
     }
 
-    /// Compares this node's connected devices with the least loaded other node's every
-    /// third of `node_ttl`, and sets the redirect accordingly. Forever.
-    async fn rebalance(&self) {
+    /// Reads the other nodes' records every third of `node_ttl` (and at once when the
+    /// node starts draining) and keeps the redirect up to date with them. Forever.
+    async fn place(&self) {
         let config = &self.inner.config;
-        if config.rebalance_above == 0 {
-            return std::future::pending().await;
-        }
         let mut tick = tokio::time::interval(config.node_ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            let Ok(nodes) = nodes::list(&self.inner.js).await else {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.inner.replace.notified() => {}
+            }
+            let Ok(mut nodes) = nodes::list(&self.inner.js).await else {
                 continue;
             };
+            nodes.retain(|n| n.node != config.node);
             let mine = self.inner.registry.local_count() as u64;
-            let least = nodes
-                .into_iter()
-                .filter(|n| n.node != config.node)
-                .min_by_key(|n| n.connections);
-            self.inner.redirect.set(
-                least
-                    .filter(|n| mine >= n.connections + config.rebalance_above)
-                    .map(|n| n.advertise),
-            );
+            self.inner
+                .redirect
+                .update(nodes, mine, self.inner.ownership.draining());
         }
     }
 
-    /// This node's shard leases.
+    /// Starts draining: this node gives back its shards, says so in its record (so no other
+    /// node sends clients here), and sends every new client elsewhere. Moving the devices
+    /// already here is the transport's part (`Listener::run`).
+    pub async fn drain(&self) {
+        info!(node = %self.inner.config.node, "draining: giving back shards, sending new clients elsewhere");
+        self.inner.redirect.drain();
+        self.inner.ownership.drain().await;
+        self.inner.announce.notify_one();
+        self.inner.replace.notify_one();
+    }
+
+    /// Devices a draining node sends elsewhere per second (`cluster.drain_rate`).
+    pub fn drain_rate(&self) -> u32 {
+        self.inner.config.drain_rate
+    }
+
     /// Makes `presence` cluster-wide (`relay.rs`): the returned task relays until dropped.
     pub fn relay(&self, presence: Arc<crate::router::Presence>) -> tokio::task::JoinHandle<()> {
         relay::start(
@@ -264,7 +337,7 @@ impl Cluster {
         let Ok(Ok(mut nodes)) = listed.await else {
             return Vec::new();
         };
-        nodes.retain(|n| n.node != self.inner.config.node);
+        nodes.retain(|n| n.node != self.inner.config.node && !n.draining);
         nodes.sort_by_key(|n| n.connections);
         nodes.into_iter().map(|n| n.advertise).collect()
     }
@@ -294,10 +367,10 @@ impl Cluster {
         tokio::pin!(shutdown);
         tokio::select! {
             () = &mut shutdown => {}
-            () = announcer.run() => {}
+            () = announcer.run(inner.announce.clone()) => {}
             () = inner.registry.clone().run() => {}
             () = inner.ownership.run() => {}
-            () = self.rebalance() => {}
+            () = self.place() => {}
         }
         // Leaving cleanly only saves the others waiting out the TTLs: with NATS away it
         // must not hold up the shutdown.
@@ -525,5 +598,67 @@ mod tests {
         assert!(!at_least("2.12.1", MIN_NATS));
         assert!(!at_least("2.9.10", MIN_NATS));
         assert!(!at_least("garbage", MIN_NATS));
+    }
+
+    fn record(node: &str, zone: Option<&str>, connections: u64) -> NodeRecord {
+        NodeRecord {
+            node: node.into(),
+            advertise: format!("{node}:4433"),
+            zone: zone.map(str::to_owned),
+            connections,
+            shards: 0,
+            cpu: None,
+            started_ms: 0,
+            updated_ms: 0,
+            version: String::new(),
+            draining: false,
+        }
+    }
+
+    fn placed(zone: Option<&str>, above: u64) -> Redirect {
+        Redirect(Arc::new(std::sync::Mutex::new(Placement {
+            zone: zone.map(str::to_owned),
+            above,
+            ..Placement::default()
+        })))
+    }
+
+    #[test]
+    fn zones_first_then_load_and_never_across_zones_for_load() {
+        let r = placed(Some("west"), 10);
+        let mut drained = record("w3", Some("west"), 0);
+        drained.draining = true;
+        let others = vec![
+            record("e1", Some("east"), 50),
+            record("e2", Some("east"), 20),
+            record("w2", Some("west"), 30),
+            drained,
+        ];
+        r.update(others.clone(), 35, false);
+        // Another zone, asked for: its least loaded node. This node's zone, none, or one
+        // nobody serves: here (35 is not 10 above w2's 30).
+        assert_eq!(r.target(Some("east")).as_deref(), Some("e2:4433"));
+        assert_eq!(r.target(Some("west")), None);
+        assert_eq!(r.target(None), None);
+        assert_eq!(r.target(Some("north")), None);
+        // 40 is 10 above w2 (and the draining w3 takes nobody): new clients go to w2, never
+        // to the emptier east for load.
+        r.update(others.clone(), 40, false);
+        assert_eq!(r.target(None).as_deref(), Some("w2:4433"));
+        assert_eq!(r.target(Some("east")).as_deref(), Some("e2:4433"));
+        // Draining: everyone goes, to this zone first.
+        r.update(others, 0, true);
+        assert_eq!(r.target(None).as_deref(), Some("w2:4433"));
+        assert_eq!(r.target(Some("north")).as_deref(), Some("w2:4433"));
+        // Draining with no node of this zone left: any zone.
+        r.update(vec![record("e1", Some("east"), 5)], 0, true);
+        assert_eq!(r.target(None).as_deref(), Some("e1:4433"));
+        // Alone: nowhere to go, even draining.
+        r.update(Vec::new(), 100, true);
+        assert_eq!(r.target(None), None);
+        // Rebalancing off.
+        let off = placed(None, 0);
+        off.update(vec![record("n2", None, 0)], 1_000_000, false);
+        assert_eq!(off.target(None), None);
     }
 }

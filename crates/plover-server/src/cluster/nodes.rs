@@ -38,6 +38,10 @@ pub struct NodeRecord {
     pub updated_ms: u64,
     /// Its plover version.
     pub version: String,
+    /// Whether it is draining (sending its devices elsewhere before it stops): it takes no
+    /// new clients and no shards.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Writes this node's record until dropped.
@@ -73,18 +77,24 @@ impl Announcer {
                 started_ms: now,
                 updated_ms: now,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
+                draining: false,
             },
         }
     }
 
-    /// Writes the record every third of its TTL, forever. A failed write is logged and tried
-    /// again at the next tick: the record lives a whole TTL, so two misses are harmless.
-    pub(super) async fn run(mut self) {
+    /// Writes the record every third of its TTL, and at once when `now` is notified (the
+    /// node starts draining), forever. A failed write is logged and tried again at the next
+    /// tick: the record lives a whole TTL, so two misses are harmless.
+    pub(super) async fn run(mut self, now: Arc<tokio::sync::Notify>) {
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cpu = CpuMeter::start();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = now.notified() => {}
+            }
+            self.record.draining = self.ownership.draining();
             self.record.connections = self.registry.local_count() as u64;
             self.record.shards = u32::try_from(self.ownership.owned().len()).unwrap_or(u32::MAX);
             self.record.cpu = cpu.cores();

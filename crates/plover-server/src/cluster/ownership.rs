@@ -69,6 +69,8 @@ pub struct Ownership {
     lease: Duration,
     /// The shards held, by shard. A std `Mutex`: map operations only, never across an await.
     held: Mutex<BTreeMap<u32, Held>>,
+    /// Set when the node drains: it gives every shard back and takes none.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Ownership {
@@ -127,6 +129,7 @@ impl Ownership {
             shards,
             lease: config.lease,
             held: Mutex::default(),
+            draining: false.into(),
         })
     }
 
@@ -228,11 +231,32 @@ impl Ownership {
         serde_json::to_vec(&lease).unwrap_or_default().into()
     }
 
+    /// From now on this node holds no shard: gives back those it holds, and takes none
+    /// again (a draining node).
+    pub async fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.release_all().await;
+    }
+
+    /// Whether [`Ownership::drain`] was called.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// One round of taking free shards up to the fair share and giving back shards over it
-    /// while another node is under it.
+    /// while another node is under it. Draining nodes count for nothing: they hold no share.
     pub async fn balance(&self) -> Result<(), ClusterError> {
+        if self.draining() {
+            self.release_all().await;
+            return Ok(());
+        }
         let live = nodes::list(&self.js).await?;
-        let mut live: Vec<String> = live.into_iter().map(|r| r.node).collect();
+        let mut live: Vec<String> = live
+            .into_iter()
+            .filter(|r| !r.draining)
+            .map(|r| r.node)
+            .collect();
         if !live.contains(&self.node) {
             live.push(self.node.clone());
         }

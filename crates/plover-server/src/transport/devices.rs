@@ -61,6 +61,32 @@ impl Devices {
         }
     }
 
+    /// Closes up to `n` devices' connections with `moved`, sending them to `to` in turn (a
+    /// draining node, a few at a time). Returns how many it closed and how many are left
+    /// after them; with no address to send them to, none is closed.
+    pub(crate) fn move_some(&self, n: usize, to: &[String]) -> (usize, usize) {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        // A closed connection stays here until its task has wound down: not counted, not
+        // closed again.
+        let open = || {
+            users
+                .values()
+                .flatten()
+                .filter(|h| h.conn.close_reason().is_none())
+        };
+        let held = open().count();
+        if to.is_empty() {
+            return (0, held);
+        }
+        let mut moved = 0usize;
+        for (h, target) in open().take(n).zip(to.iter().cycle()) {
+            h.conn
+                .close(quinn::VarInt::from(ErrorCode::MOVED.0), target.as_bytes());
+            moved = moved.saturating_add(1);
+        }
+        (moved, held.saturating_sub(moved))
+    }
+
     /// The device is alive (it sent a heartbeat).
     pub(crate) fn heartbeat(&self, user: &str, device: &str) {
         if let Some(registry) = &self.registry {

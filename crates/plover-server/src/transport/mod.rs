@@ -165,12 +165,21 @@ impl Listener {
     /// Accepts connections until `shutdown` completes, then closes every connection with
     /// code `SHUTDOWN` (in a cluster, `MOVED` to another node) and waits (briefly) for the
     /// closes to be sent.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    ///
+    /// When `drain` completes first, a node of a cluster drains (see `Listener::drain`)
+    /// and then stops as on `shutdown`; a single node just stops.
+    pub async fn run(self, shutdown: impl Future<Output = ()>, drain: impl Future<Output = ()>) {
         let next_id = AtomicU64::new(1);
         tokio::pin!(shutdown);
+        let drained = async {
+            drain.await;
+            self.drain().await;
+        };
+        tokio::pin!(drained);
         loop {
             let incoming = tokio::select! {
                 () = &mut shutdown => break,
+                () = &mut drained => break,
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => incoming,
                     None => break,
@@ -236,6 +245,56 @@ impl Listener {
             .is_err()
         {
             warn!("some connections did not close in time");
+        }
+    }
+}
+
+impl Listener {
+    /// Drains this node: it gives back its shards and sends new clients elsewhere
+    /// ([`crate::cluster::Cluster::drain`]), then closes its devices' connections with
+    /// `moved`, `cluster.drain_rate` a second, spread over the other nodes least loaded
+    /// first. Completes when no device is left, or at once when there is no other node to
+    /// send them to (or no cluster): the stop that follows closes whatever remains.
+    async fn drain(&self) {
+        let Some(cluster) = &self.cluster else {
+            info!("asked to drain, but this node is not in a cluster: stopping");
+            return;
+        };
+        cluster.drain().await;
+        // Ten rounds a second, each moving what the rate allows since the start (at least
+        // one device, at once); the list of the other nodes is read again every second.
+        let rate = u128::from(cluster.drain_rate());
+        let started = tokio::time::Instant::now();
+        let mut round = tokio::time::interval(Duration::from_millis(100));
+        round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut to, mut moved) = (Vec::new(), 0usize);
+        for r in 0u64.. {
+            round.tick().await;
+            if r % 10 == 0 {
+                to = cluster.elsewhere().await;
+            }
+            if to.is_empty() {
+                info!("no other node takes clients: stopping with the devices still here");
+                return;
+            }
+            let due = rate
+                .saturating_mul(started.elapsed().as_millis())
+                .checked_div(1000)
+                .unwrap_or(0)
+                .max(1);
+            let due = usize::try_from(due).unwrap_or(usize::MAX);
+            let (now, left) = self
+                .shared
+                .devices
+                .move_some(due.saturating_sub(moved), &to);
+            moved = moved.saturating_add(now);
+            if left == 0 {
+                info!("drained: every device went to another node");
+                return;
+            }
+            if r % 50 == 0 {
+                info!(left, "draining");
+            }
         }
     }
 }

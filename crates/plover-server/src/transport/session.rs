@@ -16,8 +16,8 @@ use crate::auth::{AuthError, valid_name};
 use crate::router::timing::StageRecorder;
 use crate::router::{DeviceFeed, Push};
 use plover_proto::{
-    ClientDatagram, ClientFrame, ConversationId, ErrorCode, Event, PROTOCOL_VERSION,
-    ServerDatagram, ServerFrame,
+    ClientDatagram, ClientFrame, ConversationId, ErrorCode, Event, OLDEST_CLIENT_VERSION,
+    PROTOCOL_VERSION, ServerDatagram, ServerFrame,
 };
 use plover_quic::{FrameReader, FrameWriter, StreamError};
 
@@ -166,13 +166,16 @@ async fn authenticate(
     };
     let mut reader = FrameReader::new(recv, max);
     let mut writer = FrameWriter::new(send, max);
-    let hello = match timeout_at(deadline, reader.next::<ClientFrame>()).await {
+    let first = reader.next_with(ClientFrame::decode_first);
+    let hello = match timeout_at(deadline, first).await {
         Err(_) => Err(timed_out()),
         Ok(Ok(Some(ClientFrame::Hello {
             version,
             token,
             device,
-        }))) => check_hello(shared, version, &token, &device).map(|user| (user, device)),
+            zone,
+        }))) => check_hello(shared, version, &token, &device, zone.as_deref())
+            .map(|user| (user, device, version, zone)),
         Ok(Ok(Some(other))) => Err(Refusal::new(
             ErrorCode::UNEXPECTED_FRAME,
             format!("the first frame must be Hello, not {}", other.name()),
@@ -183,15 +186,20 @@ async fn authenticate(
             None => return None,
         },
     };
-    let (user, device) = match hello {
+    let (user, device, version, zone) = match hello {
         Ok(v) => v,
         Err(refusal) => {
             refuse(conn, &mut writer, refusal).await;
             return None;
         }
     };
-    // A node of a cluster that holds many more devices than another sends new ones there.
-    if let Some(to) = shared.redirect.as_ref().and_then(|r| r.target()) {
+    // A node of a cluster sends a new client to another node when the client asked for
+    // another zone, when this node drains, or when it holds many more devices than another.
+    if let Some(to) = shared
+        .redirect
+        .as_ref()
+        .and_then(|r| r.target(zone.as_deref()))
+    {
         let refusal = Refusal::new(ErrorCode::MOVED, to);
         refuse(conn, &mut writer, refusal).await;
         return None;
@@ -208,7 +216,8 @@ async fn authenticate(
         }
     };
     let welcome = ServerFrame::Welcome {
-        version: PROTOCOL_VERSION,
+        // The version the session speaks: the client's, when it is an older one.
+        version: version.min(PROTOCOL_VERSION),
         user: user.clone(),
         device: device.clone(),
         server_id: shared.server_id.clone(),
@@ -238,13 +247,21 @@ fn check_hello(
     version: u16,
     token: &str,
     device: &str,
+    zone: Option<&str>,
 ) -> Result<String, Refusal> {
-    if version != PROTOCOL_VERSION {
+    if !(OLDEST_CLIENT_VERSION..=PROTOCOL_VERSION).contains(&version) {
         return Err(Refusal::new(
             ErrorCode::UNSUPPORTED_VERSION,
             format!(
-                "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
+                "protocol version {version} is not supported; this server speaks \
+                 {OLDEST_CLIENT_VERSION} to {PROTOCOL_VERSION}"
             ),
+        ));
+    }
+    if zone.is_some_and(|z| !crate::config::valid_zone(z)) {
+        return Err(Refusal::new(
+            ErrorCode::INVALID_REQUEST,
+            "zone must be 1-64 characters of A-Z a-z 0-9 . _ -",
         ));
     }
     if !valid_name(device) {

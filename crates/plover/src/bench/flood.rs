@@ -322,6 +322,7 @@ impl Raw {
             version: PROTOCOL_VERSION,
             token,
             device: device.into(),
+            zone: None,
         })?)
         .await?;
         let mut reader = FrameReader::new(recv, DEFAULT_MAX_FRAME);

@@ -42,8 +42,8 @@ pub(crate) async fn nodes(args: NodesArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} UP",
-        "NODE", "ADVERTISE", "ZONE", "CONNECTIONS", "SHARDS", "CPU"
+        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} {:<9} UP",
+        "NODE", "ADVERTISE", "ZONE", "CONNECTIONS", "SHARDS", "CPU", "STATE"
     );
     for r in &records {
         println!("{}", line(r));
@@ -56,14 +56,16 @@ fn line(r: &NodeRecord) -> String {
     let up = humantime::format_duration(std::time::Duration::from_secs(
         r.updated_ms.saturating_sub(r.started_ms) / 1000,
     ));
+    let state = if r.draining { "draining" } else { "serving" };
     format!(
-        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} {}",
+        "{:<16} {:<24} {:<10} {:>11} {:>6} {:>6} {:<9} {}",
         r.node,
         r.advertise,
         r.zone.as_deref().unwrap_or("-"),
         r.connections,
         r.shards,
         cpu,
+        state,
         up
     )
 }

@@ -96,17 +96,40 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     if args.stop_on_stdin_eof {
         let eof = stdin_eof();
         server
-            .run(async {
-                tokio::select! {
-                    () = shutdown_signal() => {}
-                    () = eof => tracing::info!("standard input ended; shutting down"),
-                }
-            })
+            .run_draining(
+                async {
+                    tokio::select! {
+                        () = shutdown_signal() => {}
+                        () = eof => tracing::info!("standard input ended; shutting down"),
+                    }
+                },
+                drain_signal(),
+            )
             .await?;
     } else {
-        server.run(shutdown_signal()).await?;
+        server
+            .run_draining(shutdown_signal(), drain_signal())
+            .await?;
     }
     Ok(())
+}
+
+/// Completes on SIGUSR1: a node of a cluster then drains (moves its clients and shards to
+/// the other nodes) and stops. Never elsewhere than on Unix.
+async fn drain_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::user_defined1()) {
+            Ok(mut usr1) => {
+                usr1.recv().await;
+                tracing::info!("SIGUSR1: draining, then stopping");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch SIGUSR1; drain by signal is off"),
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// Completes when standard input reaches its end (or fails). The read runs on a thread of

@@ -24,6 +24,7 @@ pub struct TestServer {
     pub keys: TokenKeys,
     pub router: Router,
     stop: Option<oneshot::Sender<()>>,
+    drain: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -105,11 +106,21 @@ impl TestServer {
         let addr = server.local_addr();
         let router = server.router().clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (drain, drained) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            // A dropped drain sender is no request to drain (a dropped stop sender stops).
+            let drain = async move {
+                if drained.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             server
-                .run(async {
-                    let _ = stopped.await;
-                })
+                .run_draining(
+                    async {
+                        let _ = stopped.await;
+                    },
+                    drain,
+                )
                 .await
                 .expect("server run");
         });
@@ -119,6 +130,7 @@ impl TestServer {
             keys,
             router,
             stop: Some(stop),
+            drain: Some(drain),
             task: Some(task),
         }
     }
@@ -151,6 +163,24 @@ impl TestServer {
 
     pub async fn stop(mut self) {
         self.shut_down().await;
+    }
+
+    /// Asks the server to drain, as SIGUSR1 asks `plover serve`: it stops by itself once
+    /// its devices are elsewhere.
+    pub fn drain(&mut self) {
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.send(());
+        }
+    }
+
+    /// Waits until a draining server has stopped by itself, for at most `within`.
+    pub async fn drained(mut self, within: Duration) {
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(within, task)
+                .await
+                .expect("the server drained and stopped in time")
+                .expect("server task");
+        }
     }
 
     /// Stops the server and keeps its directory, to start it again later with
@@ -394,6 +424,7 @@ pub async fn raw_hello(
         version: plover_proto::PROTOCOL_VERSION,
         token: server.token(user),
         device: device.into(),
+        zone: None,
     }))
     .await
     .expect("write");

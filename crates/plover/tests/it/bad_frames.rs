@@ -154,6 +154,49 @@ async fn a_silent_connection_is_closed_after_the_auth_timeout() {
 }
 
 #[tokio::test]
+async fn a_version_2_client_is_still_served_and_a_bad_zone_is_refused() {
+    let server = TestServer::start().await;
+    // Version 2's Hello ends after the device: variant 0, version, token, device.
+    let (_endpoint, conn) = handshake(&server).await;
+    let (mut send, recv) = conn.open_bi().await.expect("bi");
+    let v2 =
+        codec::encode_to_vec(&(0u8, 2u16, server.token("alice"), "d"), 1 << 16).expect("encode");
+    send.write_all(&v2).await.expect("write");
+    let mut reader = FrameReader::new(recv, 1 << 16);
+    match reader.next::<ServerFrame>().await.expect("read") {
+        Some(ServerFrame::Welcome { version, user, .. }) => {
+            assert_eq!((version, user.as_str()), (2, "alice"));
+        }
+        other => panic!("not welcomed: {other:?}"),
+    }
+    let ping = codec::encode_to_vec(&ClientFrame::Ping { nonce: 7 }, 1 << 16).expect("encode");
+    send.write_all(&ping).await.expect("write");
+    assert_eq!(
+        reader.next::<ServerFrame>().await.expect("read"),
+        Some(ServerFrame::Pong { nonce: 7 })
+    );
+
+    // A zone that is not a zone name is refused like any invalid request.
+    let (_endpoint, conn) = handshake(&server).await;
+    let (mut send, recv) = conn.open_bi().await.expect("bi");
+    let hello = ClientFrame::Hello {
+        version: plover_proto::PROTOCOL_VERSION,
+        token: server.token("alice"),
+        device: "e".into(),
+        zone: Some("eu west".into()),
+    };
+    send.write_all(&codec::encode_to_vec(&hello, 1 << 16).expect("encode"))
+        .await
+        .expect("write");
+    let mut reader = FrameReader::new(recv, 1 << 16);
+    assert_eq!(
+        next_error(&mut reader).await,
+        Some(ErrorCode::INVALID_REQUEST)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_wrong_protocol_version_is_refused() {
     let server = TestServer::start().await;
     let (_endpoint, conn) = handshake(&server).await;
@@ -163,6 +206,7 @@ async fn a_wrong_protocol_version_is_refused() {
             version: 99,
             token: server.token("alice"),
             device: "d".into(),
+            zone: None,
         },
         1 << 16,
     )

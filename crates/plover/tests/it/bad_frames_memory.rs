@@ -32,6 +32,7 @@ async fn hostile(endpoint: &quinn::Endpoint, addr: SocketAddr, keys: &TokenKeys,
         token,
         // A device per connection: a device's second connection would replace its first.
         device: format!("raw{kind}"),
+        zone: None,
     };
     control.write_all(&frame(&hello)).await.expect("hello");
     let mut welcome = [0u8; 16];

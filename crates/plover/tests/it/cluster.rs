@@ -997,3 +997,135 @@ async fn a_node_with_many_more_devices_sends_new_ones_to_the_least_loaded() {
     n1.stop().await;
     n2.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_asks_for_a_zone_is_served_by_a_node_of_it() {
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let certs = tempfile::tempdir().expect("certs");
+    let shared = certs.path().to_path_buf();
+    let in_zone = |zone: &'static str| {
+        let shared = shared.clone();
+        move |c: &mut Config| {
+            c.certs = shared;
+            if let Some(cluster) = c.cluster.as_mut() {
+                cluster.zone = Some(zone.into());
+            }
+        }
+    };
+    let n1 = node_with(&nats, "n1", in_zone("west")).await;
+    let n2 = node_with(&nats, "n2", in_zone("east")).await;
+    let ca = shared.join("cert.pem");
+    let asking = |zone: Option<&str>| {
+        let mut c = client_trusting(&n1, &ca, "alice", "phone");
+        c.zone = zone.map(str::to_owned);
+        c
+    };
+    let served_by = |config: ClientConfig| async move {
+        let c = Connection::connect(&config).await.expect("connect");
+        let on = c.welcome().server_id.clone();
+        c.close().await;
+        on
+    };
+    // Once n1 has read n2's record (every second here), a client that asks n1 for "east"
+    // is sent to n2, which the SDK follows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_by(asking(Some("east"))).await != "n2" {
+        assert!(
+            Instant::now() < deadline,
+            "n1 never sent an east client east"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A client of n1's own zone, of no zone, or of a zone nobody serves stays on n1.
+    assert_eq!(served_by(asking(Some("west"))).await, "n1");
+    assert_eq!(served_by(asking(None)).await, "n1");
+    assert_eq!(served_by(asking(Some("north"))).await, "n1");
+    // Both ways round.
+    let mut east_to_west = client_trusting(&n2, &ca, "bob", "phone");
+    east_to_west.zone = Some("west".into());
+    assert_eq!(served_by(east_to_west).await, "n1");
+    n1.stop().await;
+    n2.stop().await;
+}
+
+#[tokio::test]
+async fn a_draining_node_moves_its_devices_a_few_at_a_time_then_stops() {
+    use crate::common::{next_event, text};
+    use plover_client::EventStream;
+
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let certs = tempfile::tempdir().expect("certs");
+    let shared = certs.path().to_path_buf();
+    let tweak = |c: &mut Config| {
+        c.certs = shared.clone();
+        if let Some(cluster) = c.cluster.as_mut() {
+            cluster.drain_rate = 4;
+            cluster.rebalance_above = 0;
+        }
+    };
+    let mut n1 = node_with(&nats, "n1", tweak).await;
+    let n2 = node_with(&nats, "n2", tweak).await;
+    let ca = shared.join("cert.pem");
+    // Eight devices that know only n1, and alice on n2 who writes to each.
+    let mut devices = Vec::new();
+    for i in 0..8 {
+        let mut s = EventStream::start(
+            client_trusting(&n1, &ca, &format!("u{i}"), "phone"),
+            Some(0),
+        );
+        assert!(s.synced().await);
+        devices.push(s);
+    }
+    let alice = Connection::connect(&client_trusting(&n2, &ca, "alice", "phone"))
+        .await
+        .expect("alice");
+    let mut convs = Vec::new();
+    for i in 0..8 {
+        convs.push(eventually_open(&alice, &format!("u{i}")).await);
+    }
+    // n1 has taken its share of the shards.
+    eventually(Duration::from_secs(15), || {
+        (shard_counts(&nats).get("n1").copied().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+
+    let asked = Instant::now();
+    n1.drain();
+    // While it drains: its record says so, it gives back every shard, and a new device
+    // that asks it is sent to n2.
+    eventually(Duration::from_secs(10), || {
+        let records = plover_nodes(&nats);
+        let n1 = records.iter().find(|r| r["node"] == "n1")?;
+        (n1["draining"] == true && n1["shards"] == 0).then_some(())
+    })
+    .await;
+    let late = Connection::connect(&client_trusting(&n1, &ca, "late", "phone"))
+        .await
+        .expect("a device that asks a draining node");
+    assert_eq!(late.welcome().server_id, "n2");
+    late.close().await;
+    // It stops by itself once every device is on n2: at four a second, eight take about
+    // two seconds, not an instant.
+    n1.drained(Duration::from_secs(30)).await;
+    let took = asked.elapsed();
+    assert!(took >= Duration::from_millis(1500), "drained in {took:?}");
+    // Every device goes on, on n2, with nothing missed.
+    for (i, (conv, device)) in convs.iter().zip(devices.iter_mut()).enumerate() {
+        conv.send(format!("after the drain {i}"))
+            .await
+            .expect("send");
+        assert_eq!(
+            text(&next_event(device).await),
+            format!("after the drain {i}")
+        );
+        assert_eq!(
+            device.connection().expect("connected").welcome().server_id,
+            "n2"
+        );
+    }
+    for d in devices {
+        d.close().await;
+    }
+    alice.close().await;
+    n2.stop().await;
+}

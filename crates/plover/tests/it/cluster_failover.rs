@@ -383,7 +383,7 @@ async fn a_node_paused_past_its_lease_cannot_give_a_seq_twice() {
 }
 
 #[tokio::test]
-async fn a_node_joins_and_another_stops_gracefully_while_clients_chat() {
+async fn a_node_joins_and_another_drains_while_clients_chat() {
     let mut run = start().await;
     run.progress(60, Duration::from_secs(30)).await;
     // n4 joins: it applies the log from its start, then serves; a reader on it sees the
@@ -391,12 +391,14 @@ async fn a_node_joins_and_another_stops_gracefully_while_clients_chat() {
     let joined = spawn_node(&run.nats, "n4", run.certs.path()).await;
     run.nodes.push(joined);
     run.progress(30, Duration::from_secs(30)).await;
-    // n1 stops the way an operator stops it (SIGTERM, here its stdin closing): its clients
-    // are closed with `shutdown` and move to the next node of their list.
-    drop(run.nodes[0].child.stdin.take());
+    // n1 is drained the way an operator drains it (SIGUSR1): it gives back its shards,
+    // sends its clients to the other nodes (`moved`), and stops by itself.
+    let pid = run.nodes[0].child.id().expect("pid") as i32;
+    let pid = rustix::process::Pid::from_raw(pid).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::USR1).expect("SIGUSR1");
     let stopped = tokio::time::timeout(Duration::from_secs(30), run.nodes[0].child.wait())
         .await
-        .expect("n1 stops in time")
+        .expect("n1 drains and stops in time")
         .expect("wait");
     assert!(stopped.success(), "n1 stopped cleanly: {stopped:?}");
     // Its writer is not stuck: it goes on through another node.

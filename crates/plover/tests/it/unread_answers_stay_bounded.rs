@@ -64,6 +64,7 @@ async fn pipelined_history_without_reading_stays_bounded() {
                 .mint("bob", None, Duration::from_secs(600))
                 .expect("mint"),
             device: "hostile".into(),
+            zone: None,
         }))
         .await
         .expect("hello");
