@@ -169,9 +169,12 @@ impl Redirect {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).draining = true;
     }
 
-    fn update(&self, mut others: Vec<NodeRecord>, mine: u64, draining: bool) {
+    /// Takes the other nodes' records: draining nodes are left out, and the rest ordered
+    /// fresh before stale (see [`NodeRecord::stale`]), then least loaded first.
+    fn update(&self, mut others: Vec<NodeRecord>, mine: u64, draining: bool, ttl: Duration) {
+        let now = crate::clock::now_ms();
         others.retain(|n| !n.draining);
-        others.sort_by_key(|n| n.connections);
+        others.sort_by_key(|n| (n.stale(ttl, now), n.connections));
         let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let was = p.above > 0 && !p.draining && Self::overloaded(&p);
         (p.others, p.mine, p.draining) = (others, mine, draining);
@@ -296,9 +299,10 @@ impl Cluster {
             };
             nodes.retain(|n| n.node != config.node);
             let mine = self.inner.registry.local_count() as u64;
+            let draining = self.inner.ownership.draining();
             self.inner
                 .redirect
-                .update(nodes, mine, self.inner.ownership.draining());
+                .update(nodes, mine, draining, config.node_ttl);
         }
     }
 
@@ -338,7 +342,9 @@ impl Cluster {
             return Vec::new();
         };
         nodes.retain(|n| n.node != self.inner.config.node && !n.draining);
-        nodes.sort_by_key(|n| n.connections);
+        // A record that missed a refresh may be a dead node's, waiting out its TTL: last.
+        let (ttl, now) = (self.inner.config.node_ttl, crate::clock::now_ms());
+        nodes.sort_by_key(|n| (n.stale(ttl, now), n.connections));
         nodes.into_iter().map(|n| n.advertise).collect()
     }
 
@@ -609,11 +615,13 @@ mod tests {
             shards: 0,
             cpu: None,
             started_ms: 0,
-            updated_ms: 0,
+            updated_ms: crate::clock::now_ms(),
             version: String::new(),
             draining: false,
         }
     }
+
+    const TTL: Duration = Duration::from_secs(10);
 
     fn placed(zone: Option<&str>, above: u64) -> Redirect {
         Redirect(Arc::new(std::sync::Mutex::new(Placement {
@@ -634,7 +642,7 @@ mod tests {
             record("w2", Some("west"), 30),
             drained,
         ];
-        r.update(others.clone(), 35, false);
+        r.update(others.clone(), 35, false, TTL);
         // Another zone, asked for: its least loaded node. This node's zone, none, or one
         // nobody serves: here (35 is not 10 above w2's 30).
         assert_eq!(r.target(Some("east")).as_deref(), Some("e2:4433"));
@@ -643,22 +651,27 @@ mod tests {
         assert_eq!(r.target(Some("north")), None);
         // 40 is 10 above w2 (and the draining w3 takes nobody): new clients go to w2, never
         // to the emptier east for load.
-        r.update(others.clone(), 40, false);
+        r.update(others.clone(), 40, false, TTL);
         assert_eq!(r.target(None).as_deref(), Some("w2:4433"));
         assert_eq!(r.target(Some("east")).as_deref(), Some("e2:4433"));
         // Draining: everyone goes, to this zone first.
-        r.update(others, 0, true);
+        r.update(others, 0, true, TTL);
         assert_eq!(r.target(None).as_deref(), Some("w2:4433"));
         assert_eq!(r.target(Some("north")).as_deref(), Some("w2:4433"));
         // Draining with no node of this zone left: any zone.
-        r.update(vec![record("e1", Some("east"), 5)], 0, true);
+        r.update(vec![record("e1", Some("east"), 5)], 0, true, TTL);
         assert_eq!(r.target(None).as_deref(), Some("e1:4433"));
+        // A node that missed a refresh (dead, perhaps) comes after the fresh ones.
+        let mut quiet = record("w9", Some("west"), 0);
+        quiet.updated_ms = quiet.updated_ms.saturating_sub(8_000);
+        r.update(vec![quiet, record("w2", Some("west"), 30)], 0, true, TTL);
+        assert_eq!(r.target(None).as_deref(), Some("w2:4433"));
         // Alone: nowhere to go, even draining.
-        r.update(Vec::new(), 100, true);
+        r.update(Vec::new(), 100, true, TTL);
         assert_eq!(r.target(None), None);
         // Rebalancing off.
         let off = placed(None, 0);
-        off.update(vec![record("n2", None, 0)], 1_000_000, false);
+        off.update(vec![record("n2", None, 0)], 1_000_000, false, TTL);
         assert_eq!(off.target(None), None);
     }
 }

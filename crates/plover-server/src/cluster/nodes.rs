@@ -44,6 +44,17 @@ pub struct NodeRecord {
     pub draining: bool,
 }
 
+impl NodeRecord {
+    /// Whether the record missed a refresh (it is rewritten every third of `ttl`; one older
+    /// than two thirds missed one): its node may be dead and only waiting out the TTL, so
+    /// it is the last place to send clients. Judged by this node's clock against the
+    /// writer's, so skewed clocks only make every record look stale alike.
+    pub fn stale(&self, ttl: Duration, now_ms: u64) -> bool {
+        let limit = u64::try_from((ttl * 2 / 3).as_millis()).unwrap_or(u64::MAX);
+        now_ms.saturating_sub(self.updated_ms) > limit
+    }
+}
+
 /// Writes this node's record until dropped.
 pub(super) struct Announcer {
     js: jetstream::Context,
