@@ -379,6 +379,38 @@ impl Connection {
         Conversation::open(&self.conn, self.welcome.max_frame, owner, target, create).await
     }
 
+    /// Uploads a file [`crate::media::prepare`]d (encrypted) before, on a stream of its own,
+    /// from whatever the server already holds of it; `progress` hears the bytes it holds.
+    /// After an error, calling this again (on a new connection if this one is gone) resumes.
+    pub async fn upload(
+        &self,
+        file: &crate::media::Prepared,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<plover_proto::ObjectId, ClientError> {
+        crate::media::upload(&self.conn, self.welcome.max_frame, file, progress).await
+    }
+
+    /// Downloads an attachment on a stream of its own into `out`, checked and decrypted
+    /// (the ciphertext waits in `out` + `.plover-part` meanwhile; a later call resumes from
+    /// it). `through` names the message that shares it.
+    pub async fn download(
+        &self,
+        attachment: &plover_proto::content::Attachment,
+        through: crate::media::Through,
+        out: &std::path::Path,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(), ClientError> {
+        crate::media::download(
+            &self.conn,
+            self.welcome.max_frame,
+            attachment,
+            through,
+            out,
+            progress,
+        )
+        .await
+    }
+
     /// Closes the connection cleanly: finishes the control stream, so that the server handles
     /// every frame sent on it (a last `Ack`, say) before it closes the connection, then waits
     /// for the close to complete.

@@ -461,6 +461,18 @@ impl Conversation {
     /// is always safe, since one id is stored once. Only a refusal of the message itself
     /// (`not_member`, `invalid_request`) is final.
     pub async fn send_with_id(&self, id: ClientMsgId, body: Bytes) -> Result<Ack, ClientError> {
+        self.send_referencing(id, body, Vec::new()).await
+    }
+
+    /// [`Conversation::send_with_id`] of a message that references uploaded objects (an
+    /// attachment: [`crate::Connection::upload`]); the members may download them from
+    /// this message on.
+    pub async fn send_referencing(
+        &self,
+        id: ClientMsgId,
+        body: Bytes,
+        objects: Vec<plover_proto::ObjectId>,
+    ) -> Result<Ack, ClientError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut w = lock(&self.waiters);
@@ -479,7 +491,11 @@ impl Conversation {
         self.writer
             .lock()
             .await
-            .send(&ClientFrame::Send { id, body })
+            .send(&if objects.is_empty() {
+                ClientFrame::Send { id, body }
+            } else {
+                ClientFrame::SendWith { id, body, objects }
+            })
             .await
             .map_err(|e| ClientError::Stream(Arc::new(e)))?;
         let (seq, ts) = rx

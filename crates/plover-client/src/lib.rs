@@ -86,6 +86,7 @@ mod control;
 mod conversation;
 mod endpoint;
 mod events;
+pub mod media;
 
 pub use answers::LogEvent;
 pub use connection::{Connection, NEXT_SERVER_AFTER, Welcome};

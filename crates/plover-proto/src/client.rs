@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::types::{ClientMsgId, Pusher, Retention, Target};
+use super::types::{ClientMsgId, ObjectId, Pusher, Retention, Target};
 
 /// Every frame a client may send, on any stream.
 ///
@@ -193,6 +193,43 @@ pub enum ClientFrame {
         /// Whether notifications carry the body.
         include: bool,
     },
+    /// First frame of an upload stream: the object's size and id (the SHA-256 of its
+    /// bytes). Answered with `UploadReady { offset }`: the client then sends the object's
+    /// bytes from `offset` on, raw (no frames), and finishes the stream; the server answers
+    /// `Uploaded` once it checked and stored them, or `Error`.
+    Upload {
+        /// The object's size in bytes.
+        size: u64,
+        /// The SHA-256 of its bytes.
+        object: ObjectId,
+    },
+    /// First frame of a download stream: a range of an object the caller uploaded
+    /// (`conversation` 0), or one that message `seq` of `conversation` references. Answered
+    /// with `DownloadReady` and the range's bytes, raw, then the end of the stream; or
+    /// `Error` (`not_found` for an object that does not exist or that the caller may not
+    /// read, alike).
+    Download {
+        /// The object.
+        object: ObjectId,
+        /// The conversation whose message references it; 0: one the caller uploaded.
+        conversation: u64,
+        /// That message's seq (ignored when `conversation` is 0).
+        seq: u64,
+        /// The first byte wanted.
+        offset: u64,
+        /// How many bytes (0: to the end).
+        length: u64,
+    },
+    /// `Send` of a message that references uploaded objects (at most 16, each uploaded by
+    /// the sender): the members may download them from this message on.
+    SendWith {
+        /// The client's id; a retry with the same id gets the original answer.
+        id: ClientMsgId,
+        /// The opaque body (with the SDK's content format, an attachment pointer).
+        body: Bytes,
+        /// The objects it references.
+        objects: Vec<ObjectId>,
+    },
 }
 
 /// `Hello` as protocol version 2 sent it, without `zone`.
@@ -254,6 +291,9 @@ impl ClientFrame {
             Self::UnregisterPusher { .. } => "UnregisterPusher",
             Self::ListPushers { .. } => "ListPushers",
             Self::PushContent { .. } => "PushContent",
+            Self::Upload { .. } => "Upload",
+            Self::Download { .. } => "Download",
+            Self::SendWith { .. } => "SendWith",
         }
     }
 }
@@ -281,7 +321,7 @@ mod tests {
                     device: "d".into(),
                     zone: Some("eu".into()),
                 },
-                "09 00 03 01 74 01 64 01 02 65 75",
+                "0a 00 03 01 74 01 64 01 02 65 75",
             ),
             (ClientFrame::Ping { nonce: 300 }, "03 01 ac 02"),
             (ClientFrame::Sync { cursor: Some(5) }, "03 02 01 05"),
@@ -432,6 +472,31 @@ mod tests {
                     policy: Retention::Keep,
                 },
                 "03 13 06 00",
+            ),
+            (
+                ClientFrame::Upload {
+                    size: 300,
+                    object: ObjectId([0xab; 32]),
+                },
+                "23 18 ac 02 ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab",
+            ),
+            (
+                ClientFrame::Download {
+                    object: ObjectId([0xcd; 32]),
+                    conversation: 7,
+                    seq: 2,
+                    offset: 0,
+                    length: 0,
+                },
+                "25 19 cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd cd 07 02 00 00",
+            ),
+            (
+                ClientFrame::SendWith {
+                    id: ClientMsgId([0x01; 16]),
+                    body: Bytes::from_static(b"p"),
+                    objects: vec![ObjectId([0xef; 32])],
+                },
+                "34 1a 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 70 01 ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef",
             ),
         ]
     }

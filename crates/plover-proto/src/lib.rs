@@ -11,6 +11,8 @@
 //!   `server.rs`); [`ClientDatagram`] and [`ServerDatagram`] travel as QUIC datagrams.
 //! - `types.rs`: the values frames carry ([`Message`], [`Event`], [`Target`], [`ErrorCode`],
 //!   ...).
+//! - [`content`]: the format the SDK and CLI give message bodies (text, attachment pointers);
+//!   the server never reads it.
 //! - [`codec`]: `varint(len) ++ postcard(value)` over `bytes`, the length checked against the
 //!   limit before the body is buffered, "need more bytes" kept apart from a bad frame.
 //!
@@ -49,6 +51,7 @@
 
 mod client;
 pub mod codec;
+pub mod content;
 mod server;
 mod types;
 
@@ -57,8 +60,8 @@ pub use codec::FrameError;
 pub use server::ServerFrame;
 pub use types::{
     ClientDatagram, ClientMsgId, ConversationChange, ConversationId, ConversationInfo,
-    ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, Pusher,
-    Receipt, Retention, RetentionParseError, ServerDatagram, Target,
+    ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, ObjectId,
+    Pusher, Receipt, Retention, RetentionParseError, ServerDatagram, Target,
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{
     ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, Event, MemberInfo,
-    Message, Pusher,
+    Message, ObjectId, Pusher,
 };
 
 /// Every frame the server may send, on any stream.
@@ -167,6 +167,26 @@ pub enum ServerFrame {
         request: u32,
         /// The user's pushers.
         pushers: Vec<Pusher>,
+    },
+    /// Answer to `Upload`: send the object's bytes from `offset` on (the server already
+    /// holds those before it, from an earlier attempt; `offset` = size: it holds them all).
+    UploadReady {
+        /// Where to resume.
+        offset: u64,
+    },
+    /// The upload is checked and stored: the object may now be referenced (`SendWith`).
+    Uploaded {
+        /// The object's id.
+        object: ObjectId,
+    },
+    /// Answer to `Download`: the range's bytes follow, raw, then the end of the stream.
+    DownloadReady {
+        /// The whole object's size.
+        size: u64,
+        /// The first byte that follows.
+        offset: u64,
+        /// How many bytes follow.
+        length: u64,
     },
 }
 
@@ -361,6 +381,21 @@ mod tests {
                     more: true,
                 },
                 "0b 0e 09 01 02 63 79 00 03 04 03 01",
+            ),
+            (ServerFrame::UploadReady { offset: 300 }, "03 10 ac 02"),
+            (
+                ServerFrame::Uploaded {
+                    object: ObjectId([0xab; 32]),
+                },
+                "21 11 ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab",
+            ),
+            (
+                ServerFrame::DownloadReady {
+                    size: 300,
+                    offset: 100,
+                    length: 200,
+                },
+                "06 12 ac 02 64 c8 01",
             ),
             (
                 change(ConversationChange::Added { user: "cy".into() }),

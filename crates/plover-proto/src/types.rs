@@ -37,6 +37,44 @@ impl fmt::Debug for ClientMsgId {
     }
 }
 
+/// A stored object's id: the SHA-256 of its bytes (which the SDK encrypts first, so the id
+/// of a file says nothing of its contents and two uploads of one file are not linkable).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ObjectId(pub [u8; 32]);
+
+impl ObjectId {
+    /// The id as 64 lowercase hex digits (how paths, logs and the CLI show it).
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Reads 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 {
+            return None;
+        }
+        let mut id = [0u8; 32];
+        for (out, pair) in id.iter_mut().zip(bytes.chunks_exact(2)) {
+            let text = std::str::from_utf8(pair).ok()?;
+            *out = u8::from_str_radix(text, 16).ok()?;
+        }
+        Some(Self(id))
+    }
+}
+
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
 /// A numeric error code, used both in `Error` frames and as the QUIC application close code.
 ///
 /// It travels as a plain number so that a client meeting a code newer than itself can still
@@ -92,6 +130,9 @@ impl ErrorCode {
     /// The node is stopping and sends the client to another node of its cluster: the close
     /// reason is that node's address (`host:port`); connect there (then the usual list).
     pub const MOVED: Self = Self(20);
+    /// No such object, or none this user may read (the two are one answer, so that an id
+    /// says nothing to a stranger).
+    pub const NOT_FOUND: Self = Self(21);
 
     /// The constant's name, for logs and CLI messages.
     pub fn name(self) -> &'static str {
@@ -117,6 +158,7 @@ impl ErrorCode {
             Self::REPLACED => "replaced",
             Self::CONTROL_CLOSED => "control_closed",
             Self::MOVED => "moved",
+            Self::NOT_FOUND => "not_found",
             _ => "unknown",
         }
     }

@@ -90,6 +90,12 @@ impl FrameReader {
         }
     }
 
+    /// The stream and the bytes read from it past the last frame: for a stream that goes on
+    /// with raw bytes after its first frames (an upload).
+    pub fn into_inner(self) -> (quinn::RecvStream, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     /// Whether a whole frame is already buffered (the next `next` will not wait).
     pub fn has_frame(&self) -> bool {
         codec::frame_bounds(&self.buf, self.max).is_ok()
@@ -128,6 +134,12 @@ impl FrameWriter {
     /// Writes one frame.
     pub async fn send<T: Serialize>(&mut self, frame: &T) -> Result<(), StreamError> {
         let bytes = self.encode(frame)?;
+        self.stream.write_chunk(bytes).await?;
+        Ok(())
+    }
+
+    /// Writes raw bytes (a download's, after its first frame).
+    pub async fn send_raw(&mut self, bytes: Bytes) -> Result<(), StreamError> {
         self.stream.write_chunk(bytes).await?;
         Ok(())
     }

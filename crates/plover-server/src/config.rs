@@ -79,6 +79,76 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Many nodes on NATS JetStream. Absent: one node on its embedded store.
     pub cluster: Option<ClusterConfig>,
+    /// Images and files: where their bytes are kept, and the limits on them.
+    pub media: MediaConfig,
+}
+
+/// Where stored objects live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaStore {
+    /// Files under `media.dir` (default `<data>/media/objects`).
+    Fs,
+    /// An S3-compatible store (`[media.s3]`).
+    S3,
+}
+
+/// Images and files (ARCHITECTURE.md, "Media").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Where objects live: `fs` (the default) or `s3`. A cluster's nodes must share one
+    /// store: `s3`, or `fs` on a directory they all see.
+    pub store: MediaStore,
+    /// The `fs` store's directory. Default: `<data>/media/objects`.
+    pub dir: Option<PathBuf>,
+    /// The S3 store, for `store = "s3"`.
+    pub s3: Option<S3Config>,
+    /// The largest object, in bytes. 100 MiB: a phone's video, not a film.
+    pub max_size: u64,
+    /// Bytes of objects one user may keep stored (objects their messages still reference,
+    /// and uploads under way). 10 GiB.
+    pub quota: u64,
+    /// Uploads one user may start per hour (resuming one counts again). 600.
+    pub uploads_per_hour: u32,
+    /// An unfinished upload, or a stored object no message references, is removed after
+    /// this. 24 h: time to resume across a night without a connection.
+    #[serde(with = "humantime_serde")]
+    pub expire_after: Duration,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            store: MediaStore::Fs,
+            dir: None,
+            s3: None,
+            max_size: 100 * 1024 * 1024,
+            quota: 10 * 1024 * 1024 * 1024,
+            uploads_per_hour: 600,
+            expire_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// An S3-compatible object store. Credentials come from the environment
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), never from this file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// The bucket.
+    pub bucket: String,
+    /// Its endpoint (`https://s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:8333`).
+    pub endpoint: Option<String>,
+    /// Its region.
+    #[serde(default = "S3Config::default_region")]
+    pub region: String,
+}
+
+impl S3Config {
+    fn default_region() -> String {
+        "us-east-1".into()
+    }
 }
 
 /// Many nodes on NATS JetStream (ARCHITECTURE.md, "Cluster").
@@ -569,6 +639,7 @@ impl Default for Config {
             push: PushConfig::default(),
             metrics: MetricsConfig::default(),
             cluster: None,
+            media: MediaConfig::default(),
         }
     }
 }
@@ -606,6 +677,17 @@ impl Config {
                 "in a cluster, limits.max_body must be at most 256 KiB (every write goes \
                  through NATS, whose messages are at most 1 MiB)",
             );
+        }
+        if self.media.max_size == 0 || self.media.quota < self.media.max_size {
+            return invalid("media.max_size must be positive and media.quota at least max_size");
+        }
+        if self.media.uploads_per_hour == 0 || self.media.expire_after < Duration::from_secs(60) {
+            return invalid(
+                "media.uploads_per_hour must be positive and media.expire_after at least 1m",
+            );
+        }
+        if self.media.store == MediaStore::S3 && self.media.s3.is_none() {
+            return invalid("media.store = \"s3\" needs a [media.s3] section with its bucket");
         }
         if self.limits.max_streams == 0 || self.limits.max_streams > 1024 {
             return invalid("limits.max_streams must be between 1 and 1024");

@@ -33,6 +33,13 @@ pub mod auth;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+// Sizes, offsets and ranges come from clients.
+#[warn(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::expect_used
+)]
+pub mod media;
 pub mod metrics;
 pub mod persist;
 pub mod push;

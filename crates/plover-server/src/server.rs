@@ -32,6 +32,9 @@ pub enum ServerError {
     /// The node cannot join its cluster.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The media store cannot be opened.
+    #[error(transparent)]
+    Media(#[from] crate::media::MediaError),
 }
 
 /// A server that is bound and ready to run.
@@ -43,6 +46,8 @@ pub struct Server {
     metrics: Option<tokio::net::TcpListener>,
     render: Option<crate::metrics::Render>,
     cluster: Option<crate::cluster::Cluster>,
+    /// Uploads, downloads and their collector.
+    media: Arc<crate::media::Media>,
     /// A cluster node's appender and applier of the replicated log.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -107,7 +112,14 @@ impl Server {
                 router
             }
         };
-        let listener = Listener::bind(&config, router.clone(), keys, cluster.as_ref())?;
+        let media = Arc::new(crate::media::Media::open(&config, router.clone())?);
+        let listener = Listener::bind(
+            &config,
+            router.clone(),
+            keys,
+            cluster.as_ref(),
+            media.clone(),
+        )?;
         let addr = listener
             .local_addr()
             .map_err(|source| TransportError::Bind {
@@ -130,6 +142,7 @@ impl Server {
             metrics,
             render: None,
             cluster,
+            media,
             tasks,
         })
     }
@@ -171,7 +184,12 @@ impl Server {
     ) -> Result<(), ServerError> {
         info!("listening on {}", self.addr);
         let duty = self.cluster.as_ref().map(|c| c.ownership().clone());
-        let sweeper = tokio::spawn(sweep(self.router.clone(), self.retention.clone(), duty));
+        let sweeper = tokio::spawn(sweep(
+            self.router.clone(),
+            self.retention.clone(),
+            duty,
+            self.media.clone(),
+        ));
         let metrics = self.metrics.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 info!("metrics on http://{addr}/metrics");
@@ -219,18 +237,21 @@ impl Server {
     }
 }
 
-/// Removes expired bodies every `sweep_interval`.
+/// Removes expired bodies every `sweep_interval`, then the objects no message references.
 /// In a cluster only the node holding shard 0 sweeps (`duty`): its removals go through the
 /// log to every node, and the others would only append the same ones again.
 async fn sweep(
     router: Router,
     config: crate::config::RetentionConfig,
     duty: Option<Arc<crate::cluster::Ownership>>,
+    media: Arc<crate::media::Media>,
 ) {
     let mut tick = tokio::time::interval(config.sweep_interval);
     tick.tick().await;
     loop {
         tick.tick().await;
+        // Each node's own unfinished uploads.
+        media.expire_uploads().await;
         if let Some(ownership) = &duty
             && !ownership.owned().iter().any(|(shard, _)| *shard == 0)
         {
@@ -243,6 +264,10 @@ async fn sweep(
             Ok(Ok(n)) => info!(removed = n, "retention sweep removed message bodies"),
             Ok(Err(e)) => tracing::warn!(error = %e, "retention sweep failed"),
             Err(e) => tracing::warn!(error = %e, "retention sweep panicked"),
+        }
+        // Then the objects whose last reference the sweep (or a deletion) removed.
+        if let Err(e) = media.collect().await {
+            tracing::warn!(error = %e, "media collection failed; the next pass tries again");
         }
     }
 }

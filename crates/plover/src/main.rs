@@ -19,7 +19,7 @@ mod render;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cmd::{chat, groups, messages, nodes, push, receipts, serve, token};
+use cmd::{chat, files, groups, messages, nodes, push, receipts, serve, token};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,8 @@ enum Command {
     Listen(messages::ListenArgs),
     /// Print a conversation's history, oldest first.
     History(messages::HistoryArgs),
+    /// Download a message's attachment: checked, decrypted, written to a file.
+    Fetch(files::FetchArgs),
     /// List your conversations.
     Conversations(messages::ConversationsArgs),
     /// Mark a conversation read (up to its latest message, or `--up-to`).
@@ -113,6 +115,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Send(args) => messages::send(args).await,
         Command::Listen(args) => messages::listen(args).await,
         Command::History(args) => messages::history(args).await,
+        Command::Fetch(args) => files::fetch(args).await,
         Command::Conversations(args) => messages::conversations(args).await,
         Command::Read(args) => receipts::read(args).await,
         Command::Presence(args) => receipts::presence(args).await,

@@ -2,19 +2,86 @@
 
 use anyhow::Result;
 use plover_client::Incoming;
+use plover_proto::content::{Attachment, Content};
 use plover_proto::{ConversationChange, Event, Message};
 use serde_json::json;
 use std::io::Write;
 use std::time::Duration;
 
+/// What a message's body says (PROTOCOL.md, "Content"): text, an attachment, or a body in
+/// a newer format than this build reads.
+pub(crate) fn content(m: &Message) -> Option<Content> {
+    Content::decode(&m.body)
+}
+
+/// An attachment's public fields (never its key), for `--json`.
+pub(crate) fn attachment_json(m: &Message, a: &Attachment) -> serde_json::Value {
+    json!({
+        "type": "attachment",
+        "conversation": m.conversation,
+        "seq": m.seq,
+        "from": m.from,
+        "ts": m.ts,
+        "object": a.object.hex(),
+        "size": a.size,
+        "plain_size": a.plain_size,
+        "media_type": a.media_type,
+        "name": a.name,
+        "width": a.dimensions.map(|d| d.0),
+        "height": a.dimensions.map(|d| d.1),
+        "thumbnail": a.thumbnail.as_ref().map(|t| t.len()),
+        "caption": a.caption,
+    })
+}
+
+/// How a message's body reads on one line.
+pub(crate) fn body_text(m: &Message) -> String {
+    match content(m) {
+        Some(Content::Text { text }) => text,
+        Some(Content::Attachment(a)) => {
+            let caption = a
+                .caption
+                .as_deref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default();
+            format!(
+                "[attachment {} ({}, {})]{caption}",
+                a.name,
+                a.media_type,
+                human_size(a.plain_size)
+            )
+        }
+        None => "[a message in a newer format]".into(),
+    }
+}
+
+/// `2.4 MB`, `812 B`.
+pub(crate) fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 pub(crate) fn message_json(m: &Message) -> serde_json::Value {
     let Some(change) = &m.change else {
+        if let Some(Content::Attachment(a)) = content(m) {
+            return attachment_json(m, &a);
+        }
         return json!({
             "type": "message",
             "conversation": m.conversation,
             "seq": m.seq,
             "from": m.from,
-            "text": String::from_utf8_lossy(&m.body),
+            "text": body_text(m),
             "ts": m.ts,
         });
     };
@@ -161,7 +228,7 @@ pub(crate) fn message_line(m: &Message) -> String {
             m.conversation,
             m.seq,
             m.from,
-            String::from_utf8_lossy(&m.body)
+            body_text(m)
         ),
         Some(change) => format!(
             "[{time}] conversation {} #{} -- {} --",

@@ -506,6 +506,9 @@ impl Replica {
 fn size(entry: &Entry) -> usize {
     match &entry.record {
         crate::router::Record::Send { body, .. } => body.len() + 96,
+        crate::router::Record::SendWith { body, objects, .. } => {
+            body.len() + 96 + 32 * objects.len()
+        }
         crate::router::Record::Write(w) => {
             w.ops
                 .iter()

@@ -60,6 +60,8 @@ pub enum Ks {
     PushContent,
     /// `meta`
     Meta,
+    /// `media`
+    Media,
 }
 
 /// One recorded write: a key set to a value, or removed (`None`). A cluster node records a
@@ -88,7 +90,7 @@ pub struct Recorded {
 
 impl Ks {
     /// Every keyspace, in the order snapshots number them.
-    pub const ALL: [Ks; 16] = [
+    pub const ALL: [Ks; 17] = [
         Ks::Messages,
         Ks::Log,
         Ks::Conversations,
@@ -105,6 +107,7 @@ impl Ks {
         Ks::PendingPush,
         Ks::PushContent,
         Ks::Meta,
+        Ks::Media,
     ];
 }
 
@@ -197,6 +200,7 @@ impl Store {
             Ks::PendingPush => &self.pending_push,
             Ks::PushContent => &self.push_content,
             Ks::Meta => &self.meta,
+            Ks::Media => &self.media,
         }
     }
 }
@@ -232,6 +236,21 @@ impl Sink {
 }
 
 impl StoreBatch<'_> {
+    /// Sets a key (for the per-keyspace methods of `persist`'s modules).
+    pub(super) fn insert(&mut self, ks: Ks, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.sink.insert(self.store, ks, key, value);
+    }
+
+    /// Removes a key (for the per-keyspace methods of `persist`'s modules).
+    pub(super) fn remove(&mut self, ks: Ks, key: impl AsRef<[u8]>) {
+        self.sink.remove(self.store, ks, key);
+    }
+
+    /// The store the batch writes to (for reads a write depends on).
+    pub(super) fn store(&self) -> &Store {
+        self.store
+    }
+
     /// Applies recorded writes (another node's, from the replicated log).
     pub fn apply(&mut self, ops: &[Op]) {
         for op in ops {

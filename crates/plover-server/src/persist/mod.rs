@@ -43,6 +43,7 @@ mod conversations;
 pub(crate) mod failpoint;
 mod keys;
 mod logs;
+mod media;
 mod messages;
 mod priority;
 mod pushers;
@@ -53,6 +54,7 @@ mod store;
 mod users;
 
 pub use batch::{Ks, Op, Recorded, SideWrite, StoreBatch, Writer};
+pub use media::{MediaRefs, ObjectRecord, RefRecord};
 pub use records::{ConversationRecord, LogEntry, MemberRecord, PendingPush, has_body, tombstone};
 pub use store::{DEFAULT_JOURNAL_SIZE, MEMTABLE_SIZE};
 
@@ -121,6 +123,7 @@ pub struct Store {
     pending_push: Keyspace,
     push_content: Keyspace,
     meta: Keyspace,
+    media: Keyspace,
     durability: Durability,
     poisoned: AtomicBool,
     /// Test builds only: store operations made to fail on purpose.

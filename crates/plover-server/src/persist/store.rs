@@ -103,6 +103,7 @@ impl Store {
             pending_push: ks("pending_push")?,
             push_content: ks("push_content")?,
             meta: ks("meta")?,
+            media: ks("media")?,
             // Last, so that it sees every keyspace above (it is declared first, so dropped
             // first).
             _reaper: reaper::Reaper::start(

@@ -141,17 +141,20 @@ impl Notifier {
         self.stop.send_replace(true);
     }
 
-    /// Offers a stored message for `user`. Never blocks.
-    pub fn offer(&self, user: &str, msg: &Message) {
+    /// Offers a stored message for `user`. Never blocks. `attached`: the message references
+    /// stored objects, so its body (which carries their keys) never goes in a notification.
+    pub fn offer(&self, user: &str, msg: &Message, attached: bool) {
         if msg.change.is_some() || user == msg.from {
             return;
         }
         if !read(&self.with_pushers).contains(user) || (self.online)(user) {
             return;
         }
-        let body = read(&self.content)
-            .contains(&(user.to_owned(), msg.conversation))
-            .then(|| msg.body.clone());
+        // A body that references stored objects carries their keys: never in a
+        // notification, whatever the conversation's setting.
+        let body = (!attached
+            && read(&self.content).contains(&(user.to_owned(), msg.conversation)))
+        .then(|| msg.body.clone());
         let offer = Offer {
             user: user.to_owned(),
             conversation: msg.conversation,

@@ -47,6 +47,9 @@ struct Fanout {
     trace: Option<usize>,
     /// Whether the recipients' pushers are offered it.
     notify: bool,
+    /// Whether it references stored objects (its body then never goes in a notification:
+    /// it carries a file's key).
+    attached: bool,
 }
 
 pub(super) struct CommitThread {
@@ -157,6 +160,7 @@ impl CommitThread {
                     msg,
                     recipients: members,
                     membership,
+                    refs,
                     reply,
                     since,
                     stamps,
@@ -174,6 +178,9 @@ impl CommitThread {
                         messages_in += 1;
                     }
                     batch.put_message(&msg);
+                    if let Some(refs) = &refs {
+                        batch.put_refs(msg.conversation, msg.seq, msg.ts, refs);
+                    }
                     match membership {
                         None => {
                             // The sender has read everything up to their own message.
@@ -219,6 +226,7 @@ impl CommitThread {
                                 origin,
                                 trace,
                                 notify,
+                                attached: refs.is_some(),
                             });
                         }
                         Err(e) => {
@@ -262,6 +270,7 @@ impl CommitThread {
                             origin: 0,
                             trace: None,
                             notify: false,
+                            attached: false,
                         }),
                         Err(e) => failed = Some(e),
                     }
@@ -276,6 +285,12 @@ impl CommitThread {
                         continue;
                     }
                     batch.put_message(&tombstone);
+                    // Deleted for everyone: the objects it referenced go with it.
+                    if let Err(e) = batch.drop_refs(tombstone.conversation, tombstone.seq) {
+                        let _ = reply.send(Err(RouterError::Unavailable));
+                        failed = Some(e.into());
+                        continue;
+                    }
                     replies.push((
                         reply,
                         Sent {
@@ -304,6 +319,7 @@ impl CommitThread {
                             origin: 0,
                             trace: None,
                             notify: false,
+                            attached: false,
                         }),
                         Err(e) => failed = Some(e),
                     }
@@ -399,6 +415,7 @@ impl CommitThread {
                     origin,
                     trace,
                     notify,
+                    attached,
                 } in deliveries
                 {
                     let timing = trace_of(trace);
@@ -406,7 +423,7 @@ impl CommitThread {
                         && notify
                     {
                         for member in members.iter() {
-                            self.notifier.offer(member, msg);
+                            self.notifier.offer(member, msg, attached);
                         }
                     }
                     for (member, pos) in members.iter().zip(positions) {

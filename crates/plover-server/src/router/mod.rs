@@ -511,6 +511,16 @@ impl Router {
             .await
     }
 
+    /// Runs `f` on the blocking pool with the store and its writer (side writes that go
+    /// through the replicated log in a cluster), among the router's bounded blocking work.
+    pub async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store, &dyn Writer) -> Result<T, RouterError> + Send + 'static,
+    ) -> Result<T, RouterError> {
+        let (store, writer) = (self.inner.store.clone(), self.inner.writer.clone());
+        self.inner.gate.run(move || f(&store, &*writer)).await
+    }
+
     /// Records a user at their first authenticated connection.
     pub async fn ensure_user(&self, user: &str) -> Result<(), RouterError> {
         let (store, writer) = (self.inner.store.clone(), self.inner.writer.clone());
@@ -608,6 +618,24 @@ impl Router {
         body: bytes::Bytes,
         origin: u64,
     ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
+        self.send_referencing(conversation, from, device, id, body, Vec::new(), origin)
+            .await
+    }
+
+    /// [`Router::send`] of a message that references stored objects (`SendWith`; the
+    /// caller checked that the sender uploaded them): the message's references are written
+    /// with it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_referencing(
+        &self,
+        conversation: ConversationId,
+        from: &str,
+        device: &str,
+        id: ClientMsgId,
+        body: bytes::Bytes,
+        objects: Vec<plover_proto::ObjectId>,
+        origin: u64,
+    ) -> Result<oneshot::Receiver<Result<Sent, RouterError>>, RouterError> {
         // The first of the message's stage stamps: its frame was decoded just before.
         let arrived = std::time::Instant::now();
         self.charge(from, "sending")?;
@@ -633,6 +661,7 @@ impl Router {
             held,
             ts: 0,
             notify: true,
+            objects,
         };
         if let Some(replicated) = self.replicated() {
             self.send_replicated(replicated, request).await?;

@@ -55,6 +55,8 @@ pub(super) enum CommitItem {
         msg: Message,
         recipients: Arc<[String]>,
         membership: Option<Box<MembershipWrite>>,
+        /// The objects it references (`SendWith`).
+        refs: Option<Box<crate::persist::MediaRefs>>,
         reply: Reply,
         /// When the send reached its shard (for the ack latency metric).
         since: std::time::Instant,

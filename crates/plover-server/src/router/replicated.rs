@@ -91,6 +91,23 @@ pub enum Record {
     Write(Recorded),
     /// Nothing: answered once this node applied everything before it.
     Barrier,
+    /// A message that references stored objects (`SendWith`).
+    SendWith {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The sender.
+        from: String,
+        /// The device it came from.
+        device: String,
+        /// Its client id (idempotency).
+        id: ClientMsgId,
+        /// The opaque body.
+        body: bytes::Bytes,
+        /// Server time at the entry node, Unix ms.
+        ts: u64,
+        /// The objects.
+        objects: Vec<plover_proto::ObjectId>,
+    },
 }
 
 /// An entry of the replicated log: a record, and who waits for it.
@@ -287,13 +304,26 @@ impl Router {
         replicated: &Replicated,
         request: SendRequest,
     ) -> Result<(), RouterError> {
-        let record = Record::Send {
-            conversation: request.conversation,
-            from: request.from,
-            device: request.device,
-            id: request.id,
-            body: request.body,
-            ts: super::now_ms(),
+        // A message without objects keeps the entry it always had.
+        let record = if request.objects.is_empty() {
+            Record::Send {
+                conversation: request.conversation,
+                from: request.from,
+                device: request.device,
+                id: request.id,
+                body: request.body,
+                ts: super::now_ms(),
+            }
+        } else {
+            Record::SendWith {
+                conversation: request.conversation,
+                from: request.from,
+                device: request.device,
+                id: request.id,
+                body: request.body,
+                ts: super::now_ms(),
+                objects: request.objects,
+            }
         };
         let waiting = Waiting::Send {
             reply: request.reply,
@@ -386,7 +416,7 @@ impl Router {
                 index: index as u32,
             };
             let waiting = replicated.take(&entry);
-            let request = match entry.record {
+            let record = match entry.record {
                 Record::Send {
                     conversation,
                     from,
@@ -394,6 +424,26 @@ impl Router {
                     id,
                     body,
                     ts,
+                } => Record::SendWith {
+                    conversation,
+                    from,
+                    device,
+                    id,
+                    body,
+                    ts,
+                    objects: Vec::new(),
+                },
+                other => other,
+            };
+            let request = match record {
+                Record::SendWith {
+                    conversation,
+                    from,
+                    device,
+                    id,
+                    body,
+                    ts,
+                    objects,
                 } => {
                     let (reply, stamps, origin, held, notify) = match waiting {
                         Some(Waiting::Send {
@@ -429,7 +479,14 @@ impl Router {
                         held,
                         ts,
                         notify,
+                        objects,
                     })
+                }
+                // Made a `SendWith` above.
+                Record::Send { .. } => {
+                    return Err(RouterError::Internal(
+                        "a Send entry left unconverted".into(),
+                    ));
                 }
                 Record::Marks {
                     conversation,

@@ -57,6 +57,7 @@ pub(super) fn sweep(
                 break;
             }
             let mut tombstones = Vec::new();
+            let mut unreferenced = Vec::new();
             let mut done = true;
             for msg in &page {
                 // Server time only grows with seq (up to clock steps), so the first message
@@ -69,6 +70,9 @@ pub(super) fn sweep(
                     tombstones.push(tombstone(msg));
                     removed += 1;
                 }
+                // Its objects go with the body; under `until_delivered` this is the 30-day
+                // bound, whoever has not fetched them yet.
+                unreferenced.push(msg.seq);
                 next = msg.seq + 1;
             }
             // With the next group commit, sharing its fsync.
@@ -76,6 +80,11 @@ pub(super) fn sweep(
             writer.write(Box::new(move |batch| {
                 for t in &tombstones {
                     batch.put_message(t);
+                }
+                for seq in unreferenced {
+                    if let Err(e) = batch.drop_refs(conv, seq) {
+                        tracing::warn!(conv, seq, error = %e, "cannot read a message's objects; they stay referenced");
+                    }
                 }
                 batch.put_watermark(SWEPT, conv, swept);
             }))?;

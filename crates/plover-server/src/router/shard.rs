@@ -77,6 +77,8 @@ pub(super) struct SendRequest {
     /// Whether this node offers it to the members' pushers (in a cluster, only the node
     /// where it was sent does).
     pub(super) notify: bool,
+    /// The stored objects it references (`SendWith`), checked by the caller.
+    pub(super) objects: Vec<plover_proto::ObjectId>,
 }
 
 /// A change to a group's membership.
@@ -390,6 +392,22 @@ impl Shard {
         // Sending counts as having read (and received) everything up to one's own message.
         state.marks.insert(msg.from.clone(), (sent.seq, sent.seq));
         let recipients = state.names.clone();
+        // Its references to objects; under `until_delivered` they stay until every other
+        // member fetched the objects (the body may go before that).
+        let refs = (!req.objects.is_empty()).then(|| {
+            let pending = match state.record.retention {
+                Retention::UntilDelivered => recipients
+                    .iter()
+                    .filter(|m| **m != msg.from)
+                    .cloned()
+                    .collect(),
+                _ => Vec::new(),
+            };
+            Box::new(crate::persist::MediaRefs {
+                objects: req.objects,
+                pending,
+            })
+        });
         owned.recent.insert(key.clone(), sent.clone());
         owned.order.push_back(key);
         while owned.order.len() > self.recent_capacity {
@@ -401,6 +419,7 @@ impl Shard {
             msg,
             recipients,
             membership: None,
+            refs,
             reply: req.reply,
             since: req.stamps.queued,
             stamps: Some(Stamps {
@@ -580,6 +599,7 @@ impl Shard {
                     msg,
                     recipients,
                     membership: Some(Box::new(write)),
+                    refs: None,
                     reply: req.reply,
                     since: std::time::Instant::now(),
                     stamps: None,

@@ -132,6 +132,7 @@ impl World {
             "fuzz".into(),
             None,
             None,
+            Arc::new(crate::media::Media::open(&config, router.clone()).expect("media")),
         ));
         let mut actors = Vec::new();
         let mut online = Vec::new();

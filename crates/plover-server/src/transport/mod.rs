@@ -9,6 +9,7 @@ mod budget;
 mod devices;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod media;
 mod requests;
 mod session;
 pub mod tls;
@@ -112,6 +113,7 @@ impl Listener {
         router: Router,
         keys: TokenKeys,
         cluster: Option<&crate::cluster::Cluster>,
+        media: Arc<crate::media::Media>,
     ) -> Result<Self, TransportError> {
         let (cert_path, key_path) = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
@@ -153,6 +155,7 @@ impl Listener {
                 server_id,
                 cluster.map(|c| c.registry().clone()),
                 cluster.map(|c| c.redirect().clone()),
+                media,
             )),
         })
     }

@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     /// In a cluster: where new clients go while this node holds too many (see
     /// `Cluster::redirect`).
     pub(crate) redirect: Option<crate::cluster::Redirect>,
+    /// Uploads and downloads.
+    pub(crate) media: Arc<crate::media::Media>,
 }
 
 impl Shared {
@@ -44,6 +46,7 @@ impl Shared {
         server_id: String,
         registry: Option<Arc<crate::cluster::Registry>>,
         redirect: Option<crate::cluster::Redirect>,
+        media: Arc<crate::media::Media>,
     ) -> Self {
         Self {
             router,
@@ -59,6 +62,7 @@ impl Shared {
             )),
             stages: crate::router::timing::StageRecorder::new(&config.metrics),
             redirect,
+            media,
         }
     }
 }
@@ -326,7 +330,10 @@ impl Actor {
         let limits = &self.shared.limits;
         let frame = match frame {
             ClientFrame::Send { id, body } => {
-                return Step::Answer(self.accept_send(conversation, id, body).await);
+                return Step::Answer(self.accept_send(conversation, id, body, Vec::new()).await);
+            }
+            ClientFrame::SendWith { id, body, objects } => {
+                return Step::Answer(self.accept_send(conversation, id, body, objects).await);
             }
             ClientFrame::Delivered { up_to } => {
                 self.marks(conversation, up_to, 0).await;
@@ -448,12 +455,36 @@ impl Actor {
         conversation: ConversationId,
         id: ClientMsgId,
         body: Bytes,
+        objects: Vec<plover_proto::ObjectId>,
     ) -> Pending {
         let max = self.shared.limits.max_body as usize;
         let failed =
             |code, message: String| Pending::Frame(ServerFrame::SendFailed { id, code, message });
         if body.is_empty() {
             return failed(ErrorCode::INVALID_REQUEST, "empty message body".into());
+        }
+        if objects.len() > crate::media::MAX_OBJECTS_PER_MESSAGE {
+            return failed(
+                ErrorCode::INVALID_REQUEST,
+                format!(
+                    "a message may reference at most {} objects",
+                    crate::media::MAX_OBJECTS_PER_MESSAGE
+                ),
+            );
+        }
+        // Only objects the sender uploaded: anyone else's, like one that does not exist, is
+        // `not_found` (an id says nothing to a stranger).
+        for object in &objects {
+            match self.router().store().object(object) {
+                Ok(Some(record)) if record.uploaders.contains(&self.user) => {}
+                Ok(_) => {
+                    return failed(
+                        ErrorCode::NOT_FOUND,
+                        format!("no object {object} uploaded by {}", self.user),
+                    );
+                }
+                Err(e) => return failed(ErrorCode::UNAVAILABLE, e.to_string()),
+            }
         }
         if body.len() > max {
             return failed(
@@ -466,12 +497,13 @@ impl Actor {
         }
         match self
             .router()
-            .send(
+            .send_referencing(
                 conversation,
                 &self.user,
                 &self.device,
                 id,
                 body,
+                objects,
                 self.feed.load(Ordering::Relaxed),
             )
             .await

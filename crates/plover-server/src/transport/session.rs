@@ -22,7 +22,7 @@ use plover_proto::{
 use plover_quic::{FrameReader, FrameWriter, StreamError};
 
 /// How long a closing stream or connection waits for its last frames to reach the peer.
-const LINGER: Duration = Duration::from_secs(1);
+pub(super) const LINGER: Duration = Duration::from_secs(1);
 /// Encoded frames queued towards one delivery stream before the dispatcher waits for it.
 const DELIVERY_STREAM_QUEUE: usize = 64;
 /// Encoded event bytes queued towards one device, across its delivery streams, before the
@@ -475,7 +475,43 @@ impl Session {
         let limits = &self.actor.shared.limits;
         let mut reader = FrameReader::new(recv, limits.max_frame);
         let mut writer = FrameWriter::new(send, limits.max_frame);
-        let conversation = match reader.next::<ClientFrame>().await {
+        let first = match reader.next::<ClientFrame>().await {
+            // A stream of its own per transfer (`transport/media.rs`).
+            Ok(Some(ClientFrame::Upload { size, object })) => {
+                let shared = &self.actor.shared;
+                return Box::pin(super::media::upload(
+                    &shared.media,
+                    &self.actor.user,
+                    reader,
+                    writer,
+                    size,
+                    object,
+                ))
+                .await;
+            }
+            Ok(Some(ClientFrame::Download {
+                object,
+                conversation,
+                seq,
+                offset,
+                length,
+            })) => {
+                let shared = &self.actor.shared;
+                return Box::pin(super::media::download(
+                    &shared.media,
+                    &self.actor.user,
+                    writer,
+                    object,
+                    conversation,
+                    seq,
+                    offset,
+                    length,
+                ))
+                .await;
+            }
+            other => other,
+        };
+        let conversation = match first {
             Ok(Some(frame)) => match Box::pin(self.charged_open(frame)).await {
                 Ok((conversation, opened)) => {
                     if writer.send(&opened).await.is_err() {

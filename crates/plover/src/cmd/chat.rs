@@ -137,7 +137,7 @@ impl State {
 
     fn add(&mut self, m: &Message) {
         let (text, system) = match &m.change {
-            None => (String::from_utf8_lossy(&m.body).into_owned(), false),
+            None => (crate::render::body_text(m), false),
             Some(ConversationChange::Erased) => ("(message deleted)".to_owned(), false),
             Some(change) => (crate::render::describe_change(&m.from, change), true),
         };
@@ -290,7 +290,8 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                 ));
                 let (conv, tx) = (conv.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let result = conv.send_with_id(id, Bytes::from(text.into_bytes())).await;
+                    let body = plover_proto::content::Content::Text { text }.encode();
+                    let result = conv.send_with_id(id, Bytes::from(body)).await;
                     let _ = tx.send(Input::Sent(id, result)).await;
                 });
             }

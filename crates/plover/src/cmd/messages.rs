@@ -24,8 +24,15 @@ pub(crate) struct SendArgs {
     /// A conversation id.
     #[arg(long)]
     conversation: Option<u64>,
+    /// A file to send (encrypted here; the server stores only the ciphertext).
+    #[arg(long, conflicts_with = "text")]
+    file: Option<std::path::PathBuf>,
+    /// Text sent with `--file`.
+    #[arg(long, requires = "file")]
+    caption: Option<String>,
     /// The message.
-    text: String,
+    #[arg(required_unless_present = "file")]
+    text: Option<String>,
 }
 
 #[derive(Args)]
@@ -70,14 +77,17 @@ pub(crate) struct ConversationsArgs {
 }
 
 pub(crate) async fn send(args: SendArgs) -> Result<()> {
-    if args.text.is_empty() {
+    let target = target(args.to, args.conversation)?;
+    if let Some(file) = args.file {
+        return crate::cmd::files::send_file(&args.client, target, &file, args.caption).await;
+    }
+    let text = args.text.unwrap_or_default();
+    if text.is_empty() {
         bail!("the message is empty");
     }
     let client = Client::new(args.client.config()?);
-    let target = target(args.to, args.conversation)?;
-    let ack = client
-        .send(target, Bytes::from(args.text.into_bytes()))
-        .await;
+    let body = plover_proto::content::Content::Text { text }.encode();
+    let ack = client.send(target, Bytes::from(body)).await;
     client.close().await;
     let ack = ack?;
     println!("sent conversation={} seq={}", ack.conversation, ack.seq);

@@ -1,6 +1,7 @@
 //! One module per command family: its arguments and its handler.
 
 pub(crate) mod chat;
+pub(crate) mod files;
 pub(crate) mod groups;
 pub(crate) mod messages;
 pub(crate) mod nodes;

@@ -246,7 +246,11 @@ pub async fn next_receipt(events: &mut EventStream) -> plover_proto::Receipt {
 
 pub fn text(event: &LogEvent) -> String {
     match &event.event {
-        Event::Message(m) => String::from_utf8_lossy(&m.body).into_owned(),
+        // Plain bytes from the SDK, or the CLI's content format.
+        Event::Message(m) => match plover_proto::content::Content::decode(&m.body) {
+            Some(plover_proto::content::Content::Text { text }) => text,
+            _ => String::from_utf8_lossy(&m.body).into_owned(),
+        },
         other => panic!("not a message: {other:?}"),
     }
 }

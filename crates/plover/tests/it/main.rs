@@ -25,6 +25,7 @@ mod device_sync;
 mod disk_full;
 mod groups;
 mod idempotent_retry;
+mod media;
 mod membership;
 mod metrics_endpoint;
 mod offline_delivery;

@@ -322,6 +322,44 @@ async fn web_push_is_encrypted_per_rfc_8291_and_decrypts_with_the_device_keys() 
     let plain = ece::decrypt(&components, &auth, &got[1].body).expect("decrypts");
     let v: serde_json::Value = serde_json::from_slice(&plain).expect("JSON");
     assert_eq!(v["body"], STANDARD.encode("with content"));
+
+    // A file notifies like any other message, but its body (which carries the file's key)
+    // never goes in a notification, opted in or not.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("photo.jpg");
+    std::fs::write(&path, vec![9u8; 5000]).expect("write");
+    let file = plover_client::media::prepare(&path).await.expect("prepare");
+    let alice = server.connect("alice", "laptop").await;
+    alice.upload(&file, &mut |_| {}).await.expect("upload");
+    let body = plover_proto::content::Content::Attachment(plover_proto::content::Attachment {
+        object: file.object,
+        size: file.size,
+        key: file.key,
+        chunk: plover_client::media::CHUNK,
+        plain_size: file.plain_size,
+        media_type: "image/jpeg".into(),
+        name: "photo.jpg".into(),
+        dimensions: None,
+        thumbnail: None,
+        caption: None,
+    })
+    .encode();
+    conv.send_referencing(
+        plover_proto::ClientMsgId::random(),
+        body.into(),
+        vec![file.object],
+    )
+    .await
+    .expect("send the file");
+    let got = receiver.wait_for(3).await;
+    let plain = ece::decrypt(&components, &auth, &got[2].body).expect("decrypts");
+    let v: serde_json::Value = serde_json::from_slice(&plain).expect("JSON");
+    assert_eq!(v["sender"], "alice");
+    assert!(
+        v.get("body").is_none(),
+        "a file's body in a notification: {v}"
+    );
+    alice.close().await;
     drop(conv);
     server.stop().await;
 }

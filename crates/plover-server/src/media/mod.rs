@@ -1,0 +1,456 @@
+//! Images and files: uploads into a staging area, checked and then stored create-only in the
+//! object store; downloads for the uploader and for the members a message shares them with;
+//! and the collector that removes what no message references any more.
+//!
+//! The server never sees a file: the SDK encrypts it first (PROTOCOL.md, "Content"), and an
+//! object's id is the SHA-256 of the ciphertext. Objects are kept as parts of [`PART`]
+//! bytes (`objects/<id>/<n>`), each written with a conditional create, so that a retried or
+//! concurrent commit never overwrites anything and no write holds more than one part in
+//! memory, on the filesystem and on S3 alike.
+
+mod staging;
+
+use bytes::Bytes;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use plover_proto::{ConversationId, ErrorCode, ObjectId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, MediaConfig, MediaStore};
+use crate::persist::ObjectRecord;
+use crate::router::{Router, RouterError};
+pub use staging::Staged;
+
+/// The bytes of one part of a stored object: 4 MiB, what one write holds in memory.
+pub const PART: u64 = 4 * 1024 * 1024;
+
+/// The most objects one message may reference.
+pub const MAX_OBJECTS_PER_MESSAGE: usize = 16;
+
+/// Why a media request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    /// The object does not exist, or this user may not read it (one answer for both).
+    #[error("no such object")]
+    NotFound,
+    /// The request is wrong (sizes, ranges, a hash that does not match).
+    #[error("{0}")]
+    Invalid(String),
+    /// Over a limit (size, quota, uploads per hour).
+    #[error("{0}")]
+    Limit(String),
+    /// The staging area or the object store failed.
+    #[error("media storage: {0}")]
+    Storage(String),
+    /// The store or the router failed.
+    #[error(transparent)]
+    Router(#[from] RouterError),
+}
+
+impl MediaError {
+    /// The error code clients see.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::NotFound => ErrorCode::NOT_FOUND,
+            Self::Invalid(_) => ErrorCode::INVALID_REQUEST,
+            Self::Limit(_) => ErrorCode::LIMIT,
+            Self::Storage(_) => ErrorCode::UNAVAILABLE,
+            Self::Router(e) => e.code(),
+        }
+    }
+
+    fn storage(e: impl std::fmt::Display) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+/// Uploads, downloads and the collector, over one object store.
+pub struct Media {
+    objects: Arc<dyn ObjectStore>,
+    staging: staging::Staging,
+    config: MediaConfig,
+    router: Router,
+    /// Uploads started per user in the current hour: (hour start, count).
+    started: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl std::fmt::Debug for Media {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Media")
+            .field("objects", &self.objects.to_string())
+            .finish()
+    }
+}
+
+/// What a download sends: the object's size and the range that follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// The whole object's size.
+    pub size: u64,
+    /// The first byte.
+    pub offset: u64,
+    /// How many bytes.
+    pub length: u64,
+}
+
+impl Media {
+    /// Opens the object store `config.media` names and the staging area under the data
+    /// directory.
+    pub fn open(config: &Config, router: Router) -> Result<Self, MediaError> {
+        let media = &config.media;
+        let objects: Arc<dyn ObjectStore> = match media.store {
+            MediaStore::Fs => {
+                let dir = media
+                    .dir
+                    .clone()
+                    .unwrap_or_else(|| config.data.join("media").join("objects"));
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    MediaError::Storage(format!("cannot create {}: {e}", dir.display()))
+                })?;
+                Arc::new(
+                    object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                        .map_err(MediaError::storage)?,
+                )
+            }
+            MediaStore::S3 => {
+                return Err(MediaError::Storage(
+                    "media.store = \"s3\" is not built into this server yet".into(),
+                ));
+            }
+        };
+        let staging = staging::Staging::open(&config.data.join("media").join("staging"))?;
+        Ok(Self {
+            objects,
+            staging,
+            config: media.clone(),
+            router,
+            started: Mutex::default(),
+        })
+    }
+
+    /// Starts (or resumes) `user`'s upload of `object`, `size` bytes: checks the limits and
+    /// returns the staged upload, which already holds the bytes before its `offset`.
+    pub async fn begin(
+        &self,
+        user: &str,
+        size: u64,
+        object: ObjectId,
+    ) -> Result<Staged, MediaError> {
+        if size == 0 {
+            return Err(MediaError::Invalid(
+                "an object has at least one byte".into(),
+            ));
+        }
+        if size > self.config.max_size {
+            return Err(MediaError::Limit(format!(
+                "an object of {size} bytes is over the limit of {} (media.max_size)",
+                self.config.max_size
+            )));
+        }
+        self.count_start(user)?;
+        let usage = {
+            let user = user.to_owned();
+            self.router
+                .with_store(move |store, _| Ok(store.media_usage(&user)?))
+                .await?
+        };
+        if usage.saturating_add(size) > self.config.quota {
+            return Err(MediaError::Limit(format!(
+                "{user} keeps {usage} bytes of objects; {size} more is over the quota of {} \
+                 (media.quota)",
+                self.config.quota
+            )));
+        }
+        self.staging.upload(user, object, size).await
+    }
+
+    /// Counts an upload's start against the user's hourly budget.
+    fn count_start(&self, user: &str) -> Result<(), MediaError> {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let entry = started.entry(user.to_owned()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= Duration::from_secs(3600) {
+            *entry = (now, 0);
+        }
+        if entry.1 >= self.config.uploads_per_hour {
+            return Err(MediaError::Limit(format!(
+                "{user} started {} uploads this hour, the most allowed (media.uploads_per_hour)",
+                entry.1
+            )));
+        }
+        entry.1 = entry.1.saturating_add(1);
+        Ok(())
+    }
+
+    /// Stores a complete, checked upload: its parts (create-only), then its record; the
+    /// staged bytes go.
+    pub async fn commit(&self, user: &str, staged: Staged) -> Result<ObjectId, MediaError> {
+        let (object, size) = (staged.object(), staged.size());
+        let usage = {
+            let user = user.to_owned();
+            self.router
+                .with_store(move |store, _| Ok(store.media_usage(&user)?))
+                .await?
+        };
+        if usage.saturating_add(size) > self.config.quota {
+            return Err(MediaError::Limit(format!(
+                "{user} keeps {usage} bytes of objects; {size} more is over the quota of {} \
+                 (media.quota)",
+                self.config.quota
+            )));
+        }
+        let mut part = 0u64;
+        let mut source = staged.reader().await?;
+        loop {
+            let bytes = staging::read_part(&mut source, PART).await?;
+            if bytes.is_empty() {
+                break;
+            }
+            let path = part_path(&object, part);
+            let put = self
+                .objects
+                .put_opts(
+                    &path,
+                    PutPayload::from(bytes),
+                    PutOptions::from(PutMode::Create),
+                )
+                .await;
+            match put {
+                Ok(_) => {}
+                // A retried or concurrent commit of the same bytes (the id is their hash).
+                Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(MediaError::storage(e)),
+            }
+            part = part.saturating_add(1);
+        }
+        let collect_at = crate::clock::now_ms().saturating_add(
+            u64::try_from(self.config.expire_after.as_millis()).unwrap_or(u64::MAX),
+        );
+        let who = user.to_owned();
+        self.router
+            .with_store(move |store, writer| {
+                let mut record = store.object(&object)?.unwrap_or(ObjectRecord {
+                    size,
+                    stored_ms: crate::clock::now_ms(),
+                    uploaders: Vec::new(),
+                });
+                let usage = if record.uploaders.contains(&who) {
+                    None
+                } else {
+                    record.uploaders.push(who.clone());
+                    Some(store.media_usage(&who)?.saturating_add(size))
+                };
+                writer.write(Box::new(move |b| {
+                    b.put_object(
+                        &object,
+                        &record,
+                        usage.as_ref().map(|u| (who.as_str(), *u)),
+                        collect_at,
+                    );
+                }))?;
+                Ok(())
+            })
+            .await?;
+        staged.remove().await;
+        info!(%object, size, parts = part, "object stored");
+        Ok(object)
+    }
+
+    /// Checks that `user` may read `object` (as its uploader when `conversation` is 0, else
+    /// as a member who sees message `seq` of `conversation`, which references it) and
+    /// resolves the range asked for (`length` 0: to the end).
+    pub async fn authorize(
+        &self,
+        user: &str,
+        object: ObjectId,
+        conversation: ConversationId,
+        seq: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<Range, MediaError> {
+        let who = user.to_owned();
+        let record = self
+            .router
+            .with_store(move |store, _| {
+                let Some(record) = store.object(&object)? else {
+                    return Ok(None);
+                };
+                if conversation == 0 {
+                    return Ok(record.uploaders.contains(&who).then_some(record));
+                }
+                if store.object_ref(&object, conversation, seq)?.is_none() {
+                    return Ok(None);
+                }
+                // A member who joined after the message, or who cleared it, does not see it.
+                let since = store
+                    .conversation(conversation)?
+                    .and_then(|c| c.member(&who).map(|m| m.since));
+                let sees = match since {
+                    Some(since) if since <= seq => store.cleared(conversation, &who)? < seq,
+                    _ => false,
+                };
+                Ok(sees.then_some(record))
+            })
+            .await?
+            .ok_or(MediaError::NotFound)?;
+        let size = record.size;
+        if offset > size {
+            return Err(MediaError::Invalid(format!(
+                "offset {offset} is past the object's end ({size} bytes)"
+            )));
+        }
+        let left = size.saturating_sub(offset);
+        let length = if length == 0 { left } else { length };
+        if length > left {
+            return Err(MediaError::Invalid(format!(
+                "{length} bytes from {offset} is past the object's end ({size} bytes)"
+            )));
+        }
+        Ok(Range {
+            size,
+            offset,
+            length,
+        })
+    }
+
+    /// The object's bytes from `at`, at most `max` of them and never past `end` (nor past
+    /// the part that holds `at`): a download reads its range piece by piece with this.
+    pub async fn read(
+        &self,
+        object: ObjectId,
+        at: u64,
+        end: u64,
+        max: u64,
+    ) -> Result<Bytes, MediaError> {
+        let part = at / PART;
+        let within = at % PART;
+        let take = PART
+            .saturating_sub(within)
+            .min(end.saturating_sub(at))
+            .min(max.max(1));
+        let bytes = self
+            .objects
+            .get_range(
+                &part_path(&object, part),
+                within..within.saturating_add(take),
+            )
+            .await
+            .map_err(MediaError::storage)?;
+        if bytes.is_empty() && take > 0 {
+            return Err(MediaError::Storage(format!(
+                "object {object} ends early, at {at} bytes"
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// `user` fetched all of `object` through message `seq` of `conversation`: under
+    /// `until_delivered` they are no longer waited for, and the reference goes with the last.
+    pub async fn fetched(
+        &self,
+        user: &str,
+        object: ObjectId,
+        conversation: ConversationId,
+        seq: u64,
+    ) -> Result<(), MediaError> {
+        let who = user.to_owned();
+        self.router
+            .with_store(move |store, writer| {
+                let Some(mut record) = store.object_ref(&object, conversation, seq)? else {
+                    return Ok(());
+                };
+                if !record.pending.contains(&who) {
+                    return Ok(());
+                }
+                record.pending.retain(|u| *u != who);
+                let left = (!record.pending.is_empty()).then_some(record);
+                writer.write(Box::new(move |b| {
+                    b.put_ref(&object, conversation, seq, left.as_ref());
+                }))?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Removes this node's unfinished uploads untouched for `media.expire_after`.
+    pub async fn expire_uploads(&self) {
+        self.staging.expire(self.config.expire_after).await;
+    }
+
+    /// One pass of the collector: removes the objects no message references whose time
+    /// came (`g` entries). Returns how many it removed.
+    pub async fn collect(&self) -> Result<u64, MediaError> {
+        let now = crate::clock::now_ms();
+        let due = self
+            .router
+            .with_store(move |store, _| Ok(store.objects_due(now)?))
+            .await?;
+        let mut removed = 0u64;
+        for object in due {
+            let (referenced, record) = self
+                .router
+                .with_store(move |store, _| {
+                    Ok((store.object_referenced(&object)?, store.object(&object)?))
+                })
+                .await?;
+            if referenced {
+                self.router
+                    .with_store(move |_, writer| {
+                        writer.write(Box::new(move |b| b.object_kept(&object)))?;
+                        Ok(())
+                    })
+                    .await?;
+                continue;
+            }
+            self.remove_parts(&object).await?;
+            let size = record.as_ref().map_or(0, |r| r.size);
+            let uploaders = record.map(|r| r.uploaders).unwrap_or_default();
+            self.router
+                .with_store(move |store, writer| {
+                    let mut usage = Vec::new();
+                    for user in uploaders {
+                        let now = store.media_usage(&user)?.saturating_sub(size);
+                        usage.push((user, now));
+                    }
+                    writer.write(Box::new(move |b| b.remove_object(&object, &usage)))?;
+                    Ok(())
+                })
+                .await?;
+            debug!(%object, "object removed: no message references it");
+            removed = removed.saturating_add(1);
+        }
+        if removed > 0 {
+            info!(removed, "removed objects no message references");
+        }
+        Ok(removed)
+    }
+
+    async fn remove_parts(&self, object: &ObjectId) -> Result<(), MediaError> {
+        use futures_util::StreamExt;
+        let prefix = StorePath::from(format!("objects/{}", object.hex()));
+        let mut listed = self.objects.list(Some(&prefix));
+        let mut paths = Vec::new();
+        while let Some(meta) = listed.next().await {
+            paths.push(meta.map_err(MediaError::storage)?.location);
+        }
+        for path in paths {
+            match self.objects.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    warn!(%path, error = %e, "cannot remove a part; the next pass tries again");
+                    return Err(MediaError::storage(e));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where part `n` of an object lives in the object store.
+fn part_path(object: &ObjectId, n: u64) -> StorePath {
+    StorePath::from(format!("objects/{}/{n:06}", object.hex()))
+}

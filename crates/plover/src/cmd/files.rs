@@ -1,0 +1,257 @@
+//! `plover send --file` and `plover fetch`: files encrypted on this device, uploaded and
+//! downloaded on streams of their own, resumed after a cut connection.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use plover_client::media::{Prepared, Through, prepare};
+use plover_client::{ClientError, Connection};
+use plover_proto::content::{Attachment, Content};
+use plover_proto::{ClientMsgId, Target};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::args::{ClientArgs, Which};
+
+/// How many times a transfer is tried (each resuming where the last stopped).
+const ATTEMPTS: u32 = 8;
+
+#[derive(Args)]
+pub(crate) struct FetchArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
+    which: Which,
+    /// The message that carries the attachment.
+    #[arg(long)]
+    seq: u64,
+    /// Where to write the file (default: its name, in the current directory).
+    #[arg(short = 'o', long)]
+    output: Option<PathBuf>,
+}
+
+/// A progress bar on stderr, hidden when stderr is not a terminal.
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Whether an error of a transfer is worth another attempt on a new connection.
+fn retry(e: &ClientError) -> bool {
+    !matches!(e, ClientError::Refused { .. } | ClientError::Protocol(_))
+}
+
+/// `plover send --file PATH [--caption TEXT]`.
+pub(crate) async fn send_file(
+    client: &ClientArgs,
+    target: Target,
+    path: &Path,
+    caption: Option<String>,
+) -> Result<()> {
+    let config = client.config()?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("--file names no file")?;
+    let prepared = prepare(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let progress = bar(prepared.size, &format!("uploading {name}"));
+    let mut conn: Option<Connection> = None;
+    let mut last = None;
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+        }
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match Connection::connect(&config).await {
+                Ok(c) => c,
+                Err(e) if retry(&e) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let p = progress.clone();
+        match c
+            .upload(&prepared, &mut move |held| p.set_position(held))
+            .await
+        {
+            Ok(_) => {
+                conn = Some(c);
+                last = None;
+                break;
+            }
+            Err(e) if retry(&e) => {
+                progress.println(format!("upload interrupted ({e}); resuming"));
+                last = Some(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    progress.finish_and_clear();
+    if let Some(e) = last {
+        return Err(e).context("the upload did not complete");
+    }
+    let Some(conn) = conn else {
+        bail!("the upload did not complete");
+    };
+    let attachment = attachment(&prepared, name, caption);
+    let body = Bytes::from(Content::Attachment(attachment).encode());
+    let sent = async {
+        let conv = conn.open(target, true).await?;
+        conv.send_referencing(ClientMsgId::random(), body, vec![prepared.object])
+            .await
+    }
+    .await;
+    conn.close().await;
+    let ack = sent?;
+    println!("sent conversation={} seq={}", ack.conversation, ack.seq);
+    Ok(())
+}
+
+/// The pointer a message carries to a prepared (and uploaded) file.
+fn attachment(prepared: &Prepared, name: String, caption: Option<String>) -> Attachment {
+    Attachment {
+        object: prepared.object,
+        size: prepared.size,
+        key: prepared.key,
+        chunk: plover_client::media::CHUNK,
+        plain_size: prepared.plain_size,
+        media_type: media_type(&name).to_owned(),
+        name,
+        dimensions: None,
+        thumbnail: None,
+        caption,
+    }
+}
+
+/// A media type from a file name's extension.
+fn media_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "heic" => "image/heic",
+        "mp4" => "video/mp4",
+        "mov" => "video/quicktime",
+        "mp3" => "audio/mpeg",
+        "m4a" => "audio/mp4",
+        "ogg" | "opus" => "audio/ogg",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+/// `plover fetch --conversation C --seq N [-o FILE]`.
+pub(crate) async fn fetch(args: FetchArgs) -> Result<()> {
+    let config = args.client.config()?;
+    let target = args.which.target()?;
+    let conn = Connection::connect(&config).await?;
+    let found = async {
+        let conv = conn.open(target, false).await?;
+        let (page, _) = conv
+            .history(None, Some(args.seq.saturating_sub(1)), 1)
+            .await?;
+        Ok::<_, ClientError>((conv.id(), page.into_iter().find(|m| m.seq == args.seq)))
+    }
+    .await;
+    let (conversation, message) = match found {
+        Ok(found) => found,
+        Err(e) => {
+            conn.close().await;
+            return Err(e.into());
+        }
+    };
+    let Some(message) = message else {
+        conn.close().await;
+        bail!(
+            "conversation {conversation} has no message #{} that you can see",
+            args.seq
+        );
+    };
+    let Some(Content::Attachment(attachment)) = Content::decode(&message.body) else {
+        conn.close().await;
+        bail!(
+            "message #{} of conversation {conversation} carries no attachment",
+            args.seq
+        );
+    };
+    // Only the file's name, never a path it might carry.
+    let name = Path::new(&attachment.name)
+        .file_name()
+        .map(|n| n.to_owned())
+        .unwrap_or_else(|| "attachment".into());
+    let out = args.output.unwrap_or_else(|| PathBuf::from(name));
+    let through = Through {
+        conversation,
+        seq: args.seq,
+    };
+    let progress = bar(attachment.size, &format!("fetching {}", attachment.name));
+    let mut conn = Some(conn);
+    let mut last = None;
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+        }
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match Connection::connect(&config).await {
+                Ok(c) => c,
+                Err(e) if retry(&e) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let p = progress.clone();
+        let got = c
+            .download(&attachment, through, &out, &mut move |held| {
+                p.set_position(held)
+            })
+            .await;
+        match got {
+            Ok(()) => {
+                c.close().await;
+                last = None;
+                break;
+            }
+            Err(e) if retry(&e) => {
+                progress.println(format!("download interrupted ({e}); resuming"));
+                last = Some(e);
+            }
+            Err(e) => {
+                c.close().await;
+                return Err(e.into());
+            }
+        }
+    }
+    progress.finish_and_clear();
+    if let Some(e) = last {
+        return Err(e).context("the download did not complete");
+    }
+    println!(
+        "saved {} ({} bytes, {})",
+        out.display(),
+        attachment.plain_size,
+        attachment.media_type
+    );
+    Ok(())
+}
