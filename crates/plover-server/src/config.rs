@@ -756,6 +756,21 @@ mod tests {
             default.transport.idle_timeout
         );
         assert_eq!(parsed.store.durability, default.store.durability);
+        assert_eq!(parsed.media.max_size, default.media.max_size);
+        assert_eq!(parsed.media.quota, default.media.quota);
+        assert_eq!(parsed.media.expire_after, default.media.expire_after);
+        assert_eq!(parsed.media.store, default.media.store);
+    }
+
+    #[test]
+    fn an_s3_store_needs_its_bucket() {
+        let config: Config = toml::from_str("[media]\nstore = \"s3\"\n").expect("parses");
+        let e = config.validate().expect_err("no bucket");
+        assert!(e.to_string().contains("[media.s3]"), "{e}");
+        let config: Config =
+            toml::from_str("[media]\nstore = \"s3\"\n[media.s3]\nbucket = \"b\"\n")
+                .expect("parses");
+        config.validate().expect("valid");
     }
 
     #[test]

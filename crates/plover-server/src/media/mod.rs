@@ -116,9 +116,24 @@ impl Media {
                 )
             }
             MediaStore::S3 => {
-                return Err(MediaError::Storage(
-                    "media.store = \"s3\" is not built into this server yet".into(),
-                ));
+                let Some(s3) = &media.s3 else {
+                    return Err(MediaError::Storage(
+                        "media.store = \"s3\" needs a [media.s3] section".into(),
+                    ));
+                };
+                // Credentials (and anything else `AWS_*`) from the environment, never from
+                // the configuration file.
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(&s3.bucket)
+                    .with_region(&s3.region)
+                    // Create-only writes (`If-None-Match: *`).
+                    .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch);
+                if let Some(endpoint) = &s3.endpoint {
+                    builder = builder
+                        .with_endpoint(endpoint)
+                        .with_allow_http(endpoint.starts_with("http://"));
+                }
+                Arc::new(builder.build().map_err(MediaError::storage)?)
             }
         };
         let staging = staging::Staging::open(&config.data.join("media").join("staging"))?;

@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 pub mod nats;
+pub mod s3;
 
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
@@ -284,12 +285,27 @@ pub async fn spawn_server_at(dir: &Path, certs: &Path, extra: &str) -> (Child, S
     spawn_server_on(dir, certs, extra, "127.0.0.1:0").await
 }
 
+/// [`spawn_server_with`] with more environment (an S3 store's keys).
+pub async fn spawn_server_env(dir: &Path, extra: &str, env: &[(&str, &str)]) -> (Child, String) {
+    spawn_server_full(dir, &dir.join("certs"), extra, "127.0.0.1:0", env).await
+}
+
 /// [`spawn_server_at`] listening on `listen` (a replacement on a dead node's address).
 pub async fn spawn_server_on(
     dir: &Path,
     certs: &Path,
     extra: &str,
     listen: &str,
+) -> (Child, String) {
+    spawn_server_full(dir, certs, extra, listen, &[]).await
+}
+
+async fn spawn_server_full(
+    dir: &Path,
+    certs: &Path,
+    extra: &str,
+    listen: &str,
+    env: &[(&str, &str)],
 ) -> (Child, String) {
     // Tests send faster than a person: lift the per-user rate limit.
     let config = dir.join("test.toml");
@@ -312,6 +328,7 @@ pub async fn spawn_server_on(
         .arg("--certs")
         .arg(certs)
         .env("PLOVER_LOG", "info")
+        .envs(env.iter().copied())
         // Its end of the pipe closes when this process ends, however it ends: the server
         // then stops too.
         .arg("--stop-on-stdin-eof")

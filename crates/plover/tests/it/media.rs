@@ -485,3 +485,125 @@ async fn an_object_goes_with_the_last_message_that_references_it() {
     alice.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_same_works_on_an_s3_store() {
+    use crate::common::s3::{ACCESS_KEY, S3, SECRET_KEY};
+    let s3 = S3::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_owned();
+    let extra = format!(
+        "[retention]\nsweep_interval = \"200ms\"\n{}",
+        s3.media_toml()
+    );
+    let (_server, addr) = crate::common::spawn_server_env(
+        &d,
+        &extra,
+        &[
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        ],
+    )
+    .await;
+    let (alice, bob) = (token(&d, "alice"), token(&d, "bob"));
+    assert!(plover(&d, &addr, &bob, &["conversations"]).status.success());
+
+    // Over 4 MiB: two parts in the bucket.
+    let (file, data) = sample(&d, "video.mp4", 5_000_000);
+    let out = plover(
+        &d,
+        &addr,
+        &alice,
+        &[
+            "send",
+            "--to",
+            "bob",
+            "--file",
+            file.to_str().expect("path"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fetched = d.join("fetched.mp4");
+    let out = plover(
+        &d,
+        &addr,
+        &bob,
+        &[
+            "fetch",
+            "--with",
+            "alice",
+            "--seq",
+            "1",
+            "-o",
+            fetched.to_str().expect("path"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&fetched).expect("fetched"), data);
+
+    // The bucket holds the two parts, ciphertext only.
+    let objects = s3.objects().await;
+    assert_eq!(
+        objects.len(),
+        2,
+        "{:?}",
+        objects.iter().map(|o| &o.0).collect::<Vec<_>>()
+    );
+    for (name, bytes) in &objects {
+        for run in data.chunks(32).step_by(997) {
+            assert!(
+                !bytes.windows(run.len()).any(|w| w == run),
+                "plaintext in {name}"
+            );
+        }
+    }
+
+    // Parts are written create-only: the store refuses to overwrite one (what keeps a
+    // retried commit from ever replacing stored bytes).
+    let again = s3
+        .store()
+        .put_opts(
+            &object_store::path::Path::from(objects[0].0.as_str()),
+            bytes::Bytes::from_static(b"other bytes").into(),
+            object_store::PutMode::Create.into(),
+        )
+        .await;
+    assert!(
+        matches!(again, Err(object_store::Error::AlreadyExists { .. })),
+        "{again:?}"
+    );
+
+    // Deleted for everyone: the bucket empties.
+    let out = plover(
+        &d,
+        &addr,
+        &alice,
+        &["delete", "--conversation", "1", "--seq", "1"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = s3.objects().await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left in the bucket: {}",
+            left.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
