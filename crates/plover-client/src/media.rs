@@ -25,6 +25,9 @@ pub const CHUNK: u32 = 64 * 1024;
 /// The AEAD tag each chunk adds.
 const TAG: u64 = 16;
 
+/// File reads and writes go through buffers of this size (one blocking hop per MiB).
+const IO_BUFFER: usize = 1024 * 1024;
+
 /// The nonce of chunk `index`: the index (8 bytes, big-endian), three zero bytes, and 1 on
 /// the last chunk.
 fn nonce(index: u64, last: bool) -> Nonce {
@@ -46,7 +49,7 @@ pub fn ciphertext_size(plain: u64, chunk: u32) -> u64 {
 
 /// A file's ciphertext, produced chunk by chunk from the file (it is never held whole).
 struct Sealer {
-    file: tokio::fs::File,
+    file: tokio::io::BufReader<tokio::fs::File>,
     cipher: ChaCha20Poly1305,
     chunk: u32,
     plain: u64,
@@ -67,7 +70,7 @@ impl Sealer {
             .await
             .map_err(io)?;
         Ok(Self {
-            file,
+            file: tokio::io::BufReader::with_capacity(IO_BUFFER, file),
             cipher: ChaCha20Poly1305::new(&Key::from(*key)),
             chunk,
             plain,
@@ -228,7 +231,7 @@ pub(crate) async fn download(
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<(), ClientError> {
     let partial = partial_path(out);
-    let mut file = tokio::fs::OpenOptions::new()
+    let file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&partial)
@@ -239,6 +242,7 @@ pub(crate) async fn download(
         file.set_len(0).await.map_err(io)?;
         have = 0;
     }
+    let mut file = tokio::io::BufWriter::with_capacity(IO_BUFFER, file);
     progress(have);
     if have < attachment.size {
         let (send, recv) = conn.open_bi().await.map_err(ClientError::Lost)?;
@@ -309,7 +313,7 @@ async fn decrypt(from: &Path, attachment: &Attachment, out: &Path) -> Result<(),
     let bad = |what: &str| ClientError::Protocol(format!("the downloaded file {what}"));
     let mut source = tokio::fs::File::open(from).await.map_err(io)?;
     let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; IO_BUFFER];
     loop {
         let n = source.read(&mut buf).await.map_err(io)?;
         if n == 0 {
@@ -330,13 +334,19 @@ async fn decrypt(from: &Path, attachment: &Attachment, out: &Path) -> Result<(),
         return Err(bad("has sizes that do not agree"));
     }
     let cipher = ChaCha20Poly1305::new(&Key::from(attachment.key));
-    let mut source = tokio::fs::File::open(from).await.map_err(io)?;
+    let mut source = tokio::io::BufReader::with_capacity(
+        IO_BUFFER,
+        tokio::fs::File::open(from).await.map_err(io)?,
+    );
     let temp = {
         let mut name = out.as_os_str().to_owned();
         name.push(".plover-tmp");
         PathBuf::from(name)
     };
-    let mut sink = tokio::fs::File::create(&temp).await.map_err(io)?;
+    let mut sink = tokio::io::BufWriter::with_capacity(
+        IO_BUFFER,
+        tokio::fs::File::create(&temp).await.map_err(io)?,
+    );
     let total = chunks(attachment.plain_size, attachment.chunk);
     let sealed_chunk = u64::from(attachment.chunk) + TAG;
     for index in 0..total {
@@ -354,7 +364,7 @@ async fn decrypt(from: &Path, attachment: &Attachment, out: &Path) -> Result<(),
         sink.write_all(&plain).await.map_err(io)?;
     }
     sink.flush().await.map_err(io)?;
-    sink.sync_all().await.map_err(io)?;
+    sink.get_ref().sync_all().await.map_err(io)?;
     drop(sink);
     tokio::fs::rename(&temp, out).await.map_err(io)?;
     Ok(())

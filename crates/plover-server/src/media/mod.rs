@@ -110,9 +110,11 @@ impl Media {
                 std::fs::create_dir_all(&dir).map_err(|e| {
                     MediaError::Storage(format!("cannot create {}: {e}", dir.display()))
                 })?;
+                // Each part fsynced (and its directory): `Uploaded` means on disk.
                 Arc::new(
                     object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                        .map_err(MediaError::storage)?,
+                        .map_err(MediaError::storage)?
+                        .with_fsync(true),
                 )
             }
             MediaStore::S3 => {
@@ -159,9 +161,11 @@ impl Media {
                 "an object has at least one byte".into(),
             ));
         }
-        if size > self.config.max_size {
+        let max = max_object(self.config.max_size);
+        if size > max {
             return Err(MediaError::Limit(format!(
-                "an object of {size} bytes is over the limit of {} (media.max_size)",
+                "an object of {size} bytes is over the limit of {max} (media.max_size, {}, \
+                 and the encryption's overhead)",
                 self.config.max_size
             )));
         }
@@ -220,7 +224,7 @@ impl Media {
         let mut part = 0u64;
         let mut source = staged.reader().await?;
         loop {
-            let bytes = staging::read_part(&mut source, PART).await?;
+            let bytes = source.part(PART).await?;
             if bytes.is_empty() {
                 break;
             }
@@ -463,6 +467,14 @@ impl Media {
         }
         Ok(())
     }
+}
+
+/// The largest object for files of at most `max_size` bytes: the SDK's encryption adds 16
+/// bytes per 64 KiB chunk (1/4096), and a little slack for other clients' formats.
+pub fn max_object(max_size: u64) -> u64 {
+    max_size
+        .saturating_add(max_size / 4096)
+        .saturating_add(4096)
 }
 
 /// Where part `n` of an object lives in the object store.

@@ -10,7 +10,7 @@ use tracing::debug;
 use crate::media::{Media, MediaError};
 
 /// Bytes a download writes at a time (one object store read).
-const DOWNLOAD_PIECE: u64 = 256 * 1024;
+const DOWNLOAD_PIECE: u64 = 1024 * 1024;
 
 /// Bytes asked of quinn per read of an upload.
 const UPLOAD_READ: usize = 64 * 1024;
@@ -63,12 +63,16 @@ pub(super) async fn upload(
             Ok(None) => break,
             // Cut off: what arrived stays staged, and the next `Upload` resumes after it.
             Err(e) => {
+                if let Err(e) = staged.flush().await {
+                    debug!(%object, error = %e, "cannot keep what arrived");
+                }
                 debug!(%object, have = staged.offset(), error = %e, "upload cut off");
                 return;
             }
         }
     }
     if !staged.complete() {
+        let _ = staged.flush().await;
         let e = MediaError::Invalid(format!(
             "the stream ended at {} of {size} bytes; send Upload again to resume",
             staged.offset()

@@ -380,3 +380,41 @@ async fn push(
     }
     Ok((readers, arrivals))
 }
+
+/// Raw QUIC stream throughput between two endpoints of this process: `size` bytes on one
+/// stream, read and dropped by the other side, which answers one byte at the end. Bytes per
+/// second, from the stream's opening to that answer.
+pub(crate) async fn bulk(size: u64) -> Result<f64> {
+    use tokio::io::AsyncWriteExt;
+    let ends = Endpoints::new()?;
+    let server = ends.server.clone();
+    let serving = tokio::spawn(async move {
+        let Some(incoming) = server.accept().await else {
+            return;
+        };
+        let Ok(conn) = incoming.await else { return };
+        if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            while let Ok(Some(_)) = recv.read_chunk(64 * 1024, true).await {}
+            let _ = send.write_all(&[1]).await;
+            let _ = send.finish();
+            let _ = conn.closed().await;
+        }
+    });
+    let conn = ends.connect().await?;
+    let start = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let chunk = bytes::Bytes::from(vec![0x5au8; 64 * 1024]);
+    let mut left = size;
+    while left > 0 {
+        let take = left.min(chunk.len() as u64) as usize;
+        send.write_chunk(chunk.slice(..take)).await?;
+        left -= take as u64;
+    }
+    send.shutdown().await?;
+    let mut done = [0u8; 1];
+    recv.read_exact(&mut done).await?;
+    let secs = start.elapsed().as_secs_f64();
+    conn.close(0u32.into(), b"done");
+    serving.abort();
+    Ok(size as f64 / secs)
+}

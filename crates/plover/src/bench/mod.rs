@@ -24,6 +24,7 @@ mod floor;
 mod group;
 mod log;
 mod measure;
+mod media;
 mod server;
 mod stages;
 
@@ -55,6 +56,10 @@ pub(crate) enum Scenario {
     /// pipelined `History`, sends to a large group): others' p99 compared with the quiet
     /// run's. The spawned server keeps its per-user limits for this one.
     Flood,
+    /// A file of --size bytes up and down (encrypted, as the SDK sends it) beside raw QUIC
+    /// stream throughput; the server's memory during the upload; the time to resume a cut
+    /// upload; a direct conversation's latency quiet and beside uploads.
+    Media,
     /// Appends to a JetStream stream on the NATS servers of --nats as the cluster's
     /// replicated log does (per shard one batch at a time, fenced by the expected last
     /// sequence): latency and rate of a cluster's durable write.
@@ -140,9 +145,37 @@ pub(crate) struct BenchArgs {
     /// log: replicas of the stream.
     #[arg(long, default_value_t = 3)]
     pub(crate) replicas: usize,
+    /// media: the file's size in bytes (suffixes KiB, MiB, GiB). echo: with --bulk, also
+    /// raw stream throughput over this many bytes.
+    #[arg(long, default_value = "100MiB", value_parser = parse_size)]
+    pub(crate) size: u64,
+    /// echo: also measure raw QUIC stream throughput (one stream of --size bytes).
+    #[arg(long)]
+    bulk: bool,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+/// `100MiB`, `1GiB`, `512KiB`, or plain bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (bytes, or KiB, MiB, GiB)"))?;
+    let unit = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (KiB, MiB, GiB)")),
+    };
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 impl BenchArgs {
@@ -182,6 +215,11 @@ async fn run_against_server(args: &BenchArgs) -> Result<Value> {
     Ok(match args.scenario {
         Scenario::Echo => {
             let mut report = json!({"scenario": "echo", "rtt": floor.json()});
+            if args.bulk {
+                let rate = echo::bulk(args.size).await?;
+                report["bulk_bytes"] = json!(args.size);
+                report["bulk_mbps"] = json!((rate / 1e5).round() / 10.0);
+            }
             if let Some(rate) = args.rate {
                 let load = echo::load(args.connections, rate, args.duration).await?;
                 if let (Value::Object(out), Value::Object(load)) = (&mut report, load) {
@@ -266,6 +304,7 @@ pub(crate) async fn scenario(target: &Server, args: &BenchArgs, floor: &Hist) ->
             connections::connections(target, args.connections, args.duration).await?
         }
         Scenario::Flood => flood::flood(target, args, floor).await?,
+        Scenario::Media => media::media(target, args, floor).await?,
         Scenario::Log => bail!("bench log measures NATS servers (--nats), not a plover server"),
     })
 }

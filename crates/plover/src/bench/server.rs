@@ -137,12 +137,21 @@ impl Server {
 
     /// The spawned server's resident memory, from /proc.
     pub(crate) fn server_rss(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
+        rss_of(self.pid()?)
     }
+
+    /// The spawned server's process id.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+}
+
+/// A process's resident memory, from /proc.
+pub(crate) fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 pub(crate) async fn spawn_server(

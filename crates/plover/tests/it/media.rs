@@ -242,7 +242,15 @@ async fn an_upload_cut_halfway_resumes_and_stores_one_object() {
     // One object, whole, readable by its uploader; nothing left in staging.
     let objects = files_under(&server.dir.path().join("data").join("media").join("objects"));
     let stored: u64 = objects.iter().map(|(_, b)| b.len() as u64).sum();
-    assert_eq!(stored, prepared.size);
+    assert_eq!(
+        stored,
+        prepared.size,
+        "{:?}",
+        objects
+            .iter()
+            .map(|(p, b)| (p.clone(), b.len()))
+            .collect::<Vec<_>>()
+    );
     assert!(files_under(&server.dir.path().join("data").join("media").join("staging")).is_empty());
     let out = dir.path().join("back.bin");
     alice
