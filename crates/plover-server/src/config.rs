@@ -111,6 +111,11 @@ pub struct MediaConfig {
     pub quota: u64,
     /// Uploads one user may start per hour (resuming one counts again). 600.
     pub uploads_per_hour: u32,
+    /// Bytes a second one user's uploads may send, together (the server reads no faster:
+    /// QUIC's flow control holds the client back). 10 MiB/s: above what a phone sends,
+    /// and what keeps one fast client from taking the server's CPU and disk from everyone's
+    /// messages (BENCHMARKS.md, "Media").
+    pub upload_rate: u64,
     /// An unfinished upload, or a stored object no message references, is removed after
     /// this. 24 h: time to resume across a night without a connection.
     #[serde(with = "humantime_serde")]
@@ -126,6 +131,7 @@ impl Default for MediaConfig {
             max_size: 100 * 1024 * 1024,
             quota: 10 * 1024 * 1024 * 1024,
             uploads_per_hour: 600,
+            upload_rate: 10 * 1024 * 1024,
             expire_after: Duration::from_secs(24 * 3600),
         }
     }
@@ -681,9 +687,13 @@ impl Config {
         if self.media.max_size == 0 || self.media.quota < self.media.max_size {
             return invalid("media.max_size must be positive and media.quota at least max_size");
         }
-        if self.media.uploads_per_hour == 0 || self.media.expire_after < Duration::from_secs(60) {
+        if self.media.uploads_per_hour == 0
+            || self.media.upload_rate == 0
+            || self.media.expire_after < Duration::from_secs(60)
+        {
             return invalid(
-                "media.uploads_per_hour must be positive and media.expire_after at least 1m",
+                "media.uploads_per_hour and media.upload_rate must be positive and \
+                 media.expire_after at least 1m",
             );
         }
         if self.media.store == MediaStore::S3 && self.media.s3.is_none() {

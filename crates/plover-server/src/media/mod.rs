@@ -24,8 +24,8 @@ use crate::persist::ObjectRecord;
 use crate::router::{Router, RouterError};
 pub use staging::Staged;
 
-/// The bytes of one part of a stored object: 4 MiB, what one write holds in memory.
-pub const PART: u64 = 4 * 1024 * 1024;
+/// The bytes of one part of a stored object: 1 MiB, what one write holds in memory.
+pub const PART: u64 = 1024 * 1024;
 
 /// The most objects one message may reference.
 pub const MAX_OBJECTS_PER_MESSAGE: usize = 16;
@@ -75,7 +75,13 @@ pub struct Media {
     router: Router,
     /// Uploads started per user in the current hour: (hour start, count).
     started: Mutex<HashMap<String, (Instant, u32)>>,
+    /// When each user's uploads may next read, at `media.upload_rate`.
+    paced: Mutex<HashMap<String, Instant>>,
 }
+
+/// The burst an upload may send at once before the rate applies: a quarter of a second's
+/// worth.
+const PACE_BURST: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for Media {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,6 +151,7 @@ impl Media {
             config: media.clone(),
             router,
             started: Mutex::default(),
+            paced: Mutex::default(),
         })
     }
 
@@ -202,6 +209,23 @@ impl Media {
         }
         entry.1 = entry.1.saturating_add(1);
         Ok(())
+    }
+
+    /// `user`'s uploads took `bytes` more: when they may read again (`None`: at once), so
+    /// that together they go no faster than `media.upload_rate`.
+    pub fn pace(&self, user: &str, bytes: usize) -> Option<Instant> {
+        let rate = self.config.upload_rate.max(1) as f64;
+        let cost = Duration::from_secs_f64(bytes as f64 / rate);
+        let now = Instant::now();
+        let mut paced = self.paced.lock().unwrap_or_else(|p| p.into_inner());
+        if paced.len() > 10_000 {
+            paced.retain(|_, next| *next > now);
+        }
+        let next = paced.entry(user.to_owned()).or_insert(now);
+        // Idle time earns at most a burst.
+        let start = (*next).max(now.checked_sub(PACE_BURST).unwrap_or(now));
+        *next = start.checked_add(cost).unwrap_or(start);
+        (*next > now).then_some(*next)
     }
 
     /// Stores a complete, checked upload: its parts (create-only), then its record; the

@@ -59,6 +59,10 @@ pub(super) async fn upload(
                     recv.stop(quinn::VarInt::from(e.code().0)).ok();
                     return fail(&mut writer, &e).await;
                 }
+                // `media.upload_rate`: not reading holds the client back (flow control).
+                if let Some(until) = media.pace(user, chunk.bytes.len()) {
+                    tokio::time::sleep_until(until.into()).await;
+                }
             }
             Ok(None) => break,
             // Cut off: what arrived stays staged, and the next `Upload` resumes after it.

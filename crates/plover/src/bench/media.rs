@@ -179,7 +179,10 @@ pub(crate) async fn media(target: &Server, args: &BenchArgs, floor: &Hist) -> Re
     let busy = Arc::new(AtomicBool::new(true));
     let uploads = {
         let busy = busy.clone();
-        let conn = target.connect(&user, "loader").await?;
+        // Another device: its own endpoint (UDP socket), not the load generator's.
+        let mut config = target.config(&user, "loader")?;
+        config.endpoint = None;
+        let conn = plover_client::Connection::connect(&config).await?;
         let path3 = dir.path().join("file3");
         write_file(&path3, size)?;
         tokio::spawn(async move {

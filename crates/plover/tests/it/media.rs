@@ -516,7 +516,7 @@ async fn the_same_works_on_an_s3_store() {
     let (alice, bob) = (token(&d, "alice"), token(&d, "bob"));
     assert!(plover(&d, &addr, &bob, &["conversations"]).status.success());
 
-    // Over 4 MiB: two parts in the bucket.
+    // Five 1 MiB parts in the bucket.
     let (file, data) = sample(&d, "video.mp4", 5_000_000);
     let out = plover(
         &d,
@@ -557,13 +557,19 @@ async fn the_same_works_on_an_s3_store() {
     );
     assert_eq!(std::fs::read(&fetched).expect("fetched"), data);
 
-    // The bucket holds the two parts, ciphertext only.
+    // The bucket holds the parts, ciphertext only.
     let objects = s3.objects().await;
+    let ciphertext =
+        plover_client::media::ciphertext_size(data.len() as u64, plover_client::media::CHUNK);
     assert_eq!(
-        objects.len(),
-        2,
+        objects.len() as u64,
+        ciphertext.div_ceil(plover_server::media::PART),
         "{:?}",
         objects.iter().map(|o| &o.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        objects.iter().map(|o| o.1.len() as u64).sum::<u64>(),
+        ciphertext
     );
     for (name, bytes) in &objects {
         for run in data.chunks(32).step_by(997) {
@@ -614,4 +620,21 @@ async fn the_same_works_on_an_s3_store() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn a_users_uploads_go_no_faster_than_media_upload_rate() {
+    // 400 kB a second: a 1.2 MB file cannot take much under three seconds (less the quarter
+    // second of burst); a check of the limit, not of speed (it can only be slower).
+    let server = TestServer::start_with(|c| c.media.upload_rate = 400_000).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, _) = sample(dir.path(), "f", 1_200_000);
+    let prepared = prepare(&path).await.expect("prepare");
+    let alice = server.connect("alice", "phone").await;
+    let started = Instant::now();
+    alice.upload(&prepared, &mut |_| {}).await.expect("upload");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(2500), "uploaded in {took:?}");
+    alice.close().await;
+    server.stop().await;
 }
