@@ -70,6 +70,8 @@ impl MediaError {
 /// Uploads, downloads and the collector, over one object store.
 pub struct Media {
     objects: Arc<dyn ObjectStore>,
+    /// The `fs` store's directory (where removed objects leave empty directories behind).
+    fs_root: Option<std::path::PathBuf>,
     staging: staging::Staging,
     config: MediaConfig,
     router: Router,
@@ -107,12 +109,14 @@ impl Media {
     /// directory.
     pub fn open(config: &Config, router: Router) -> Result<Self, MediaError> {
         let media = &config.media;
+        let mut fs_root = None;
         let objects: Arc<dyn ObjectStore> = match media.store {
             MediaStore::Fs => {
                 let dir = media
                     .dir
                     .clone()
                     .unwrap_or_else(|| config.data.join("media").join("objects"));
+                fs_root = Some(dir.clone());
                 std::fs::create_dir_all(&dir).map_err(|e| {
                     MediaError::Storage(format!("cannot create {}: {e}", dir.display()))
                 })?;
@@ -147,6 +151,7 @@ impl Media {
         let staging = staging::Staging::open(&config.data.join("media").join("staging"))?;
         Ok(Self {
             objects,
+            fs_root,
             staging,
             config: media.clone(),
             router,
@@ -488,6 +493,10 @@ impl Media {
                     return Err(MediaError::storage(e));
                 }
             }
+        }
+        // The filesystem store leaves the object's directory behind, empty.
+        if let Some(root) = &self.fs_root {
+            let _ = tokio::fs::remove_dir(root.join("objects").join(object.hex())).await;
         }
         Ok(())
     }

@@ -1129,3 +1129,97 @@ async fn a_draining_node_moves_its_devices_a_few_at_a_time_then_stops() {
     alice.close().await;
     n2.stop().await;
 }
+
+#[tokio::test]
+async fn a_file_sent_through_one_node_is_fetched_through_another() {
+    use plover_client::media::{Through, prepare};
+    use plover_proto::content::{Attachment, Content};
+
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    // The nodes share one object store (here a directory both see; in production S3).
+    let objects = tempfile::tempdir().expect("objects");
+    let shared = objects.path().to_path_buf();
+    let tweak = |c: &mut Config| {
+        c.media.dir = Some(shared.clone());
+        c.retention.sweep_interval = Duration::from_millis(300);
+    };
+    let n1 = node_with(&nats, "n1", tweak).await;
+    let n2 = node_with(&nats, "n2", tweak).await;
+    let bob = Connection::connect(&client(&n2, "bob", "phone"))
+        .await
+        .expect("bob");
+    let alice = Connection::connect(&client(&n1, "alice", "phone"))
+        .await
+        .expect("alice");
+    let conv = eventually_open(&alice, "bob").await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("photo.jpg");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&path, &data).expect("write");
+    let file = prepare(&path).await.expect("prepare");
+    alice
+        .upload(&file, &mut |_| {})
+        .await
+        .expect("upload on n1");
+    let attachment = Attachment {
+        object: file.object,
+        size: file.size,
+        key: file.key,
+        chunk: plover_client::media::CHUNK,
+        plain_size: file.plain_size,
+        media_type: "image/jpeg".into(),
+        name: "photo.jpg".into(),
+        dimensions: None,
+        thumbnail: None,
+        caption: None,
+    };
+    let ack = conv
+        .send_referencing(
+            plover_proto::ClientMsgId::random(),
+            Content::Attachment(attachment.clone()).encode().into(),
+            vec![file.object],
+        )
+        .await
+        .expect("send on n1");
+    // bob, on n2, fetches it: n2 knows the object and the reference from the log.
+    let out = dir.path().join("fetched.jpg");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let through = Through {
+            conversation: conv.id(),
+            seq: ack.seq,
+        };
+        match bob.download(&attachment, through, &out, &mut |_| {}).await {
+            Ok(()) => break,
+            // n2 may not have applied the entry yet.
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "not yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("bob cannot fetch through n2: {e}"),
+        }
+    }
+    assert_eq!(std::fs::read(&out).expect("read"), data);
+
+    // Deleted for everyone: whichever node collects, the shared store empties.
+    let files = |dir: &std::path::Path| -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| std::fs::read_dir(e.path()).map(|p| p.count()).unwrap_or(1))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    assert!(files(&shared.join("objects")) > 0, "nothing stored");
+    conv.delete(ack.seq).await.expect("delete");
+    eventually(Duration::from_secs(15), || {
+        (files(&shared.join("objects")) == 0).then_some(())
+    })
+    .await;
+    bob.close().await;
+    alice.close().await;
+    n1.stop().await;
+    n2.stop().await;
+}
