@@ -1203,7 +1203,7 @@ async fn a_file_sent_through_one_node_is_fetched_through_another() {
     assert_eq!(std::fs::read(&out).expect("read"), data);
 
     // Deleted for everyone: whichever node collects, the shared store empties.
-    let files = |dir: &std::path::Path| -> usize {
+    let files = |dir: &Path| -> usize {
         std::fs::read_dir(dir)
             .map(|d| {
                 d.flatten()
