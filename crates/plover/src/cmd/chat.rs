@@ -22,6 +22,7 @@ use plover_client::{
     Ack, ClientConfig, ClientError, Connection, Conversation, EventStream, Incoming, TYPING_REPEAT,
     TYPING_TTL,
 };
+use plover_proto::content::{Attachment, Content};
 use plover_proto::{ClientMsgId, ConversationChange, Event, Message, Target};
 
 use crate::args::{ClientArgs, Which};
@@ -51,6 +52,8 @@ enum Input {
     Incoming(Incoming),
     Sent(ClientMsgId, Result<Ack, ClientError>),
     StreamFailed(ClientError),
+    /// A line for the status bar (a file saved, or why not).
+    Status(String),
 }
 
 /// A line of the conversation.
@@ -83,6 +86,8 @@ struct State {
     typing: HashMap<String, Instant>,
     input: String,
     status: String,
+    /// The attachments of the messages shown, by seq (for `/save N`).
+    attachments: HashMap<u64, Attachment>,
 }
 
 impl State {
@@ -136,6 +141,11 @@ impl State {
     }
 
     fn add(&mut self, m: &Message) {
+        if m.change.is_none()
+            && let Some(Content::Attachment(a)) = Content::decode(&m.body)
+        {
+            self.attachments.insert(m.seq, a);
+        }
         let (text, system) = match &m.change {
             None => (crate::render::body_text(m), false),
             Some(ConversationChange::Erased) => ("(message deleted)".to_owned(), false),
@@ -178,6 +188,46 @@ fn clock(ms: u64) -> String {
     rfc.replace('T', " ").trim_end_matches('Z').to_owned()
 }
 
+/// `/send PATH`: the file encrypted, uploaded, and the message that points to it sent.
+async fn send_file(
+    conn: &Connection,
+    conv: &Conversation,
+    id: ClientMsgId,
+    path: &std::path::Path,
+) -> Result<Ack, ClientError> {
+    let file = plover_client::media::prepare(path).await?;
+    conn.upload(&file, &mut |_| {}).await?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let attachment = crate::cmd::files::attachment(&file, name, None);
+    let body = Content::Attachment(attachment).encode();
+    conv.send_referencing(id, Bytes::from(body), vec![file.object])
+        .await
+}
+
+/// `/save N`: message N's file, downloaded, checked and decrypted into the current
+/// directory under its name.
+async fn save(
+    conn: Arc<Connection>,
+    conversation: u64,
+    (seq, attachment): (u64, Attachment),
+    tx: mpsc::Sender<Input>,
+) {
+    let name = std::path::Path::new(&attachment.name)
+        .file_name()
+        .map(|n| n.to_owned())
+        .unwrap_or_else(|| "attachment".into());
+    let out = std::path::PathBuf::from(name);
+    let through = plover_client::media::Through { conversation, seq };
+    let line = match conn.download(&attachment, through, &out, &mut |_| {}).await {
+        Ok(()) => format!("saved {}", out.display()),
+        Err(e) => format!("could not save {}: {e}", attachment.name),
+    };
+    let _ = tx.send(Input::Status(line)).await;
+}
+
 /// Restores the terminal when dropped, whatever way the chat ends.
 struct TerminalGuard;
 
@@ -216,7 +266,9 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
         presence: HashMap::new(),
         typing: HashMap::new(),
         input: String::new(),
-        status: "Enter: send · Esc or Ctrl-C: quit".into(),
+        status: "Enter: send · /send PATH: a file · /save N: save message N's file · Esc: quit"
+            .into(),
+        attachments: HashMap::new(),
     };
     let (history, _) = conv.history(None, None, BACKLOG).await?;
     for m in &history {
@@ -280,6 +332,46 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                 if text.trim().is_empty() {
                     continue;
                 }
+                if let Some(seq) = text.trim().strip_prefix("/save ") {
+                    let Some(attachment) = seq
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                        .and_then(|n| state.attachments.get(&n).map(|a| (n, a.clone())))
+                    else {
+                        state.status = format!("no file in message {}", seq.trim());
+                        continue;
+                    };
+                    state.status = format!("saving {}...", attachment.1.name);
+                    tokio::spawn(save(
+                        conn.clone(),
+                        state.conversation,
+                        attachment,
+                        tx.clone(),
+                    ));
+                    continue;
+                }
+                if let Some(path) = text.trim().strip_prefix("/send ") {
+                    let path = std::path::PathBuf::from(path.trim());
+                    let id = ClientMsgId::random();
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    state.pending.push((
+                        id,
+                        Pending {
+                            text: format!("[attachment {name}]"),
+                            failed: None,
+                        },
+                    ));
+                    let (conn, conv, tx) = (conn.clone(), conv.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let result = send_file(&conn, &conv, id, &path).await;
+                        let _ = tx.send(Input::Sent(id, result)).await;
+                    });
+                    continue;
+                }
                 let id = ClientMsgId::random();
                 state.pending.push((
                     id,
@@ -290,7 +382,7 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                 ));
                 let (conv, tx) = (conv.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let body = plover_proto::content::Content::Text { text }.encode();
+                    let body = Content::Text { text }.encode();
                     let result = conv.send_with_id(id, Bytes::from(body)).await;
                     let _ = tx.send(Input::Sent(id, result)).await;
                 });
@@ -306,6 +398,7 @@ pub(crate) async fn run(config: ClientConfig, target: Target) -> Result<()> {
                 }
             }
             Input::Key(..) | Input::Resize => {}
+            Input::Status(line) => state.status = line,
             Input::Sent(id, result) => match result {
                 Ok(ack) => {
                     if let Some(pos) = state.pending.iter().position(|(p, _)| *p == id) {

@@ -120,7 +120,7 @@ pub(crate) async fn send_file(
 }
 
 /// The pointer a message carries to a prepared (and uploaded) file.
-fn attachment(prepared: &Prepared, name: String, caption: Option<String>) -> Attachment {
+pub(crate) fn attachment(prepared: &Prepared, name: String, caption: Option<String>) -> Attachment {
     Attachment {
         object: prepared.object,
         size: prepared.size,

@@ -15,6 +15,11 @@ impl Tmux {
     /// `plover chat ARGS` as alice, in a 110x20 tmux session named "chat" on a socket of its
     /// own (`name` and this process's id).
     fn chat(name: &str, server: &TestServer, args: &str) -> Self {
+        Self::chat_in(name, server, args, &std::env::temp_dir())
+    }
+
+    /// [`Tmux::chat`] with `dir` as the chat's working directory (where `/save` writes).
+    fn chat_in(name: &str, server: &TestServer, args: &str, dir: &std::path::Path) -> Self {
         let tmux = Tmux {
             socket: format!("{name}-{}", std::process::id()),
         };
@@ -31,6 +36,8 @@ impl Tmux {
             "-d",
             "-s",
             "chat",
+            "-c",
+            &dir.display().to_string(),
             "-x",
             "110",
             "-y",
@@ -236,6 +243,91 @@ async fn the_chat_sends_again_after_the_server_restarts() {
             tmux.screen()
         );
     }
+    tmux.run(&["send-keys", "-t", "chat", "Escape"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn files_go_out_with_send_and_come_in_with_save() {
+    use plover_client::media::{Through, prepare};
+    use plover_proto::content::{Attachment, Content};
+
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let photo = dir.path().join("photo.jpg");
+    let photo_bytes: Vec<u8> = (0..12_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&photo, &photo_bytes).expect("write");
+    let tmux = Tmux::chat_in("plover-files", &server, "--with bob", dir.path());
+    tmux.wait_for("Esc").await;
+
+    // alice sends a file from the chat.
+    let line = format!("/send {}", photo.display());
+    tmux.run(&["send-keys", "-t", "chat", &line, "Enter"]);
+    tmux.wait_for("alice: [attachment photo.jpg (image/jpeg, 12.0 kB)]  ✓ sent")
+        .await;
+    // bob gets the same bytes.
+    let bob = server.connect("bob", "phone").await;
+    let conv = bob
+        .open(Target::Direct("alice".into()), false)
+        .await
+        .expect("open");
+    let (page, _) = conv.history(None, None, 10).await.expect("history");
+    let message = page.last().expect("a message");
+    let Some(Content::Attachment(a)) = Content::decode(&message.body) else {
+        panic!("not an attachment: {message:?}");
+    };
+    let got = dir.path().join("bob-got.jpg");
+    let through = Through {
+        conversation: conv.id(),
+        seq: message.seq,
+    };
+    bob.download(&a, through, &got, &mut |_| {})
+        .await
+        .expect("download");
+    assert_eq!(std::fs::read(&got).expect("read"), photo_bytes);
+
+    // bob sends a file; alice's chat shows it, and /save writes it beside her.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let doc = elsewhere.path().join("notes.pdf");
+    let doc_bytes = vec![42u8; 3000];
+    std::fs::write(&doc, &doc_bytes).expect("write");
+    let file = prepare(&doc).await.expect("prepare");
+    bob.upload(&file, &mut |_| {}).await.expect("upload");
+    let attachment = Attachment {
+        object: file.object,
+        size: file.size,
+        key: file.key,
+        chunk: plover_client::media::CHUNK,
+        plain_size: file.plain_size,
+        media_type: "application/pdf".into(),
+        name: "notes.pdf".into(),
+        dimensions: None,
+        thumbnail: None,
+        caption: None,
+    };
+    let ack = conv
+        .send_referencing(
+            plover_proto::ClientMsgId::random(),
+            Content::Attachment(attachment).encode().into(),
+            vec![file.object],
+        )
+        .await
+        .expect("send");
+    tmux.wait_for("bob: [attachment notes.pdf (application/pdf, 3.0 kB)]")
+        .await;
+    let line = format!("/save {}", ack.seq);
+    tmux.run(&["send-keys", "-t", "chat", &line, "Enter"]);
+    tmux.wait_for("saved notes.pdf").await;
+    assert_eq!(
+        std::fs::read(dir.path().join("notes.pdf")).expect("saved"),
+        doc_bytes
+    );
+    // A message without a file: said so, nothing written.
+    tmux.run(&["send-keys", "-t", "chat", "/save 99", "Enter"]);
+    tmux.wait_for("no file in message 99").await;
+    drop(conv);
+    bob.close().await;
     tmux.run(&["send-keys", "-t", "chat", "Escape"]);
     server.stop().await;
 }
