@@ -119,20 +119,54 @@ pub(crate) async fn send_file(
     Ok(())
 }
 
-/// The pointer a message carries to a prepared (and uploaded) file.
+/// The pointer a message carries to a prepared (and uploaded) file; for an image, its
+/// dimensions and a small thumbnail, made here (the server never sees the image).
 pub(crate) fn attachment(prepared: &Prepared, name: String, caption: Option<String>) -> Attachment {
+    let media_type = media_type(&name);
+    let (dimensions, thumbnail) = if media_type.starts_with("image/") {
+        preview(&prepared.path)
+    } else {
+        (None, None)
+    };
     Attachment {
         object: prepared.object,
         size: prepared.size,
         key: prepared.key,
         chunk: plover_client::media::CHUNK,
         plain_size: prepared.plain_size,
-        media_type: media_type(&name).to_owned(),
+        media_type: media_type.to_owned(),
         name,
-        dimensions: None,
-        thumbnail: None,
+        dimensions,
+        thumbnail,
         caption,
     }
+}
+
+/// The longest side of a thumbnail, in pixels.
+const THUMBNAIL: u32 = 96;
+
+/// An image's width and height, and a JPEG thumbnail of at most [`THUMBNAIL`] pixels a side
+/// (a few kB, inline in the message); nothing for a file the `image` crate cannot read, or
+/// one too large to decode here (over 64 Mpixels).
+fn preview(path: &Path) -> (Option<(u32, u32)>, Option<Bytes>) {
+    let Ok(reader) = image::ImageReader::open(path).and_then(|r| r.with_guessed_format()) else {
+        return (None, None);
+    };
+    let Ok(dimensions) = reader.into_dimensions() else {
+        return (None, None);
+    };
+    if u64::from(dimensions.0) * u64::from(dimensions.1) > 64_000_000 {
+        return (Some(dimensions), None);
+    }
+    let thumbnail = image::open(path).ok().and_then(|img| {
+        let small = img.thumbnail(THUMBNAIL, THUMBNAIL).into_rgb8();
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 70)
+            .encode_image(&small)
+            .ok()?;
+        Some(Bytes::from(out.into_inner()))
+    });
+    (Some(dimensions), thumbnail)
 }
 
 /// A media type from a file name's extension.

@@ -644,3 +644,54 @@ async fn a_users_uploads_go_no_faster_than_media_upload_rate() {
     alice.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_image_carries_its_dimensions_and_a_thumbnail_made_on_the_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_owned();
+    let (_server, addr) = spawn_server_with(&d, "").await;
+    let (alice, bob) = (token(&d, "alice"), token(&d, "bob"));
+    assert!(plover(&d, &addr, &bob, &["conversations"]).status.success());
+    // A 300x200 gradient, as a PNG.
+    let picture = d.join("sunset.png");
+    image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([x as u8, y as u8, 128]))
+        .save(&picture)
+        .expect("png");
+    let out = plover(
+        &d,
+        &addr,
+        &alice,
+        &[
+            "send",
+            "--to",
+            "bob",
+            "--file",
+            picture.to_str().expect("path"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = plover(&d, &addr, &bob, &["history", "--with", "alice", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .map(str::to_owned);
+    let v: serde_json::Value = serde_json::from_str(&line.expect("a line")).expect("json");
+    assert_eq!(v["type"], "attachment");
+    assert_eq!(v["media_type"], "image/png");
+    assert_eq!(
+        (v["width"].as_u64(), v["height"].as_u64()),
+        (Some(300), Some(200))
+    );
+    // The thumbnail's size in bytes: a small JPEG, present.
+    let thumbnail = v["thumbnail"].as_u64().expect("a thumbnail");
+    assert!(thumbnail > 100 && thumbnail < 20_000, "{thumbnail}");
+}
