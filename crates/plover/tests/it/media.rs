@@ -352,6 +352,20 @@ async fn only_members_who_see_the_message_may_download_and_a_stranger_learns_not
         "the stranger can tell an existing id from a made-up one"
     );
 
+    // bob clears his history past the message: he no longer gets the file either.
+    {
+        let b = server.connect("bob", "laptop").await;
+        b.open(Target::Conversation(group), false)
+            .await
+            .expect("open")
+            .clear_history(ack.seq)
+            .await
+            .expect("clear");
+        b.close().await;
+    }
+    let cleared = get("bob", through).await.expect_err("cleared");
+    assert_eq!(code(&cleared), Some(ErrorCode::NOT_FOUND));
+
     // bob cannot send alice's object as his own; nor can anyone reference a made-up one.
     let bob = server.connect("bob", "phone").await;
     let bconv = bob
