@@ -106,8 +106,8 @@ pub struct MediaConfig {
     pub s3: Option<S3Config>,
     /// The largest object, in bytes. 100 MiB: a phone's video, not a film.
     pub max_size: u64,
-    /// Bytes of objects one user may keep stored (objects their messages still reference,
-    /// and uploads under way). 10 GiB.
+    /// Bytes of stored objects one user may keep (objects not yet removed by the collector;
+    /// uploads under way are bounded by `max_size` and `expire_after` instead). 10 GiB.
     pub quota: u64,
     /// Uploads one user may start per hour (resuming one counts again). 600.
     pub uploads_per_hour: u32,

@@ -202,6 +202,9 @@ impl Media {
     fn count_start(&self, user: &str) -> Result<(), MediaError> {
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
+        if started.len() > 10_000 {
+            started.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(3600));
+        }
         let entry = started.entry(user.to_owned()).or_insert((now, 0));
         if now.duration_since(entry.0) >= Duration::from_secs(3600) {
             *entry = (now, 0);
