@@ -8,6 +8,7 @@
 //! concurrent commit never overwrites anything and no write holds more than one part in
 //! memory, on the filesystem and on S3 alike.
 
+mod pool;
 mod staging;
 
 use bytes::Bytes;

@@ -24,6 +24,8 @@ const WRITE: usize = 1024 * 1024;
 #[derive(Debug)]
 pub(super) struct Staging {
     dir: PathBuf,
+    /// Where staged bytes are hashed, written and read: threads below the message path.
+    pool: Arc<super::pool::LowPool>,
     /// The staged files an upload is writing now: one writer per file.
     active: Arc<Active>,
 }
@@ -62,6 +64,7 @@ impl Drop for Held {
 #[derive(Debug)]
 pub struct Staged {
     path: PathBuf,
+    pool: Arc<super::pool::LowPool>,
     /// The file, the hash of what it holds, and the hold that keeps the file this upload's
     /// alone; `None` only while a write is under way on a blocking thread (and for good if
     /// that thread failed). The hold travels with the file: a write still running after its
@@ -81,6 +84,7 @@ impl Staging {
             .map_err(|e| MediaError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         Ok(Self {
             dir: dir.to_owned(),
+            pool: Arc::new(super::pool::LowPool::start()),
             active: Arc::default(),
         })
     }
@@ -125,48 +129,50 @@ impl Staging {
         let held = self.hold(&path).await?;
         let opened = path.clone();
         // Opening, and hashing what an earlier attempt left, off the runtime.
-        let (file, hash, have) = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let path = opened;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .read(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            let mut have = file.metadata().map_err(|e| e.to_string())?.len();
-            if have > size {
-                // Left by an attempt that declared another size: start again.
-                file.set_len(0).map_err(|e| e.to_string())?;
-                have = 0;
-            }
-            let mut hash = Sha256::new();
-            let mut reader = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-            let mut buf = vec![0u8; READ];
-            let mut left = have;
-            while left > 0 {
-                let want = usize::try_from(left).unwrap_or(READ).min(READ);
-                let n = reader
-                    .read(buf.get_mut(..want).unwrap_or_default())
-                    .map_err(|e| e.to_string())?;
-                if n == 0 {
-                    break;
+        let (file, hash, have) = self
+            .pool
+            .run(move || {
+                use std::io::Read;
+                let path = opened;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .read(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                let mut have = file.metadata().map_err(|e| e.to_string())?.len();
+                if have > size {
+                    // Left by an attempt that declared another size: start again.
+                    file.set_len(0).map_err(|e| e.to_string())?;
+                    have = 0;
                 }
-                hash.update(buf.get(..n).unwrap_or_default());
-                left = left.saturating_sub(n as u64);
-            }
-            // A file shorter than its length said (it changed meanwhile): resume from what
-            // was hashed.
-            Ok::<_, String>((file, hash, have.saturating_sub(left)))
-        })
-        .await
-        .map_err(MediaError::storage)?
-        .map_err(MediaError::Storage)?;
+                let mut hash = Sha256::new();
+                let mut reader = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; READ];
+                let mut left = have;
+                while left > 0 {
+                    let want = usize::try_from(left).unwrap_or(READ).min(READ);
+                    let n = reader
+                        .read(buf.get_mut(..want).unwrap_or_default())
+                        .map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        break;
+                    }
+                    hash.update(buf.get(..n).unwrap_or_default());
+                    left = left.saturating_sub(n as u64);
+                }
+                // A file shorter than its length said (it changed meanwhile): resume from what
+                // was hashed.
+                Ok::<_, String>((file, hash, have.saturating_sub(left)))
+            })
+            .await?
+            .map_err(MediaError::Storage)?;
         if have > 0 {
             debug!(object = %object, have, "resuming an upload");
         }
         Ok(Staged {
             path,
+            pool: self.pool.clone(),
             state: Some((file, hash, held)),
             pending: BytesMut::new(),
             object,
@@ -242,14 +248,15 @@ impl Staged {
         let Some((mut file, mut hash, held)) = self.state.take() else {
             return Err(MediaError::Storage("an earlier write failed".into()));
         };
-        let written = tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            hash.update(&bytes);
-            file.write_all(&bytes).map(|()| (file, hash, held))
-        })
-        .await
-        .map_err(MediaError::storage)?
-        .map_err(MediaError::storage)?;
+        let written = self
+            .pool
+            .run(move || {
+                use std::io::Write;
+                hash.update(&bytes);
+                file.write_all(&bytes).map(|()| (file, hash, held))
+            })
+            .await?
+            .map_err(MediaError::storage)?;
         self.state = Some(written);
         Ok(())
     }
@@ -292,7 +299,7 @@ impl Staged {
         let file = tokio::fs::File::open(&self.path)
             .await
             .map_err(MediaError::storage)?;
-        Ok(Reader(Some(file.into_std().await)))
+        Ok(Reader(Some(file.into_std().await), self.pool.clone()))
     }
 
     /// Removes the staged bytes.
@@ -308,7 +315,7 @@ impl Staged {
 
 /// A staged file read from the start, a part at a time, off the runtime.
 #[derive(Debug)]
-pub(super) struct Reader(Option<std::fs::File>);
+pub(super) struct Reader(Option<std::fs::File>, Arc<super::pool::LowPool>);
 
 impl Reader {
     /// The next `max` bytes (fewer at the end; none past it).
@@ -317,24 +324,25 @@ impl Reader {
             return Err(MediaError::Storage("an earlier read failed".into()));
         };
         let max = usize::try_from(max).unwrap_or(usize::MAX);
-        let (file, bytes) = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut buf = BytesMut::zeroed(max);
-            let mut got = 0usize;
-            while got < max {
-                match file.read(buf.get_mut(got..).unwrap_or_default()) {
-                    Ok(0) => break,
-                    Ok(n) => got = got.saturating_add(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+        let (file, bytes) = self
+            .1
+            .run(move || {
+                use std::io::Read;
+                let mut buf = BytesMut::zeroed(max);
+                let mut got = 0usize;
+                while got < max {
+                    match file.read(buf.get_mut(got..).unwrap_or_default()) {
+                        Ok(0) => break,
+                        Ok(n) => got = got.saturating_add(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-            }
-            buf.truncate(got);
-            Ok((file, buf.freeze()))
-        })
-        .await
-        .map_err(MediaError::storage)?
-        .map_err(MediaError::storage)?;
+                buf.truncate(got);
+                Ok((file, buf.freeze()))
+            })
+            .await?
+            .map_err(MediaError::storage)?;
         self.0 = Some(file);
         Ok(bytes)
     }

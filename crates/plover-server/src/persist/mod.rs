@@ -45,7 +45,7 @@ mod keys;
 mod logs;
 mod media;
 mod messages;
-mod priority;
+pub(crate) mod priority;
 mod pushers;
 mod reaper;
 mod records;

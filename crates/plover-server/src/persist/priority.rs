@@ -19,7 +19,7 @@ pub(super) const BACKGROUND_NICE: i32 = 19;
 
 /// Lowers the calling thread's priority to [`BACKGROUND_NICE`]. Best effort: a refusal is
 /// logged and changes nothing else.
-fn lower_this_thread() {
+pub(crate) fn lower_this_thread() {
     #[cfg(target_os = "linux")]
     {
         // `nice` adds to the current value; raising it needs no privilege.
