@@ -142,13 +142,13 @@ impl S3 {
         let mut out = Vec::new();
         while let Some(meta) = listed.next().await {
             let meta = meta.expect("list");
-            let bytes = store
-                .get(&meta.location)
-                .await
-                .expect("get")
-                .bytes()
-                .await
-                .expect("bytes");
+            // Listed, then removed by the server's collector before this read: gone.
+            let got = match store.get(&meta.location).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => panic!("get {}: {e}", meta.location),
+            };
+            let bytes = got.bytes().await.expect("bytes");
             out.push((meta.location.to_string(), bytes));
         }
         out
