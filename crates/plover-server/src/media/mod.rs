@@ -183,6 +183,13 @@ impl Media {
             )));
         }
         self.count_start(user)?;
+        self.check_quota(user, size).await?;
+        self.staging.upload(user, object, size).await
+    }
+
+    /// Refuses `size` more bytes for `user` past `media.quota` (at an upload's start, and
+    /// again at its commit, since other uploads may have been stored meanwhile).
+    async fn check_quota(&self, user: &str, size: u64) -> Result<(), MediaError> {
         let usage = {
             let user = user.to_owned();
             self.router
@@ -196,7 +203,7 @@ impl Media {
                 self.config.quota
             )));
         }
-        self.staging.upload(user, object, size).await
+        Ok(())
     }
 
     /// Counts an upload's start against the user's hourly budget.
@@ -241,19 +248,7 @@ impl Media {
     /// staged bytes go.
     pub async fn commit(&self, user: &str, staged: Staged) -> Result<ObjectId, MediaError> {
         let (object, size) = (staged.object(), staged.size());
-        let usage = {
-            let user = user.to_owned();
-            self.router
-                .with_store(move |store, _| Ok(store.media_usage(&user)?))
-                .await?
-        };
-        if usage.saturating_add(size) > self.config.quota {
-            return Err(MediaError::Limit(format!(
-                "{user} keeps {usage} bytes of objects; {size} more is over the quota of {} \
-                 (media.quota)",
-                self.config.quota
-            )));
-        }
+        self.check_quota(user, size).await?;
         let mut part = 0u64;
         let mut source = staged.reader().await?;
         loop {
