@@ -122,6 +122,26 @@ pub struct Prepared {
     pub size: u64,
 }
 
+impl Prepared {
+    /// The pointer a message carries to this file once it is uploaded: its object, size, key
+    /// and the names given here. Add `dimensions`, `thumbnail` and `caption` as the file
+    /// has them.
+    pub fn attachment(&self, name: impl Into<String>, media_type: impl Into<String>) -> Attachment {
+        Attachment {
+            object: self.object,
+            size: self.size,
+            key: self.key,
+            chunk: CHUNK,
+            plain_size: self.plain_size,
+            media_type: media_type.into(),
+            name: name.into(),
+            dimensions: None,
+            thumbnail: None,
+            caption: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prepared")
@@ -398,18 +418,7 @@ mod tests {
                     "plaintext in the ciphertext"
                 );
             }
-            let attachment = Attachment {
-                object: prepared.object,
-                size: prepared.size,
-                key: prepared.key,
-                chunk: CHUNK,
-                plain_size: size as u64,
-                media_type: "application/octet-stream".into(),
-                name: "f".into(),
-                dimensions: None,
-                thumbnail: None,
-                caption: None,
-            };
+            let attachment = prepared.attachment("f", "application/octet-stream");
             let stored = dir.path().join("stored");
             tokio::fs::write(&stored, &cipher).await.expect("write");
             let out = dir.path().join("out");

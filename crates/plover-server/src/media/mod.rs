@@ -10,6 +10,8 @@
 
 mod pool;
 mod staging;
+#[cfg(test)]
+mod tests;
 
 use bytes::Bytes;
 use object_store::path::Path as StorePath;
@@ -85,6 +87,10 @@ pub struct Media {
 /// The burst an upload may send at once before the rate applies: a quarter of a second's
 /// worth.
 const PACE_BURST: Duration = Duration::from_millis(250);
+
+/// In a cluster, how long the collector waits after dooming objects before it looks for
+/// references again: far more than a node takes to apply the log and append what it checked.
+const CLUSTER_GRACE: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Media {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -249,6 +255,9 @@ impl Media {
     pub async fn commit(&self, user: &str, staged: Staged) -> Result<ObjectId, MediaError> {
         let (object, size) = (staged.object(), staged.size());
         self.check_quota(user, size).await?;
+        // The same bytes may be stored already, or be on their way out: parts the collector
+        // is deleting must not count as written (`AlreadyExists` below).
+        let before = self.stored_state(object).await?;
         let mut part = 0u64;
         let mut source = staged.reader().await?;
         loop {
@@ -277,9 +286,21 @@ impl Media {
             u64::try_from(self.config.expire_after.as_millis()).unwrap_or(u64::MAX),
         );
         let who = user.to_owned();
-        self.router
+        let written = self
+            .router
             .with_store(move |store, writer| {
-                let mut record = store.object(&object)?.unwrap_or(ObjectRecord {
+                // Removed while these parts were written (doomed, or gone and stored again):
+                // some of the parts this commit found in place may be gone.
+                let now = match (store.doomed_object(&object)?, store.object(&object)?) {
+                    (Some(_), _) => return Ok(false),
+                    (None, record) => record,
+                };
+                if let Some(was) = before
+                    && now.as_ref().map(|r| r.stored_ms) != Some(was)
+                {
+                    return Ok(false);
+                }
+                let mut record = now.unwrap_or(ObjectRecord {
                     size,
                     stored_ms: crate::clock::now_ms(),
                     uploaders: Vec::new(),
@@ -298,12 +319,28 @@ impl Media {
                         collect_at,
                     );
                 }))?;
-                Ok(())
+                Ok(true)
             })
             .await?;
+        if !written {
+            return Err(being_removed(object));
+        }
         staged.remove().await;
         info!(%object, size, parts = part, "object stored");
         Ok(object)
+    }
+
+    /// When the object now stored under this id was stored (`None`: it is not), refusing
+    /// one the collector is removing.
+    async fn stored_state(&self, object: ObjectId) -> Result<Option<u64>, MediaError> {
+        let (doomed, record) = self
+            .router
+            .with_store(move |store, _| Ok((store.doomed_object(&object)?, store.object(&object)?)))
+            .await?;
+        if doomed.is_some() {
+            return Err(being_removed(object));
+        }
+        Ok(record.map(|r| r.stored_ms))
     }
 
     /// Checks that `user` may read `object` (as its uploader when `conversation` is 0, else
@@ -318,8 +355,42 @@ impl Media {
         offset: u64,
         length: u64,
     ) -> Result<Range, MediaError> {
+        let mut record = self.readable(user, object, conversation, seq).await?;
+        if record.is_none() && self.router.in_cluster() {
+            // Sent through another node a moment ago: this node may not have applied it yet.
+            self.router.settle_all().await?;
+            record = self.readable(user, object, conversation, seq).await?;
+        }
+        let size = record.ok_or(MediaError::NotFound)?.size;
+        if offset > size {
+            return Err(MediaError::Invalid(format!(
+                "offset {offset} is past the object's end ({size} bytes)"
+            )));
+        }
+        let left = size.saturating_sub(offset);
+        let length = if length == 0 { left } else { length };
+        if length > left {
+            return Err(MediaError::Invalid(format!(
+                "{length} bytes from {offset} is past the object's end ({size} bytes)"
+            )));
+        }
+        Ok(Range {
+            size,
+            offset,
+            length,
+        })
+    }
+
+    /// `object`'s record if `user` may read it (see [`Media::authorize`]).
+    async fn readable(
+        &self,
+        user: &str,
+        object: ObjectId,
+        conversation: ConversationId,
+        seq: u64,
+    ) -> Result<Option<ObjectRecord>, MediaError> {
         let who = user.to_owned();
-        let record = self
+        Ok(self
             .router
             .with_store(move |store, _| {
                 let Some(record) = store.object(&object)? else {
@@ -341,26 +412,7 @@ impl Media {
                 };
                 Ok(sees.then_some(record))
             })
-            .await?
-            .ok_or(MediaError::NotFound)?;
-        let size = record.size;
-        if offset > size {
-            return Err(MediaError::Invalid(format!(
-                "offset {offset} is past the object's end ({size} bytes)"
-            )));
-        }
-        let left = size.saturating_sub(offset);
-        let length = if length == 0 { left } else { length };
-        if length > left {
-            return Err(MediaError::Invalid(format!(
-                "{length} bytes from {offset} is past the object's end ({size} bytes)"
-            )));
-        }
-        Ok(Range {
-            size,
-            offset,
-            length,
-        })
+            .await?)
     }
 
     /// The object's bytes from `at`, at most `max` of them and never past `end` (nor past
@@ -430,36 +482,74 @@ impl Media {
 
     /// One pass of the collector: removes the objects no message references whose time
     /// came (`g` entries). Returns how many it removed.
+    ///
+    /// In three steps, so that a message sent meanwhile never references a removed object:
+    /// each object due and unreferenced is first doomed (its record leaves `o`, which every
+    /// new reference is checked against); then the collector waits until every message
+    /// sequenced before that is stored ([`Router::settle_all`]); then it looks for references
+    /// again, restores the objects that have one, and deletes the others' parts. Objects a
+    /// pass doomed but did not finish (the server stopped) are finished by the next.
     pub async fn collect(&self) -> Result<u64, MediaError> {
         let now = crate::clock::now_ms();
         let due = self
             .router
             .with_store(move |store, _| Ok(store.objects_due(now)?))
             .await?;
-        let mut removed = 0u64;
         for object in due {
+            self.router
+                .with_store(move |store, writer| {
+                    let record = store.object(&object)?;
+                    let referenced = store.object_referenced(&object)?;
+                    writer.write(Box::new(move |b| match record {
+                        Some(record) if !referenced => b.doom_object(&object, &record),
+                        _ => b.object_kept(&object),
+                    }))?;
+                    Ok(())
+                })
+                .await?;
+        }
+        let doomed = self
+            .router
+            .with_store(|store, _| Ok(store.doomed_objects()?))
+            .await?;
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        self.router.settle_all().await?;
+        if self.router.in_cluster() {
+            // A node that checked a `SendWith` before it applied the doom appends it to the
+            // log within moments: let it land, then look again.
+            tokio::time::sleep(CLUSTER_GRACE).await;
+            self.router.settle_all().await?;
+        }
+        let mut removed = 0u64;
+        for object in doomed {
             let (referenced, record) = self
                 .router
                 .with_store(move |store, _| {
-                    Ok((store.object_referenced(&object)?, store.object(&object)?))
+                    Ok((
+                        store.object_referenced(&object)?,
+                        store.doomed_object(&object)?,
+                    ))
                 })
                 .await?;
+            let Some(record) = record else { continue };
             if referenced {
                 self.router
                     .with_store(move |_, writer| {
-                        writer.write(Box::new(move |b| b.object_kept(&object)))?;
+                        writer.write(Box::new(move |b| b.restore_object(&object, &record)))?;
                         Ok(())
                     })
                     .await?;
+                info!(%object, "object kept: a message sent as it was due references it");
                 continue;
             }
             self.remove_parts(&object).await?;
-            let size = record.as_ref().map_or(0, |r| r.size);
-            let uploaders = record.map(|r| r.uploaders).unwrap_or_default();
+            let size = record.size;
             self.router
                 .with_store(move |store, writer| {
                     let mut usage = Vec::new();
-                    for user in uploaders {
+                    for user in record.uploaders {
                         let now = store.media_usage(&user)?.saturating_sub(size);
                         usage.push((user, now));
                     }
@@ -507,6 +597,14 @@ pub fn max_object(max_size: u64) -> u64 {
     max_size
         .saturating_add(max_size / 4096)
         .saturating_add(4096)
+}
+
+/// The answer to an upload of bytes the collector is removing: the staged upload is kept,
+/// and the same upload a moment later stores them again.
+fn being_removed(object: ObjectId) -> MediaError {
+    MediaError::Storage(format!(
+        "object {object} is being removed as unreferenced; upload it again in a moment"
+    ))
 }
 
 /// Where part `n` of an object lives in the object store.

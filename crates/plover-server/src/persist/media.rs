@@ -10,6 +10,10 @@
 //! - `g` object id -> a time (Unix ms, 8 bytes big-endian) after which the collector looks
 //!   at the object again, and removes it if no message references it then.
 //! - `q` user -> bytes of stored objects the user uploaded (the quota's count).
+//! - `d` object id -> [`ObjectRecord`]: an object the collector is removing. Its `o` record
+//!   went in the same batch, so that no new message may reference it; its parts are being
+//!   deleted, and the entry goes once they are (or the object comes back to `o` if a message
+//!   sequenced before the removal began turns out to reference it).
 
 use plover_proto::{ConversationId, ObjectId};
 use serde::{Deserialize, Serialize};
@@ -80,6 +84,13 @@ fn message_key(conv: ConversationId, seq: u64) -> Vec<u8> {
 fn collect_key(id: &ObjectId) -> Vec<u8> {
     let mut k = Vec::with_capacity(33);
     k.push(b'g');
+    k.extend_from_slice(&id.0);
+    k
+}
+
+fn doomed_key(id: &ObjectId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(b'd');
     k.extend_from_slice(&id.0);
     k
 }
@@ -167,6 +178,27 @@ impl Store {
         Ok(out)
     }
 
+    /// An object the collector is removing (`d`), with its record.
+    pub fn doomed_object(&self, id: &ObjectId) -> Result<Option<ObjectRecord>, StoreError> {
+        match self.media.get(doomed_key(id))? {
+            Some(v) => Ok(Some(decode("media", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every object the collector began to remove (`d`): those of a pass that stopped midway
+    /// are finished by the next.
+    pub fn doomed_objects(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.media.prefix(b"d") {
+            let key = guard.key()?;
+            if let Some(id) = key.get(1..33).and_then(|b| b.try_into().ok()) {
+                out.push(ObjectId(id));
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of stored objects `user` uploaded.
     pub fn media_usage(&self, user: &str) -> Result<u64, StoreError> {
         Ok(self
@@ -194,10 +226,26 @@ impl StoreBatch<'_> {
         self.insert(Ks::Media, collect_key(id), collect_at.to_be_bytes());
     }
 
+    /// The collector begins to remove an object no message references: its record moves
+    /// from `o` to `d`, so that a message sent from now on cannot reference it.
+    pub fn doom_object(&mut self, id: &ObjectId, record: &ObjectRecord) {
+        self.remove(Ks::Media, object_key(id));
+        self.remove(Ks::Media, collect_key(id));
+        self.insert(Ks::Media, doomed_key(id), encode(record));
+    }
+
+    /// A doomed object turned out to be referenced (by a message sequenced before it was
+    /// doomed): it is stored again, and nothing is due for it.
+    pub fn restore_object(&mut self, id: &ObjectId, record: &ObjectRecord) {
+        self.remove(Ks::Media, doomed_key(id));
+        self.insert(Ks::Media, object_key(id), encode(record));
+    }
+
     /// Forgets an object (the collector removed its bytes), with its uploaders' new usage.
     pub fn remove_object(&mut self, id: &ObjectId, usage: &[(String, u64)]) {
         self.remove(Ks::Media, object_key(id));
         self.remove(Ks::Media, collect_key(id));
+        self.remove(Ks::Media, doomed_key(id));
         for (user, bytes) in usage {
             self.insert(Ks::Media, usage_key(user), bytes.to_be_bytes());
         }

@@ -92,6 +92,10 @@ pub enum RouterError {
     /// The router is stopping.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A message names a stored object that does not exist (any more): the collector
+    /// removed it, or is removing it.
+    #[error("no object {0}")]
+    NoObject(plover_proto::ObjectId),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -110,6 +114,7 @@ impl RouterError {
             Self::Invalid(_) => ErrorCode::INVALID_REQUEST,
             Self::Forbidden(_) => ErrorCode::FORBIDDEN,
             Self::Limit(_) => ErrorCode::LIMIT,
+            Self::NoObject(_) => ErrorCode::NOT_FOUND,
             Self::Unavailable
             | Self::Store(StoreError::Poisoned)
             | Self::Store(StoreError::Cluster(_)) => ErrorCode::UNAVAILABLE,
@@ -386,6 +391,28 @@ impl Router {
     /// The shard that owns a conversation.
     fn shard(&self, conversation: ConversationId) -> &mpsc::Sender<ShardRequest> {
         &self.inner.shards[(conversation % self.inner.shards.len() as u64) as usize]
+    }
+
+    /// Waits until every message sequenced before the call is in the store: a barrier goes
+    /// through each shard (behind what it sequenced) and then the commit thread. In a
+    /// cluster, first until this node applied what the log held when it was called.
+    pub async fn settle_all(&self) -> Result<(), RouterError> {
+        if let Some(replicated) = self.replicated() {
+            self.barrier_replicated(replicated).await?;
+        }
+        let mut landed = Vec::with_capacity(self.inner.shards.len());
+        for shard in &self.inner.shards {
+            let (reply, done) = oneshot::channel();
+            shard
+                .send(ShardRequest::Pass(CommitItem::Barrier(reply)))
+                .await
+                .map_err(|_| RouterError::ShuttingDown)?;
+            landed.push(done);
+        }
+        for done in landed {
+            done.await.map_err(|_| RouterError::ShuttingDown)?;
+        }
+        Ok(())
     }
 
     /// The store (for health checks and tools).

@@ -294,6 +294,11 @@ impl Writer for ReplicatedWriter {
 }
 
 impl Router {
+    /// Whether this router is a cluster node's (its writes go through the log).
+    pub fn in_cluster(&self) -> bool {
+        self.replicated().is_some()
+    }
+
     pub(super) fn replicated(&self) -> Option<&std::sync::Arc<Replicated>> {
         self.inner.replicated.as_ref()
     }

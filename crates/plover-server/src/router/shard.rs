@@ -365,6 +365,27 @@ impl Shard {
             }
         }
 
+        // On one node, the objects it references must still be stored when it takes a seq:
+        // the collector moves an object out of `o` before it deletes anything, then waits
+        // for every shard (`Router::settle_all`) and looks for references again, so a message
+        // either is refused here or is seen there. (In a cluster the check at `SendWith` and
+        // the collector's wait for the log stand in; ARCHITECTURE.md, "Media".)
+        if !self.replicated {
+            for object in &req.objects {
+                match self.store.object(object) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        let _ = req.reply.send(Err(RouterError::NoObject(*object)));
+                        return None;
+                    }
+                    Err(e) => {
+                        let _ = req.reply.send(Err(e.into()));
+                        return None;
+                    }
+                }
+            }
+        }
+
         // A message writes itself, its idempotency key, the sender's marks and a log entry
         // per member: charged before it is given a seq, so a refusal leaves nothing behind.
         let cost = 3 + state.names.len();

@@ -45,18 +45,7 @@ fn write_file(path: &Path, size: u64) -> Result<()> {
 }
 
 fn attachment(p: &plover_client::media::Prepared) -> Attachment {
-    Attachment {
-        object: p.object,
-        size: p.size,
-        key: p.key,
-        chunk: plover_client::media::CHUNK,
-        plain_size: p.plain_size,
-        media_type: "application/octet-stream".into(),
-        name: "bench".into(),
-        dimensions: None,
-        thumbnail: None,
-        caption: None,
-    }
+    p.attachment("bench", "application/octet-stream")
 }
 
 /// Samples the server's resident memory every 20 ms until `stop`: the largest seen.

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use plover_client::media::{Prepared, Through, prepare};
-use plover_client::{ClientError, Connection};
+use plover_client::{ClientConfig, ClientError, Connection};
 use plover_proto::content::{Attachment, Content};
 use plover_proto::{ClientMsgId, Target};
 use std::path::{Path, PathBuf};
@@ -43,9 +43,64 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Whether an error of a transfer is worth another attempt on a new connection.
+/// Whether an error of a transfer is worth another attempt on a new connection: anything
+/// but a refusal, unless the server said to try again (`unavailable`, `shutdown`, `moved`).
 fn retry(e: &ClientError) -> bool {
-    !matches!(e, ClientError::Refused { .. } | ClientError::Protocol(_))
+    e.is_retryable() || !matches!(e, ClientError::Refused { .. } | ClientError::Protocol(_))
+}
+
+/// Runs `transfer` up to [`ATTEMPTS`] times, on `conn` first and then on new connections,
+/// while it fails with an error worth another attempt (a cut connection, a server stopping
+/// or busy). Each attempt resumes where the last stopped. Returns the connection the
+/// transfer completed on; clears the progress bar either way.
+async fn with_attempts(
+    config: &ClientConfig,
+    mut conn: Option<Connection>,
+    progress: &ProgressBar,
+    what: &str,
+    mut transfer: impl AsyncFnMut(&Connection) -> Result<(), ClientError>,
+) -> Result<Connection> {
+    let mut last = None;
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+        }
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match Connection::connect(config).await {
+                Ok(c) => c,
+                Err(e) if retry(&e) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => {
+                    progress.finish_and_clear();
+                    return Err(e.into());
+                }
+            },
+        };
+        match transfer(&c).await {
+            Ok(()) => {
+                progress.finish_and_clear();
+                return Ok(c);
+            }
+            Err(e) if retry(&e) => {
+                progress.println(format!("{what} interrupted ({e}); resuming"));
+                last = Some(e);
+            }
+            Err(e) => {
+                progress.finish_and_clear();
+                c.close().await;
+                return Err(e.into());
+            }
+        }
+    }
+    progress.finish_and_clear();
+    let why = format!("the {what} did not complete after {ATTEMPTS} attempts");
+    match last {
+        Some(e) => Err(anyhow::Error::from(e).context(why)),
+        None => Err(anyhow::anyhow!(why)),
+    }
 }
 
 /// `plover send --file PATH [--caption TEXT]`.
@@ -64,47 +119,13 @@ pub(crate) async fn send_file(
         .await
         .with_context(|| format!("cannot read {}", path.display()))?;
     let progress = bar(prepared.size, &format!("uploading {name}"));
-    let mut conn: Option<Connection> = None;
-    let mut last = None;
-    for attempt in 0..ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
-        }
-        let c = match conn.take() {
-            Some(c) => c,
-            None => match Connection::connect(&config).await {
-                Ok(c) => c,
-                Err(e) if retry(&e) => {
-                    last = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
+    let conn = with_attempts(&config, None, &progress, "upload", async |c| {
         let p = progress.clone();
-        match c
-            .upload(&prepared, &mut move |held| p.set_position(held))
+        c.upload(&prepared, &mut move |held| p.set_position(held))
             .await
-        {
-            Ok(_) => {
-                conn = Some(c);
-                last = None;
-                break;
-            }
-            Err(e) if retry(&e) => {
-                progress.println(format!("upload interrupted ({e}); resuming"));
-                last = Some(e);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    progress.finish_and_clear();
-    if let Some(e) = last {
-        return Err(e).context("the upload did not complete");
-    }
-    let Some(conn) = conn else {
-        bail!("the upload did not complete");
-    };
+            .map(drop)
+    })
+    .await?;
     let attachment = attachment(&prepared, name, caption);
     let body = Bytes::from(Content::Attachment(attachment).encode());
     let sent = async {
@@ -129,16 +150,10 @@ pub(crate) fn attachment(prepared: &Prepared, name: String, caption: Option<Stri
         (None, None)
     };
     Attachment {
-        object: prepared.object,
-        size: prepared.size,
-        key: prepared.key,
-        chunk: plover_client::media::CHUNK,
-        plain_size: prepared.plain_size,
-        media_type: media_type.to_owned(),
-        name,
         dimensions,
         thumbnail,
         caption,
+        ..prepared.attachment(name, media_type)
     }
 }
 
@@ -238,49 +253,16 @@ pub(crate) async fn fetch(args: FetchArgs) -> Result<()> {
         seq: args.seq,
     };
     let progress = bar(attachment.size, &format!("fetching {}", attachment.name));
-    let mut conn = Some(conn);
-    let mut last = None;
-    for attempt in 0..ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
-        }
-        let c = match conn.take() {
-            Some(c) => c,
-            None => match Connection::connect(&config).await {
-                Ok(c) => c,
-                Err(e) if retry(&e) => {
-                    last = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
+    with_attempts(&config, Some(conn), &progress, "download", async |c| {
         let p = progress.clone();
-        let got = c
-            .download(&attachment, through, &out, &mut move |held| {
-                p.set_position(held)
-            })
-            .await;
-        match got {
-            Ok(()) => {
-                c.close().await;
-                last = None;
-                break;
-            }
-            Err(e) if retry(&e) => {
-                progress.println(format!("download interrupted ({e}); resuming"));
-                last = Some(e);
-            }
-            Err(e) => {
-                c.close().await;
-                return Err(e.into());
-            }
-        }
-    }
-    progress.finish_and_clear();
-    if let Some(e) = last {
-        return Err(e).context("the download did not complete");
-    }
+        c.download(&attachment, through, &out, &mut move |held| {
+            p.set_position(held)
+        })
+        .await
+    })
+    .await?
+    .close()
+    .await;
     println!(
         "saved {} ({} bytes, {})",
         out.display(),

@@ -250,7 +250,7 @@ async fn the_chat_sends_again_after_the_server_restarts() {
 #[tokio::test]
 async fn files_go_out_with_send_and_come_in_with_save() {
     use plover_client::media::{Through, prepare};
-    use plover_proto::content::{Attachment, Content};
+    use plover_proto::content::Content;
 
     let server = TestServer::start().await;
     server.register("bob").await;
@@ -294,18 +294,7 @@ async fn files_go_out_with_send_and_come_in_with_save() {
     std::fs::write(&doc, &doc_bytes).expect("write");
     let file = prepare(&doc).await.expect("prepare");
     bob.upload(&file, &mut |_| {}).await.expect("upload");
-    let attachment = Attachment {
-        object: file.object,
-        size: file.size,
-        key: file.key,
-        chunk: plover_client::media::CHUNK,
-        plain_size: file.plain_size,
-        media_type: "application/pdf".into(),
-        name: "notes.pdf".into(),
-        dimensions: None,
-        thumbnail: None,
-        caption: None,
-    };
+    let attachment = file.attachment("notes.pdf", "application/pdf");
     let ack = conv
         .send_referencing(
             plover_proto::ClientMsgId::random(),

@@ -39,18 +39,7 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 fn attachment(p: &Prepared, name: &str) -> Attachment {
-    Attachment {
-        object: p.object,
-        size: p.size,
-        key: p.key,
-        chunk: plover_client::media::CHUNK,
-        plain_size: p.plain_size,
-        media_type: "application/octet-stream".into(),
-        name: name.into(),
-        dimensions: None,
-        thumbnail: None,
-        caption: None,
-    }
+    p.attachment(name, "application/octet-stream")
 }
 
 fn code(e: &ClientError) -> Option<ErrorCode> {

@@ -331,19 +331,9 @@ async fn web_push_is_encrypted_per_rfc_8291_and_decrypts_with_the_device_keys() 
     let file = plover_client::media::prepare(&path).await.expect("prepare");
     let alice = server.connect("alice", "laptop").await;
     alice.upload(&file, &mut |_| {}).await.expect("upload");
-    let body = plover_proto::content::Content::Attachment(plover_proto::content::Attachment {
-        object: file.object,
-        size: file.size,
-        key: file.key,
-        chunk: plover_client::media::CHUNK,
-        plain_size: file.plain_size,
-        media_type: "image/jpeg".into(),
-        name: "photo.jpg".into(),
-        dimensions: None,
-        thumbnail: None,
-        caption: None,
-    })
-    .encode();
+    let body =
+        plover_proto::content::Content::Attachment(file.attachment("photo.jpg", "image/jpeg"))
+            .encode();
     conv.send_referencing(
         plover_proto::ClientMsgId::random(),
         body.into(),
