@@ -141,7 +141,7 @@ impl Connection {
         writer
             .send(&ClientFrame::Hello {
                 version: PROTOCOL_VERSION,
-                token: config.token.clone(),
+                token: config.token.clone().into(),
                 device: config.device.clone(),
                 zone: config.zone.clone(),
             })

@@ -255,8 +255,8 @@ impl From<plover_quic::TlsError> for ClientError {
     }
 }
 
-/// Where and as whom to connect.
-#[derive(Debug, Clone)]
+/// Where and as whom to connect. Its `Debug` output leaves the token out.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// `host:port` of the server, or several separated by commas (`a:4433,b:4433`): each is
     /// tried in turn until one takes the connection, as a cluster's seed list.
@@ -279,6 +279,19 @@ pub struct ClientConfig {
     /// The zone this client would rather be served in (`Hello.zone`): a cluster node of
     /// another zone sends it to a node of this one, if one is up. `None`: any.
     pub zone: Option<String>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("server", &self.server)
+            .field("server_name", &self.server_name)
+            .field("roots", &self.roots.len())
+            .field("token", &plover_proto::Token(String::new()))
+            .field("device", &self.device)
+            .field("zone", &self.zone)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientConfig {

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::types::{ClientMsgId, ObjectId, Pusher, Retention, Target};
+use super::types::{ClientMsgId, ObjectId, Pusher, Retention, Target, Token};
 
 /// Every frame a client may send, on any stream.
 ///
@@ -18,8 +18,9 @@ pub enum ClientFrame {
     Hello {
         /// [`super::PROTOCOL_VERSION`] of the client.
         version: u16,
-        /// A JWT minted by `plover token`.
-        token: String,
+        /// A JWT: minted by `plover token`, or by an identity provider the server trusts.
+        /// Never shown in `Debug` output.
+        token: Token,
         /// The device's stable name (1 to 64 characters of `[A-Za-z0-9._-]`).
         device: String,
         /// The zone the client would rather be served in (a cluster node of another zone
@@ -237,7 +238,7 @@ pub enum ClientFrame {
 enum HelloV2 {
     Hello {
         version: u16,
-        token: String,
+        token: Token,
         device: String,
     },
 }
@@ -510,6 +511,19 @@ mod tests {
             assert_eq!(back, frame);
             assert!(src.is_empty());
         }
+    }
+
+    #[test]
+    fn a_hello_in_debug_output_never_shows_its_token() {
+        let hello = ClientFrame::Hello {
+            version: 3,
+            token: "eyJhbGciOiJFZERTQSJ9.secret-claims.signature".into(),
+            device: "phone".into(),
+            zone: None,
+        };
+        let shown = format!("{hello:?} {hello:#?}");
+        assert!(!shown.contains("secret-claims"), "{shown}");
+        assert!(shown.contains("44 bytes, redacted"), "{shown}");
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub use server::ServerFrame;
 pub use types::{
     ClientDatagram, ClientMsgId, ConversationChange, ConversationId, ConversationInfo,
     ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, ObjectId,
-    Pusher, Receipt, Retention, RetentionParseError, ServerDatagram, Target,
+    Pusher, Receipt, Retention, RetentionParseError, ServerDatagram, Target, Token,
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.

@@ -37,6 +37,37 @@ impl fmt::Debug for ClientMsgId {
     }
 }
 
+/// A bearer token (a JWT) as `Hello` carries it: on the wire, a string; in `Debug` output
+/// (and so in any log of a frame), only its length, never the token.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(pub String);
+
+impl Token {
+    /// The token's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token(<{} bytes, redacted>)", self.0.len())
+    }
+}
+
+impl From<String> for Token {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for Token {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
 /// A stored object's id: the SHA-256 of its bytes (which the SDK encrypts first, so the id
 /// of a file says nothing of its contents and two uploads of one file are not linkable).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -468,6 +468,22 @@ pub struct AuthConfig {
     /// is plenty for a phone on a bad network and short enough that idle sockets cost little.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// An identity provider's public keys in PEM files (Ed25519, P-256 or RSA): its EdDSA,
+    /// ES256 and RS256 tokens are accepted besides plover's own.
+    pub public_keys: Vec<PathBuf>,
+    /// An identity provider's JWKS document: a file, or an https URL (plain http only to
+    /// this machine). Read again every `jwks_refresh`, and when a token names an unknown
+    /// `kid`.
+    pub jwks: Option<String>,
+    /// How often the JWKS is read again.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+    /// The `iss` an identity provider's tokens must carry; unset: not checked.
+    pub issuer: Option<String>,
+    /// The `aud` values an identity provider's token may carry (one must match).
+    pub audience: Vec<String>,
+    /// The claim of an identity provider's token that names the plover user.
+    pub user_claim: String,
 }
 
 impl Default for AuthConfig {
@@ -475,6 +491,12 @@ impl Default for AuthConfig {
         Self {
             secret: None,
             timeout: Duration::from_secs(5),
+            public_keys: Vec::new(),
+            jwks: None,
+            jwks_refresh: Duration::from_secs(600),
+            issuer: None,
+            audience: vec![crate::auth::AUDIENCE.to_owned()],
+            user_claim: "sub".to_owned(),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tracing::info;
 
-use crate::auth::{AuthError, TokenKeys, secret_for};
+use crate::auth::{AuthError, Idp, TokenKeys, secret_for};
 use crate::config::{Config, ConfigError};
 use crate::persist::{Store, StoreError};
 use crate::router::{Router, RouterError};
@@ -62,7 +62,7 @@ impl Server {
     /// Opens the store, starts the router and binds the endpoint.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
-        let keys = TokenKeys::new(&secret_for(&config)?);
+        let keys = TokenKeys::new(&secret_for(&config)?).with_idp(Idp::open(&config.auth)?);
         let path = config.data.clone();
         let durability = config.store.durability;
         let store = tokio::task::spawn_blocking(move || Store::open(&path, durability))

@@ -174,8 +174,14 @@ async fn authenticate(
             token,
             device,
             zone,
-        }))) => check_hello(shared, version, &token, &device, zone.as_deref())
-            .map(|user| (user, device, version, zone)),
+        }))) => {
+            // Within the handshake's time too: an identity provider's keys may be refreshed.
+            let checked = check_hello(shared, version, token.as_str(), &device, zone.as_deref());
+            match timeout_at(deadline, checked).await {
+                Ok(checked) => checked.map(|user| (user, device, version, zone)),
+                Err(_) => Err(timed_out()),
+            }
+        }
         Ok(Ok(Some(other))) => Err(Refusal::new(
             ErrorCode::UNEXPECTED_FRAME,
             format!("the first frame must be Hello, not {}", other.name()),
@@ -242,7 +248,7 @@ async fn authenticate(
     Some((session, reader, writer, claim))
 }
 
-fn check_hello(
+async fn check_hello(
     shared: &Shared,
     version: u16,
     token: &str,
@@ -270,7 +276,7 @@ fn check_hello(
             "device name must be 1-64 characters of A-Z a-z 0-9 . _ -",
         ));
     }
-    Ok(shared.keys.verify(token, device)?.sub)
+    Ok(shared.keys.verify(token, device).await?.user)
 }
 
 impl Session {

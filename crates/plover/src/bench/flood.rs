@@ -320,7 +320,7 @@ impl Raw {
         let token = target.keys.mint(user, None, Duration::from_secs(3600))?;
         send.write_all(&frame(&ClientFrame::Hello {
             version: PROTOCOL_VERSION,
-            token,
+            token: token.into(),
             device: device.into(),
             zone: None,
         })?)

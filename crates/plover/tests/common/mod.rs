@@ -443,7 +443,7 @@ pub async fn raw_hello(
     let (mut send, recv) = conn.open_bi().await.expect("bi");
     send.write_all(&encode(&plover_proto::ClientFrame::Hello {
         version: plover_proto::PROTOCOL_VERSION,
-        token: server.token(user),
+        token: server.token(user).into(),
         device: device.into(),
         zone: None,
     }))

@@ -181,7 +181,7 @@ async fn a_version_2_client_is_still_served_and_a_bad_zone_is_refused() {
     let (mut send, recv) = conn.open_bi().await.expect("bi");
     let hello = ClientFrame::Hello {
         version: plover_proto::PROTOCOL_VERSION,
-        token: server.token("alice"),
+        token: server.token("alice").into(),
         device: "e".into(),
         zone: Some("eu west".into()),
     };
@@ -204,7 +204,7 @@ async fn a_wrong_protocol_version_is_refused() {
     let hello = codec::encode_to_vec(
         &ClientFrame::Hello {
             version: 99,
-            token: server.token("alice"),
+            token: server.token("alice").into(),
             device: "d".into(),
             zone: None,
         },

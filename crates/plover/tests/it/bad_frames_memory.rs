@@ -29,7 +29,7 @@ async fn hostile(endpoint: &quinn::Endpoint, addr: SocketAddr, keys: &TokenKeys,
         .expect("mint");
     let hello = ClientFrame::Hello {
         version: PROTOCOL_VERSION,
-        token,
+        token: token.into(),
         // A device per connection: a device's second connection would replace its first.
         device: format!("raw{kind}"),
         zone: None,

@@ -25,6 +25,7 @@ mod device_sync;
 mod disk_full;
 mod groups;
 mod idempotent_retry;
+mod idp_tokens;
 mod media;
 mod membership;
 mod metrics_endpoint;

@@ -62,7 +62,8 @@ async fn pipelined_history_without_reading_stays_bounded() {
             version: PROTOCOL_VERSION,
             token: keys
                 .mint("bob", None, Duration::from_secs(600))
-                .expect("mint"),
+                .expect("mint")
+                .into(),
             device: "hostile".into(),
             zone: None,
         }))

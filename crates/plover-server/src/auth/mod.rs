@@ -1,8 +1,15 @@
-//! Bearer tokens: the signing secret kept in the data directory and the JWTs made from it.
+//! Bearer tokens: plover's own, signed with the secret kept in the data directory (or
+//! `[auth] secret`), and an identity provider's (`idp`).
 //!
-//! Tokens are HS256 JWTs with `sub` (the user), `aud` = `plover`, `iat`, `exp` and an optional
-//! `dev` that pins the token to one device. Only HS256 is accepted, so `alg: none` and
-//! algorithm-confusion tokens are refused by construction.
+//! plover's tokens are HS256 JWTs with `sub` (the user), `aud` = `plover`, `iat`, `exp` and an
+//! optional `dev` that pins the token to one device. An identity provider's are EdDSA, ES256
+//! or RS256, verified with its public keys. Each algorithm is verified only with keys of its
+//! own kind, so `alg: none` and algorithm-confusion tokens (an HS256 token "signed" with a
+//! public key) are refused by construction.
+
+mod idp;
+
+pub use idp::{ACCEPTED, FORCED_REFRESH_GAP, Idp};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -73,12 +80,33 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Signs and verifies tokens with one secret.
+/// Who a verified token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The user.
+    pub user: String,
+    /// When the token was issued (`iat`, Unix seconds; 0 when it does not say).
+    pub issued: u64,
+}
+
+/// Refuses a token pinned to another device than the one connecting.
+fn check_device(pinned: Option<&str>, device: &str) -> Result<(), AuthError> {
+    match pinned {
+        Some(pinned) if pinned != device => Err(AuthError::WrongDevice {
+            token: pinned.to_owned(),
+            hello: device.to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Signs and verifies plover's tokens with one secret, and verifies an identity provider's.
 #[derive(Clone)]
 pub struct TokenKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    idp: Option<std::sync::Arc<Idp>>,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -106,6 +134,37 @@ impl TokenKeys {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
+            idp: None,
+        }
+    }
+
+    /// These keys, also accepting the identity provider's tokens.
+    pub fn with_idp(mut self, idp: Option<Idp>) -> Self {
+        self.idp = idp.map(std::sync::Arc::new);
+        self
+    }
+
+    /// Verifies a token presented by `device`: plover's own (HS256), or the identity
+    /// provider's (EdDSA, ES256, RS256) when one is configured.
+    pub async fn verify(&self, token: &str, device: &str) -> Result<Verified, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Invalid(format!("not a JWT: {e}")))?;
+        match (&self.idp, header.alg) {
+            (_, Algorithm::HS256) => {
+                let claims = self.verify_own(token, device)?;
+                Ok(Verified {
+                    user: claims.sub,
+                    issued: claims.iat,
+                })
+            }
+            (Some(idp), _) => idp.verify(token, &header, device).await,
+            (None, alg) => Err(AuthError::Invalid(format!(
+                "algorithm {alg:?} is not accepted: this server takes only its own HS256 \
+                 tokens (no identity provider is configured)"
+            ))),
         }
     }
 
@@ -143,8 +202,8 @@ impl TokenKeys {
             .map_err(|e| AuthError::Invalid(e.to_string()))
     }
 
-    /// Verifies a token presented by `device` and returns its claims.
-    pub fn verify(&self, token: &str, device: &str) -> Result<Claims, AuthError> {
+    /// Verifies one of plover's own tokens presented by `device` and returns its claims.
+    pub fn verify_own(&self, token: &str, device: &str) -> Result<Claims, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -157,14 +216,7 @@ impl TokenKeys {
         if !valid_name(&claims.sub) {
             return Err(AuthError::Invalid("bad user name in token".into()));
         }
-        if let Some(pinned) = &claims.dev
-            && pinned != device
-        {
-            return Err(AuthError::WrongDevice {
-                token: pinned.clone(),
-                hello: device.to_owned(),
-            });
-        }
+        check_device(claims.dev.as_deref(), device)?;
         Ok(claims)
     }
 }
@@ -230,10 +282,11 @@ fn parse_secret(text: &str) -> Option<Vec<u8>> {
 /// The secret a server with this configuration uses: the configured one, else the data dir's.
 pub fn secret_for(config: &crate::config::Config) -> Result<Vec<u8>, AuthError> {
     match &config.auth.secret {
-        Some(s) if s.len() >= 16 => Ok(s.as_bytes().to_vec()),
+        Some(s) if s.len() >= 32 => Ok(s.as_bytes().to_vec()),
         Some(_) => Err(AuthError::Secret {
             path: PathBuf::from("<config auth.secret>"),
-            message: "must be at least 16 characters".into(),
+            message: "must be at least 32 bytes (an HS256 key shorter than its hash is weak)"
+                .into(),
         }),
         None => load_or_create_secret(&config.data),
     }
@@ -253,7 +306,7 @@ mod tests {
         let t = k
             .mint("alice", None, Duration::from_secs(60))
             .expect("mint");
-        let c = k.verify(&t, "phone").expect("verify");
+        let c = k.verify_own(&t, "phone").expect("verify");
         assert_eq!(c.sub, "alice");
     }
 
@@ -270,21 +323,27 @@ mod tests {
                 dev: None,
             })
             .expect("sign");
-        assert_eq!(k.verify(&old, "d"), Err(AuthError::Expired));
+        assert_eq!(k.verify_own(&old, "d"), Err(AuthError::Expired));
 
         let other = TokenKeys::new(b"another secret, another server!!");
         let forged = other
             .mint("alice", None, Duration::from_secs(60))
             .expect("mint");
-        assert!(matches!(k.verify(&forged, "d"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            k.verify_own(&forged, "d"),
+            Err(AuthError::Invalid(_))
+        ));
 
         // {"alg":"none","typ":"JWT"} . {"sub":"alice","aud":"plover","exp":9999999999} . (empty)
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.\
                     eyJzdWIiOiJhbGljZSIsImF1ZCI6InBsb3ZlciIsImV4cCI6OTk5OTk5OTk5OX0.";
-        assert!(matches!(k.verify(none, "d"), Err(AuthError::Invalid(_))));
-        assert_eq!(k.verify("", "d"), Err(AuthError::Missing));
         assert!(matches!(
-            k.verify("garbage", "d"),
+            k.verify_own(none, "d"),
+            Err(AuthError::Invalid(_))
+        ));
+        assert_eq!(k.verify_own("", "d"), Err(AuthError::Missing));
+        assert!(matches!(
+            k.verify_own("garbage", "d"),
             Err(AuthError::Invalid(_))
         ));
     }
@@ -295,9 +354,9 @@ mod tests {
         let t = k
             .mint("bob", Some("phone"), Duration::from_secs(60))
             .expect("mint");
-        assert!(k.verify(&t, "phone").is_ok());
+        assert!(k.verify_own(&t, "phone").is_ok());
         assert!(matches!(
-            k.verify(&t, "laptop"),
+            k.verify_own(&t, "laptop"),
             Err(AuthError::WrongDevice { .. })
         ));
     }
@@ -314,6 +373,15 @@ mod tests {
                 .mint("bad name", None, Duration::from_secs(1))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_configured_secret_has_at_least_32_bytes() {
+        let mut config = crate::config::Config::default();
+        config.auth.secret = Some("sixteen chars ok".into());
+        assert!(matches!(secret_for(&config), Err(AuthError::Secret { .. })));
+        config.auth.secret = Some("thirty-two characters, not fewer".into());
+        assert_eq!(secret_for(&config).expect("long enough").len(), 32);
     }
 
     #[test]
