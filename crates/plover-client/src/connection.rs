@@ -234,6 +234,60 @@ impl Connection {
         }
     }
 
+    /// Blocks `user`: they can no longer start a direct conversation with this user, write
+    /// in theirs, add them to a group, or see their presence, typing or read marks; this
+    /// user no longer gets their typing and presence. Blocking twice changes nothing.
+    pub async fn block(&self, user: &str) -> Result<(), ClientError> {
+        let frame = |request| ClientFrame::Block {
+            request,
+            user: user.to_owned(),
+        };
+        self.control.request(frame).await.map(|_| ())
+    }
+
+    /// Lifts a block (nothing changes if `user` was not blocked).
+    pub async fn unblock(&self, user: &str) -> Result<(), ClientError> {
+        let frame = |request| ClientFrame::Unblock {
+            request,
+            user: user.to_owned(),
+        };
+        self.control.request(frame).await.map(|_| ())
+    }
+
+    /// The users this user blocked, in name order.
+    pub async fn blocked(&self) -> Result<Vec<String>, ClientError> {
+        match self
+            .control
+            .request(|request| ClientFrame::ListBlocked { request })
+            .await?
+        {
+            ServerFrame::Blocked { users, .. } => Ok(users),
+            other => Err(unexpected("Blocked", &other)),
+        }
+    }
+
+    /// Accepts a message request (writing in the conversation accepts it too).
+    pub async fn accept(&self, conversation: ConversationId) -> Result<(), ClientError> {
+        let frame = |request| ClientFrame::Accept {
+            request,
+            conversation,
+        };
+        self.control.request(frame).await.map(|_| ())
+    }
+
+    /// This user's message requests: conversations someone who shared none with them
+    /// started or added them to, not accepted yet.
+    pub async fn requests(&self) -> Result<Vec<plover_proto::MessageRequest>, ClientError> {
+        match self
+            .control
+            .request(|request| ClientFrame::ListRequests { request })
+            .await?
+        {
+            ServerFrame::Requests { requests, .. } => Ok(requests),
+            other => Err(unexpected("Requests", &other)),
+        }
+    }
+
     /// Opts a conversation in or out of message bodies in this user's notifications.
     pub async fn push_content(
         &self,

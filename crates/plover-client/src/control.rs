@@ -70,6 +70,8 @@ impl Answers for ControlWaiters {
             | ServerFrame::PresenceInfo { request, .. }
             | ServerFrame::GroupCreated { request, .. }
             | ServerFrame::Pushers { request, .. }
+            | ServerFrame::Blocked { request, .. }
+            | ServerFrame::Requests { request, .. }
             | ServerFrame::Done { request, .. } => (Some(Awaiting::Request(request)), Ok(frame)),
             ServerFrame::SyncStarted { .. } => (None, Ok(frame)),
             ServerFrame::Error {

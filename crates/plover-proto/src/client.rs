@@ -231,6 +231,41 @@ pub enum ClientFrame {
         /// The objects it references.
         objects: Vec<ObjectId>,
     },
+    /// Blocks a user: they can no longer start a direct conversation with this user, write in
+    /// theirs, add them to a group, or see their presence, typing or read marks; this user no
+    /// longer gets theirs. On the control stream; answered with `Done` (seq 0).
+    Block {
+        /// Echoed in the answer.
+        request: u32,
+        /// The user to block.
+        user: String,
+    },
+    /// Lifts a block. On the control stream; `Done` (seq 0).
+    Unblock {
+        /// Echoed in the answer.
+        request: u32,
+        /// The user to unblock.
+        user: String,
+    },
+    /// Lists the users this user blocked. On the control stream; answered with `Blocked`.
+    ListBlocked {
+        /// Echoed in the answer.
+        request: u32,
+    },
+    /// Accepts a message request: a conversation someone who shared none with this user
+    /// started or added them to. Writing in it accepts it too. On the control stream;
+    /// `Done` (seq 0).
+    Accept {
+        /// Echoed in the answer.
+        request: u32,
+        /// The conversation.
+        conversation: u64,
+    },
+    /// Lists this user's message requests. On the control stream; answered with `Requests`.
+    ListRequests {
+        /// Echoed in the answer.
+        request: u32,
+    },
 }
 
 /// `Hello` as protocol version 2 sent it, without `zone`.
@@ -295,6 +330,11 @@ impl ClientFrame {
             Self::Upload { .. } => "Upload",
             Self::Download { .. } => "Download",
             Self::SendWith { .. } => "SendWith",
+            Self::Block { .. } => "Block",
+            Self::Unblock { .. } => "Unblock",
+            Self::ListBlocked { .. } => "ListBlocked",
+            Self::Accept { .. } => "Accept",
+            Self::ListRequests { .. } => "ListRequests",
         }
     }
 }
@@ -499,6 +539,29 @@ mod tests {
                 },
                 "34 1a 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 01 70 01 ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef ef",
             ),
+            (
+                ClientFrame::Block {
+                    request: 1,
+                    user: "eve".into(),
+                },
+                "06 1b 01 03 65 76 65",
+            ),
+            (
+                ClientFrame::Unblock {
+                    request: 2,
+                    user: "eve".into(),
+                },
+                "06 1c 02 03 65 76 65",
+            ),
+            (ClientFrame::ListBlocked { request: 3 }, "02 1d 03"),
+            (
+                ClientFrame::Accept {
+                    request: 4,
+                    conversation: 7,
+                },
+                "03 1e 04 07",
+            ),
+            (ClientFrame::ListRequests { request: 5 }, "02 1f 05"),
         ]
     }
 

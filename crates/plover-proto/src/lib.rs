@@ -60,8 +60,8 @@ pub use codec::FrameError;
 pub use server::ServerFrame;
 pub use types::{
     ClientDatagram, ClientMsgId, ConversationChange, ConversationId, ConversationInfo,
-    ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, ObjectId,
-    Pusher, Receipt, Retention, RetentionParseError, ServerDatagram, Target, Token,
+    ConversationKind, ErrorCode, Event, INLINE_MEMBERS, Marks, MemberInfo, Message, MessageRequest,
+    ObjectId, Pusher, Receipt, Retention, RetentionParseError, ServerDatagram, Target, Token,
 };
 
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{
     ClientMsgId, ConversationId, ConversationInfo, ConversationKind, ErrorCode, Event, MemberInfo,
-    Message, ObjectId, Pusher,
+    Message, MessageRequest, ObjectId, Pusher,
 };
 
 /// Every frame the server may send, on any stream.
@@ -187,6 +187,20 @@ pub enum ServerFrame {
         offset: u64,
         /// How many bytes follow.
         length: u64,
+    },
+    /// Answer to `ListBlocked`: the users this user blocked, in name order.
+    Blocked {
+        /// The request's id.
+        request: u32,
+        /// The users.
+        users: Vec<String>,
+    },
+    /// Answer to `ListRequests`: the conversations this user has not accepted yet.
+    Requests {
+        /// The request's id.
+        request: u32,
+        /// Each conversation and who started it or added this user.
+        requests: Vec<MessageRequest>,
     },
 }
 
@@ -396,6 +410,23 @@ mod tests {
                     length: 200,
                 },
                 "06 12 ac 02 64 c8 01",
+            ),
+            (
+                ServerFrame::Blocked {
+                    request: 3,
+                    users: vec!["eve".into()],
+                },
+                "07 13 03 01 03 65 76 65",
+            ),
+            (
+                ServerFrame::Requests {
+                    request: 5,
+                    requests: vec![MessageRequest {
+                        conversation: 7,
+                        from: "eve".into(),
+                    }],
+                },
+                "08 14 05 01 07 03 65 76 65",
             ),
             (
                 change(ConversationChange::Added { user: "cy".into() }),

@@ -37,6 +37,15 @@ impl fmt::Debug for ClientMsgId {
     }
 }
 
+/// A conversation this user has not accepted yet (a message request), in `Requests`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRequest {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// Who started it, or added this user to it, sharing no conversation with them.
+    pub from: String,
+}
+
 /// A bearer token (a JWT) as `Hello` carries it: on the wire, a string; in `Debug` output
 /// (and so in any log of a frame), only its length, never the token.
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

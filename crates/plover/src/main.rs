@@ -5,7 +5,7 @@
 //! - `cmd/`: one module per command family, each with its arguments and its handler:
 //!   `serve`, `token`, `messages` (send, listen, history, conversations), `receipts` (read,
 //!   receipts, presence), `groups` (group, retention, delete, clear), `push`, `chat`,
-//!   `nodes` (a cluster's nodes).
+//!   `nodes` (a cluster's nodes), `safety` (block, unblock, blocked, requests, accept).
 //! - `args.rs`: the arguments every client command shares (server, CA, token, device, which
 //!   conversation).
 //! - `render.rs`: how events and messages print, as lines or as JSON.
@@ -19,7 +19,7 @@ mod render;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cmd::{chat, files, groups, messages, nodes, push, receipts, serve, token};
+use cmd::{chat, files, groups, messages, nodes, push, receipts, safety, serve, token};
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +65,16 @@ enum Command {
     Delete(groups::DeleteArgs),
     /// Hide a conversation's history from yourself only.
     Clear(groups::ClearArgs),
+    /// Block a user: they can no longer reach you or see your presence, typing or read marks.
+    Block(safety::BlockArgs),
+    /// Lift a block.
+    Unblock(safety::BlockArgs),
+    /// List the users you blocked.
+    Blocked(safety::ListArgs),
+    /// List your message requests: conversations strangers started or added you to.
+    Requests(safety::ListArgs),
+    /// Accept a message request (answering in it accepts it too).
+    Accept(safety::AcceptArgs),
     /// Register where your notifications go while you are offline.
     #[command(subcommand)]
     Push(push::PushCommand),
@@ -126,6 +136,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Clear(args) => groups::clear(args).await,
         Command::Nodes(args) => nodes::nodes(args).await,
         Command::Push(command) => push::push(command).await,
+        Command::Block(args) => safety::block(args, true).await,
+        Command::Unblock(args) => safety::block(args, false).await,
+        Command::Blocked(args) => safety::blocked(args).await,
+        Command::Requests(args) => safety::requests(args).await,
+        Command::Accept(args) => safety::accept(args).await,
         Command::Chat(args) => chat::chat(args).await,
         Command::Bench(args) => bench::run(args).await,
     }

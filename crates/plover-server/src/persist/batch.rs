@@ -62,6 +62,8 @@ pub enum Ks {
     Meta,
     /// `media`
     Media,
+    /// `relations`
+    Relations,
 }
 
 /// One recorded write: a key set to a value, or removed (`None`). A cluster node records a
@@ -90,7 +92,7 @@ pub struct Recorded {
 
 impl Ks {
     /// Every keyspace, in the order snapshots number them.
-    pub const ALL: [Ks; 17] = [
+    pub const ALL: [Ks; 18] = [
         Ks::Messages,
         Ks::Log,
         Ks::Conversations,
@@ -108,6 +110,7 @@ impl Ks {
         Ks::PushContent,
         Ks::Meta,
         Ks::Media,
+        Ks::Relations,
     ];
 }
 
@@ -201,6 +204,7 @@ impl Store {
             Ks::PushContent => &self.push_content,
             Ks::Meta => &self.meta,
             Ks::Media => &self.media,
+            Ks::Relations => &self.relations,
         }
     }
 }

@@ -27,12 +27,16 @@ impl Store {
     ///
     /// The caller serialises calls (the router holds a lock around check-and-create), so that
     /// two users opening their conversation at once get the same one.
+    ///
+    /// With `request`, `b` has not accepted it yet: `a` shares no conversation with `b`, so
+    /// this is a message request (`b` accepts by answering, or with `Accept`).
     pub fn create_direct(
         &self,
         w: &dyn Writer,
         a: &str,
         b: &str,
         now_ms: u64,
+        request: bool,
     ) -> Result<ConversationId, StoreError> {
         let (next, counted) = match w.allocate_conversation() {
             Some(id) => (id?, false),
@@ -69,6 +73,9 @@ impl Store {
                 batch.add_member_of(&m.user, next);
             }
             batch.put_direct(&first, &second, next);
+            if request {
+                batch.put_request(next, &second, Some(&first));
+            }
         }))?;
         // The write is applied when this returns; in a cluster the pair's conversation may
         // be another node's, created first in the log's order.

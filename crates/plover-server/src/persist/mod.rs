@@ -49,6 +49,7 @@ pub(crate) mod priority;
 mod pushers;
 mod reaper;
 mod records;
+mod relations;
 mod snapshot;
 mod store;
 mod users;
@@ -124,6 +125,7 @@ pub struct Store {
     push_content: Keyspace,
     meta: Keyspace,
     media: Keyspace,
+    relations: Keyspace,
     durability: Durability,
     poisoned: AtomicBool,
     /// Test builds only: store operations made to fail on purpose.

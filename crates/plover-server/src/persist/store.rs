@@ -104,6 +104,7 @@ impl Store {
             push_content: ks("push_content")?,
             meta: ks("meta")?,
             media: ks("media")?,
+            relations: ks("relations")?,
             // Last, so that it sees every keyspace above (it is declared first, so dropped
             // first).
             _reaper: reaper::Reaper::start(

@@ -113,14 +113,18 @@ fn direct_conversation_is_shared() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path(), Durability::Sync).expect("open");
     assert_eq!(store.direct_between("a", "b").expect("d"), None);
-    let id = store.create_direct(&store, "b", "a", 1).expect("create");
+    let id = store
+        .create_direct(&store, "b", "a", 1, false)
+        .expect("create");
     assert_eq!(store.direct_between("a", "b").expect("d"), Some(id));
     assert_eq!(store.conversations_of("a").expect("c"), vec![id]);
     let rec = store.conversation(id).expect("c").expect("exists");
     assert_eq!(rec.retention, Retention::Keep);
     assert_eq!(rec.names(), vec!["a".to_string(), "b".to_string()]);
     assert!(rec.is_member("a") && !rec.is_member("c"));
-    let id2 = store.create_direct(&store, "a", "c", 1).expect("create");
+    let id2 = store
+        .create_direct(&store, "a", "c", 1, false)
+        .expect("create");
     assert_ne!(id, id2);
 }
 
@@ -211,7 +215,7 @@ fn recorded_writes_applied_elsewhere_give_the_same_store_and_a_second_direct_pai
     let rec = Recording(&origin, Default::default(), 41);
     origin.ensure_user(&rec, "alice", 5).expect("user");
     let id = origin
-        .create_direct(&rec, "alice", "bob", 7)
+        .create_direct(&rec, "alice", "bob", 7, false)
         .expect("direct");
     assert_eq!(
         id, 41,
@@ -221,7 +225,9 @@ fn recorded_writes_applied_elsewhere_give_the_same_store_and_a_second_direct_pai
     let c = tempfile::tempdir().expect("c");
     let other = Store::open(c.path(), Durability::Sync).expect("other");
     let late = Recording(&other, Default::default(), 42);
-    other.create_direct(&late, "bob", "alice", 9).expect("late");
+    other
+        .create_direct(&late, "bob", "alice", 9, false)
+        .expect("late");
     let mut late_writes = late.1.into_inner().expect("late");
     let mut recorded = rec.1.into_inner().expect("recorded");
     assert_eq!(recorded.len(), 2);

@@ -49,6 +49,7 @@ pub(super) fn send(
     user: &str,
     pusher: &Pusher,
     pending: &PendingPush,
+    request: bool,
     timeout: Duration,
     allow_private: bool,
     vapid: &super::vapid::Vapid,
@@ -59,7 +60,7 @@ pub(super) fn send(
             url,
             app_id,
             pushkey,
-        } => gateway(&agent, user, url, app_id, pushkey, pending),
+        } => gateway(&agent, user, url, app_id, pushkey, pending, request),
         Pusher::WebPush {
             endpoint,
             p256dh,
@@ -71,6 +72,7 @@ pub(super) fn send(
             p256dh.as_deref(),
             auth.as_deref(),
             pending,
+            request,
         ),
     }
 }
@@ -94,6 +96,7 @@ fn gateway(
     app_id: &str,
     pushkey: &str,
     pending: &PendingPush,
+    request: bool,
 ) -> Outcome {
     let url = if url.ends_with(GATEWAY_PATH) {
         url.to_owned()
@@ -103,7 +106,7 @@ fn gateway(
     let mut notification = json!({
         "event_id": format!("{}/{}", pending.conversation, pending.seq),
         "room_id": pending.conversation.to_string(),
-        "type": "m.room.message",
+        "type": if request { "plover.message_request" } else { "m.room.message" },
         "sender": pending.sender,
         "user": user,
         "prio": "high",
@@ -142,9 +145,9 @@ fn gateway(
 }
 
 /// The JSON a Web Push notification carries (before encryption).
-pub(crate) fn web_push_payload(pending: &PendingPush) -> serde_json::Value {
+pub(crate) fn web_push_payload(pending: &PendingPush, request: bool) -> serde_json::Value {
     let mut v = json!({
-        "type": "message",
+        "type": if request { "message_request" } else { "message" },
         "conversation": pending.conversation,
         "seq": pending.seq,
         "sender": pending.sender,
@@ -163,8 +166,9 @@ fn web_push(
     p256dh: Option<&str>,
     auth: Option<&str>,
     pending: &PendingPush,
+    request: bool,
 ) -> Outcome {
-    let payload = web_push_payload(pending).to_string();
+    let payload = web_push_payload(pending, request).to_string();
     let now = crate::clock::now_ms() / 1000;
     let authorization = match vapid.authorization(endpoint, now) {
         Ok(a) => a,

@@ -367,6 +367,19 @@ impl Notifier {
     }
 
     async fn send_with_retries(&self, user: &str, pusher: &Pusher, pending: &PendingPush) {
+        // A conversation the user has not accepted (a message request) notifies as one,
+        // with no body, whatever its setting.
+        let request = matches!(self.store.request(pending.conversation, user), Ok(Some(_)));
+        let stripped;
+        let pending = if request {
+            stripped = PendingPush {
+                body: None,
+                ..pending.clone()
+            };
+            &stripped
+        } else {
+            pending
+        };
         let mut backoff = self.config.retry_base;
         for attempt in 1..=self.config.retries {
             let (p, n, timeout) = (pusher.clone(), pending.clone(), self.config.timeout);
@@ -380,7 +393,9 @@ impl Notifier {
                     return;
                 };
                 match self
-                    .blocking(move || http::send(&u, &p, &n, timeout, allow_private, &vapid))
+                    .blocking(move || {
+                        http::send(&u, &p, &n, request, timeout, allow_private, &vapid)
+                    })
                     .await
                 {
                     Some(outcome) => outcome,

@@ -17,7 +17,7 @@ use super::sessions::{Delivery, Sessions};
 use super::timing::{Stamps, Traced};
 use crate::metrics::names;
 use crate::persist::{LogEntry, SideWrite, Store, StoreError, Writer};
-use plover_proto::Event;
+use plover_proto::{Event, Receipt};
 
 /// The [`Writer`] of the running server: side writes go to the commit thread, which adds
 /// them to its next batch. Blocking (a full commit queue waits, then the batch's fsync).
@@ -167,6 +167,7 @@ impl CommitThread {
                     origin,
                     held,
                     notify,
+                    answered,
                 } => {
                     bodies.extend(held);
                     if failed.is_some() {
@@ -181,6 +182,9 @@ impl CommitThread {
                     if let Some(refs) = &refs {
                         batch.put_refs(msg.conversation, msg.seq, msg.ts, refs);
                     }
+                    if answered {
+                        batch.put_request(msg.conversation, &msg.from, None);
+                    }
                     match membership {
                         None => {
                             // The sender has read everything up to their own message.
@@ -194,6 +198,9 @@ impl CommitThread {
                             }
                             for user in &write.removed {
                                 batch.remove_member_of(user, msg.conversation);
+                            }
+                            for (user, from) in &write.requests {
+                                batch.put_request(msg.conversation, user, from.as_deref());
                             }
                         }
                     }
@@ -238,6 +245,7 @@ impl CommitThread {
                 CommitItem::Marks {
                     receipt,
                     recipients,
+                    masked,
                     erase,
                 } => {
                     if failed.is_some() {
@@ -256,23 +264,47 @@ impl CommitThread {
                         receipt.delivered,
                         receipt.read,
                     );
-                    let entry = LogEntry::Receipt {
-                        conversation: receipt.conversation,
-                        user: receipt.user.clone(),
-                        delivered: receipt.delivered,
-                        read: receipt.read,
+                    // Those who may not see the read mark get the same receipt with read 0
+                    // (marks only move forward: 0 says nothing).
+                    let (told, hidden): (Vec<String>, Vec<String>) = if masked.is_empty() {
+                        (Vec::new(), Vec::new())
+                    } else {
+                        recipients
+                            .iter()
+                            .cloned()
+                            .partition(|r| !masked.contains(r))
                     };
-                    match append(&self.store, &mut batch, heads, &recipients, &entry) {
-                        Ok(positions) => deliveries.push(Fanout {
-                            members: recipients,
-                            positions,
-                            event: Arc::new(Event::Receipt(receipt)),
-                            origin: 0,
-                            trace: None,
-                            notify: false,
-                            attached: false,
-                        }),
-                        Err(e) => failed = Some(e),
+                    let groups = if masked.is_empty() {
+                        vec![(recipients, receipt)]
+                    } else {
+                        let hidden_receipt = Receipt {
+                            read: 0,
+                            ..receipt.clone()
+                        };
+                        vec![(told.into(), receipt), (hidden.into(), hidden_receipt)]
+                    };
+                    for (members, receipt) in groups {
+                        if members.is_empty() {
+                            continue;
+                        }
+                        let entry = LogEntry::Receipt {
+                            conversation: receipt.conversation,
+                            user: receipt.user.clone(),
+                            delivered: receipt.delivered,
+                            read: receipt.read,
+                        };
+                        match append(&self.store, &mut batch, heads, &members, &entry) {
+                            Ok(positions) => deliveries.push(Fanout {
+                                members,
+                                positions,
+                                event: Arc::new(Event::Receipt(receipt)),
+                                origin: 0,
+                                trace: None,
+                                notify: false,
+                                attached: false,
+                            }),
+                            Err(e) => failed = Some(e),
+                        }
                     }
                 }
                 CommitItem::Deleted {

@@ -124,6 +124,18 @@ impl RouterError {
     }
 }
 
+/// Whether `viewer` may not see `member`'s read mark in `conv`: `member` has not accepted
+/// the conversation (a message request), or blocked `viewer`. (Delivered marks are shown.)
+fn read_hidden(
+    store: &Store,
+    conv: ConversationId,
+    viewer: &str,
+    member: &str,
+) -> Result<bool, StoreError> {
+    Ok(viewer != member
+        && (store.request(conv, member)?.is_some() || store.blocks(member, viewer)?))
+}
+
 /// A conversation a stream is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
@@ -538,6 +550,75 @@ impl Router {
             .await
     }
 
+    /// `user` blocks (`on`) or unblocks `other`. Blocking someone unknown is refused as
+    /// `unknown_user`; blocking twice, or unblocking someone not blocked, changes nothing.
+    pub async fn block(&self, user: &str, other: &str, on: bool) -> Result<(), RouterError> {
+        if !valid_name(other) || other == user {
+            return Err(RouterError::Invalid(format!(
+                "{other:?} is not another user's name"
+            )));
+        }
+        self.charge(user, "blocking")?;
+        let (store, writer) = (self.inner.store.clone(), self.inner.writer.clone());
+        let (user, other) = (user.to_owned(), other.to_owned());
+        self.inner
+            .gate
+            .run(move || {
+                if !store.user_exists(&other)? {
+                    return Err(RouterError::UnknownUser(other));
+                }
+                if store.blocks(&user, &other)? == on {
+                    return Ok(());
+                }
+                writer.write(Box::new(move |b| b.put_block(&user, &other, on)))?;
+                tracing::info!(target: "plover::relations", blocked = on, "a user changed a block");
+                Ok(())
+            })
+            .await
+    }
+
+    /// The users `user` blocked, in name order.
+    pub async fn blocked(&self, user: &str) -> Result<Vec<String>, RouterError> {
+        let store = self.inner.store.clone();
+        let user = user.to_owned();
+        self.inner
+            .gate
+            .run(move || Ok(store.blocked_by(&user)?))
+            .await
+    }
+
+    /// `user` accepts `conversation`, a message request (nothing changes if it is not one).
+    pub async fn accept(
+        &self,
+        user: &str,
+        conversation: ConversationId,
+    ) -> Result<(), RouterError> {
+        self.charge(user, "accepting")?;
+        let (store, writer) = (self.inner.store.clone(), self.inner.writer.clone());
+        let user = user.to_owned();
+        self.inner
+            .gate
+            .run(move || {
+                member_record(&store, conversation, &user)?;
+                if store.request(conversation, &user)?.is_none() {
+                    return Ok(());
+                }
+                writer.write(Box::new(move |b| b.put_request(conversation, &user, None)))?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The conversations `user` has not accepted yet, with who asked.
+    pub async fn requests(&self, user: &str) -> Result<Vec<(ConversationId, String)>, RouterError> {
+        let store = self.inner.store.clone();
+        let user = user.to_owned();
+        self.inner
+            .gate
+            .run(move || Ok(store.requests_of(&user)?))
+            .await
+    }
+
     /// Runs `f` on the blocking pool with the store and its writer (side writes that go
     /// through the replicated log in a cluster), among the router's bounded blocking work.
     pub async fn with_store<T: Send + 'static>(
@@ -603,6 +684,16 @@ impl Router {
                         if !store.user_exists(&peer)? {
                             return Err(RouterError::UnknownUser(peer));
                         }
+                        if store.blocks(user, &peer)? {
+                            return Err(RouterError::Forbidden(format!(
+                                "you blocked {peer}; unblock them to write to them"
+                            )));
+                        }
+                        // The same answer as any refusal: it does not say that `peer`
+                        // blocked `user`.
+                        if store.blocks(&peer, user)? {
+                            return Err(RouterError::Forbidden(shard::NOT_ALLOWED.into()));
+                        }
                         let _guard = self
                             .inner
                             .directory
@@ -612,7 +703,15 @@ impl Router {
                             Some(id) => id,
                             None => {
                                 self.charge(user, "starting conversations")?;
-                                store.create_direct(&*self.inner.writer, user, &peer, now_ms())?
+                                // From a stranger, it is a request until `peer` answers.
+                                let request = !store.share_conversation(user, &peer)?;
+                                store.create_direct(
+                                    &*self.inner.writer,
+                                    user,
+                                    &peer,
+                                    now_ms(),
+                                    request,
+                                )?
                             }
                         }
                     }
@@ -691,6 +790,12 @@ impl Router {
             objects,
         };
         if let Some(replicated) = self.replicated() {
+            // The block check the shard makes on one node, made here before the log.
+            if let Some(record) = self.inner.store.conversation(conversation)?
+                && record.kind == ConversationKind::Direct
+            {
+                shard::direct_allowed(&self.inner.store, from, &record.names())?;
+            }
             self.send_replicated(replicated, request).await?;
             return Ok(rx);
         }
@@ -845,16 +950,22 @@ impl Router {
                     };
                     let last_seq = store.last_seq(conversation)?;
                     let inline = record.members.len() <= INLINE_MEMBERS;
-                    let marks: Vec<Marks> = store
-                        .marks(conversation)?
-                        .into_iter()
-                        .filter(|(u, _, _)| record.is_member(u) && (inline || *u == user))
-                        .map(|(user, delivered, read)| Marks {
-                            user,
+                    let mut marks = Vec::new();
+                    for (member, delivered, read) in store.marks(conversation)? {
+                        if !record.is_member(&member) || !(inline || member == user) {
+                            continue;
+                        }
+                        let read = if read_hidden(&store, conversation, &user, &member)? {
+                            0
+                        } else {
+                            read
+                        };
+                        marks.push(Marks {
+                            user: member,
                             delivered,
                             read,
-                        })
-                        .collect();
+                        });
+                    }
                     let read = marks.iter().find(|m| m.user == user).map_or(0, |m| m.read);
                     out.push(ConversationInfo {
                         conversation,
@@ -899,20 +1010,22 @@ impl Router {
                     .filter(|m| m.user.as_str() > after.as_str())
                     .collect();
                 let more = rest.len() > limit;
-                let page = rest
-                    .into_iter()
-                    .take(limit)
-                    .map(|m| {
-                        let (delivered, read) = marks.remove(&m.user).unwrap_or((0, 0));
-                        MemberInfo {
-                            user: m.user.clone(),
-                            admin: m.admin,
-                            since: m.since,
-                            delivered,
-                            read,
-                        }
-                    })
-                    .collect();
+                let mut page = Vec::new();
+                for m in rest.into_iter().take(limit) {
+                    let (delivered, read) = marks.remove(&m.user).unwrap_or((0, 0));
+                    let read = if read_hidden(&store, conversation, &user, &m.user)? {
+                        0
+                    } else {
+                        read
+                    };
+                    page.push(MemberInfo {
+                        user: m.user.clone(),
+                        admin: m.admin,
+                        since: m.since,
+                        delivered,
+                        read,
+                    });
+                }
                 Ok((page, more))
             })
             .await

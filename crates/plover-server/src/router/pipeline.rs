@@ -38,6 +38,9 @@ pub(super) struct MembershipWrite {
     pub(super) added: Vec<String>,
     /// Users no longer members.
     pub(super) removed: Vec<String>,
+    /// Message requests it opens (a user added by someone who shared no conversation with
+    /// them: (user, who asked)) or ends (a removed member: (user, `None`)).
+    pub(super) requests: Vec<(String, Option<String>)>,
 }
 
 /// Where an entry sits in the cluster's replicated log: the JetStream message (its stream
@@ -69,12 +72,18 @@ pub(super) enum CommitItem {
         held: Option<tokio::sync::OwnedSemaphorePermit>,
         /// Whether to offer it to the recipients' pushers.
         notify: bool,
+        /// The sender had not accepted the conversation (a message request): answering
+        /// accepts it.
+        answered: bool,
     },
     /// A member's marks moved: store them and append the receipt to each recipient's log;
     /// under `until_delivered`, remove the bodies of the seq range everyone now has.
     Marks {
         receipt: Receipt,
         recipients: Arc<[String]>,
+        /// Recipients who may not see the member's read mark (the member has not accepted
+        /// the conversation, or blocked them): their receipt says read 0.
+        masked: Vec<String>,
         erase: Option<(u64, u64)>,
     },
     /// A sender deleted a message for everyone: store the tombstone, tell every member.

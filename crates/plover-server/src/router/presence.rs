@@ -363,7 +363,7 @@ impl Presence {
             let (a, u) = (asker.to_owned(), user.to_owned());
             let shared = self
                 .gate
-                .run(move || Ok(store.share_conversation(&a, &u)?))
+                .run(move || Ok(store.sees_presence(&a, &u)?))
                 .await?;
             if !shared {
                 return Err(RouterError::Forbidden(format!(
@@ -440,13 +440,24 @@ impl Presence {
     }
 }
 
-/// Everyone who shares a conversation with `user`.
+/// Everyone who may see `user`'s presence: who shares a conversation with them that they
+/// accepted (not a message request), unless either blocked the other.
 fn peers_of(store: &Store, user: &str) -> Result<Vec<String>, RouterError> {
     let mut peers = std::collections::BTreeSet::new();
     for conv in store.conversations_of(user)? {
+        if store.request(conv, user)?.is_some() {
+            continue;
+        }
         if let Some(record) = store.conversation(conv)? {
             peers.extend(record.names().into_iter().filter(|m| m != user));
         }
+    }
+    for other in store
+        .blocked_by(user)?
+        .into_iter()
+        .chain(store.blockers_of(user)?)
+    {
+        peers.remove(&other);
     }
     Ok(peers.into_iter().collect())
 }

@@ -348,6 +348,15 @@ impl Shard {
                 .send(Err(RouterError::NotMember(req.conversation)));
             return None;
         }
+        // Nobody writes across a block in a direct conversation. (In a cluster the node that
+        // takes the message checks, before the log: every node must apply it alike.)
+        if !self.replicated
+            && state.record.kind == ConversationKind::Direct
+            && let Err(e) = direct_allowed(&self.store, &key.1, &state.names)
+        {
+            let _ = req.reply.send(Err(e));
+            return None;
+        }
         match self.store.idempotent(key.0, &key.1, &key.2) {
             Ok(Some((seq, ts))) => {
                 let _ = req.reply.send(Ok(Sent {
@@ -412,6 +421,14 @@ impl Shard {
         };
         // Sending counts as having read (and received) everything up to one's own message.
         state.marks.insert(msg.from.clone(), (sent.seq, sent.seq));
+        // Writing in a conversation one has not accepted (a message request) accepts it.
+        let answered = match self.store.request(key.0, &msg.from) {
+            Ok(request) => request.is_some(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a message request; it stays");
+                false
+            }
+        };
         let recipients = state.names.clone();
         // Its references to objects; under `until_delivered` they stay until every other
         // member fetched the objects (the body may go before that).
@@ -441,6 +458,7 @@ impl Shard {
             recipients,
             membership: None,
             refs,
+            answered,
             reply: req.reply,
             since: req.stamps.queued,
             stamps: Some(Stamps {
@@ -511,6 +529,23 @@ impl Shard {
         state
             .marks
             .insert(req.user.clone(), (new_delivered, new_read));
+        // Who may not see this member's read mark: everyone, while the member has not
+        // accepted the conversation (a message request); else those the member blocked.
+        let masked = if !read_moved || recipients.iter().all(|r| *r == req.user) {
+            Vec::new()
+        } else {
+            match hidden_from(&self.store, req.conversation, &req.user, &recipients) {
+                Ok(masked) => masked,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read relations; read mark hidden");
+                    recipients
+                        .iter()
+                        .filter(|r| **r != req.user)
+                        .cloned()
+                        .collect()
+                }
+            }
+        };
         let erase = erasable(state);
         if self.replicated && erase.is_some() {
             // The commit thread erases bodies it reads from the store: the messages queued
@@ -525,6 +560,7 @@ impl Shard {
                 read: new_read,
             },
             recipients,
+            masked,
             erase,
         })
     }
@@ -621,6 +657,7 @@ impl Shard {
                     recipients,
                     membership: Some(Box::new(write)),
                     refs: None,
+                    answered: false,
                     reply: req.reply,
                     since: std::time::Instant::now(),
                     stamps: None,
@@ -664,6 +701,17 @@ impl Shard {
             if owned.convs.contains_key(&conv) || self.store.conversation(conv)?.is_some() {
                 return Err(RouterError::Internal(format!("conversation {conv} exists")));
             }
+            // As for `Add`: nobody may bring in someone who blocked them, and strangers come
+            // in as requests.
+            let mut requests = Vec::new();
+            for member in record.names().into_iter().filter(|m| m != by) {
+                if self.store.blocks(&member, by)? {
+                    return Err(RouterError::Forbidden(NOT_ALLOWED.into()));
+                }
+                if !self.store.share_conversation(by, &member)? {
+                    requests.push((member, Some(by.to_owned())));
+                }
+            }
             let names: Arc<[String]> = record.names().into();
             let state = ConvState {
                 last_seq: 1,
@@ -687,6 +735,7 @@ impl Shard {
                 record: record.clone(),
                 added: record.names(),
                 removed: Vec::new(),
+                requests,
             };
             return Ok(Some((1, change, write, names)));
         }
@@ -715,6 +764,7 @@ impl Shard {
         let seq = state.last_seq + 1;
         let before: Arc<[String]> = state.names.clone();
         let mut record = state.record.clone();
+        let mut requests = Vec::new();
         let (change, added, removed) = match op {
             MemberOp::Create(_) | MemberOp::Delete(_) => unreachable_create()?,
             MemberOp::Retention(policy) => {
@@ -739,6 +789,15 @@ impl Shard {
                 }
                 if !store.user_exists(user)? {
                     return Err(RouterError::UnknownUser(user.clone()));
+                }
+                // The same answer as for anything else not allowed: it does not tell `by`
+                // that `user` blocked them.
+                if store.blocks(user, by)? {
+                    return Err(RouterError::Forbidden(NOT_ALLOWED.into()));
+                }
+                // Someone who shares no conversation with `user` brings them in as a request.
+                if !store.share_conversation(by, user)? {
+                    requests.push((user.clone(), Some(by.to_owned())));
                 }
                 record.upsert(MemberRecord {
                     user: user.clone(),
@@ -783,6 +842,9 @@ impl Shard {
         };
         for user in &removed {
             state.marks.remove(user);
+            if store.request(conv, user)?.is_some() {
+                requests.push((user.clone(), None));
+            }
         }
         state.last_seq = seq;
         state.record = record.clone();
@@ -791,6 +853,7 @@ impl Shard {
             record,
             added,
             removed,
+            requests,
         };
         Ok(Some((seq, change, write, recipients)))
     }
@@ -804,6 +867,53 @@ fn write_limit(writes: &super::limiter::SendLimiter, cost: usize) -> RouterError
          a message costs a log entry per member); slow down and retry (a send with the same id)",
         writes.rate()
     ))
+}
+
+/// What a request refused because of a block answers, whichever side blocked: the same as
+/// any other refusal, so that it does not tell the blocked user.
+pub(crate) const NOT_ALLOWED: &str = "not allowed";
+
+/// Refuses a message from `from` in a direct conversation of `members` when either blocked
+/// the other: the blocker is told, the blocked user only gets [`NOT_ALLOWED`].
+pub(crate) fn direct_allowed(
+    store: &Store,
+    from: &str,
+    members: &[String],
+) -> Result<(), RouterError> {
+    let Some(peer) = members.iter().find(|m| *m != from) else {
+        return Ok(());
+    };
+    if store.blocks(from, peer)? {
+        return Err(RouterError::Forbidden(format!(
+            "you blocked {peer}; unblock them to write to them"
+        )));
+    }
+    if store.blocks(peer, from)? {
+        return Err(RouterError::Forbidden(NOT_ALLOWED.into()));
+    }
+    Ok(())
+}
+
+/// The recipients of `user`'s marks in `conv` who may not see their read mark: all but
+/// `user` while `user` has not accepted the conversation, else those `user` blocked.
+fn hidden_from(
+    store: &Store,
+    conv: ConversationId,
+    user: &str,
+    recipients: &[String],
+) -> Result<Vec<String>, RouterError> {
+    if store.request(conv, user)?.is_some() {
+        return Ok(recipients.iter().filter(|r| *r != user).cloned().collect());
+    }
+    let blocked = store.blocked_by(user)?;
+    if blocked.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(recipients
+        .iter()
+        .filter(|r| blocked.contains(r))
+        .cloned()
+        .collect())
 }
 
 /// Under `until_delivered`, the range of seqs that every member has now received and whose

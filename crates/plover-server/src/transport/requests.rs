@@ -226,6 +226,53 @@ impl Actor {
                         seq: u64::from(removed),
                     }),
             ),
+            ClientFrame::Block { request, user } => answer(
+                request,
+                router
+                    .block(&self.user, &user, true)
+                    .await
+                    .map(|()| ServerFrame::Done { request, seq: 0 }),
+            ),
+            ClientFrame::Unblock { request, user } => answer(
+                request,
+                router
+                    .block(&self.user, &user, false)
+                    .await
+                    .map(|()| ServerFrame::Done { request, seq: 0 }),
+            ),
+            ClientFrame::ListBlocked { request } => answer(
+                request,
+                router
+                    .blocked(&self.user)
+                    .await
+                    .map(|users| ServerFrame::Blocked { request, users }),
+            ),
+            ClientFrame::Accept {
+                request,
+                conversation,
+            } => answer(
+                request,
+                router
+                    .accept(&self.user, conversation)
+                    .await
+                    .map(|()| ServerFrame::Done { request, seq: 0 }),
+            ),
+            ClientFrame::ListRequests { request } => answer(
+                request,
+                router
+                    .requests(&self.user)
+                    .await
+                    .map(|requests| ServerFrame::Requests {
+                        request,
+                        requests: requests
+                            .into_iter()
+                            .map(|(conversation, from)| plover_proto::MessageRequest {
+                                conversation,
+                                from,
+                            })
+                            .collect(),
+                    }),
+            ),
             ClientFrame::ListPushers { request } => answer(
                 request,
                 router

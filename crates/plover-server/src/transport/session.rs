@@ -423,15 +423,32 @@ impl Session {
                     }
                 },
             };
+            // Nobody sees the typing of someone who has not accepted the conversation (a
+            // message request), nor across a block, either way.
+            let store = router.store();
+            let list: Arc<[String]> = match (
+                store.request(conversation, &self.actor.user),
+                store.blocked_by(&self.actor.user),
+                store.blockers_of(&self.actor.user),
+            ) {
+                (Ok(Some(_)), _, _) => continue,
+                (Ok(None), Ok(blocked), Ok(blockers))
+                    if blocked.is_empty() && blockers.is_empty() =>
+                {
+                    list
+                }
+                (Ok(None), Ok(blocked), Ok(blockers)) => list
+                    .iter()
+                    .filter(|m| !blocked.contains(m) && !blockers.contains(m))
+                    .cloned()
+                    .collect(),
+                _ => continue,
+            };
             let push = Push::Typing {
                 conversation,
                 user: self.actor.user.clone(),
             };
-            self.actor
-                .shared
-                .router
-                .presence()
-                .push_to(&list, &self.actor.user, push);
+            router.presence().push_to(&list, &self.actor.user, push);
         }
     }
 

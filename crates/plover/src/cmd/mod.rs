@@ -7,5 +7,6 @@ pub(crate) mod messages;
 pub(crate) mod nodes;
 pub(crate) mod push;
 pub(crate) mod receipts;
+pub(crate) mod safety;
 pub(crate) mod serve;
 pub(crate) mod token;

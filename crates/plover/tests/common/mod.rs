@@ -66,6 +66,13 @@ pub async fn alice_writes_to_bob() -> (TestServer, Connection, Conversation) {
         .open(Target::Direct("bob".into()), true)
         .await
         .expect("open");
+    // They know each other: bob accepts (else alice's first message is a request, and she
+    // sees nothing of bob until he answers: `safety.rs`).
+    server
+        .router
+        .accept("bob", conv.id())
+        .await
+        .expect("accept");
     (server, alice, conv)
 }
 
@@ -155,6 +162,24 @@ impl TestServer {
         Connection::connect(&self.config(user, device))
             .await
             .expect("connect")
+    }
+
+    /// Makes `a` and `b` contacts: a direct conversation that `b` accepted (without it, the
+    /// first to write is a stranger whose message is a request).
+    pub async fn contacts(&self, a: &str, b: &str) -> u64 {
+        for user in [a, b] {
+            self.router.ensure_user(user).await.expect("user");
+        }
+        let opened = self
+            .router
+            .open(a, Target::Direct(b.into()), true)
+            .await
+            .expect("open");
+        self.router
+            .accept(b, opened.conversation)
+            .await
+            .expect("accept");
+        opened.conversation
     }
 
     /// Connects once so the user exists on the server.

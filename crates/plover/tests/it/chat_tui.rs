@@ -88,6 +88,8 @@ impl Drop for Tmux {
 async fn a_chat_in_a_terminal_shows_ticks_typing_and_presence() {
     let server = TestServer::start_with(|c| c.presence.debounce = Duration::from_millis(200)).await;
     server.register("bob").await;
+    // Contacts: a stranger would see nothing of bob until he answered.
+    server.contacts("alice", "bob").await;
     let alice = server.connect("alice", "setup").await;
     alice
         .open(Target::Direct("bob".into()), true)
@@ -221,6 +223,7 @@ async fn the_chat_sends_again_after_the_server_restarts() {
     let server = TestServer::start().await;
     server.register("alice").await;
     server.register("bob").await;
+    server.contacts("alice", "bob").await;
     let tmux = Tmux::chat("plover-test-restart", &server, "--with bob");
     // Open (the terminal in raw mode) once the header shows the peer.
     tmux.wait_for("bob was last seen").await;

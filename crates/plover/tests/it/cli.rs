@@ -130,6 +130,18 @@ async fn two_people_chat_from_two_terminals() {
     assert_eq!(v["last_seq"], 2);
     assert_eq!(v["unread"], 2);
 
+    // alice was a stranger to bob: her messages are a request, and bob accepts it (without
+    // that, she would not see his read mark).
+    let out = run(&bob, &["requests"]);
+    assert_eq!(stdout(&out).trim(), "request conversation=1 from=alice");
+    let out = run(&bob, &["accept", "--with", "alice"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "accepted conversation=1",
+        "{}",
+        stderr(&out)
+    );
+
     // Bob reads; alice's listener shows the receipt; unread drops to 0.
     let out = run(&bob, &["read", "--with", "alice"]);
     assert_eq!(

@@ -616,6 +616,11 @@ async fn alice_on_n1_and_bob_on_n2_chat_and_bob_catches_up_on_n3() {
         .open(plover_proto::Target::Conversation(ack.conversation), false)
         .await
         .expect("bob opens");
+    // alice is a stranger to bob: he accepts, else his read mark stays hidden from her.
+    bob_conn
+        .accept(ack.conversation)
+        .await
+        .expect("bob accepts");
     bob_conv.mark_read(1).await.expect("mark");
     let receipt = next_receipt(&mut alice_laptop).await;
     assert_eq!((receipt.user.as_str(), receipt.read), ("bob", 1));

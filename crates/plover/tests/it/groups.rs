@@ -220,6 +220,9 @@ async fn the_size_limit_is_enforced_with_a_clear_error() {
 async fn per_member_receipts_in_a_group() {
     let server = TestServer::start().await;
     users(&server, &["bob", "carol"]).await;
+    // Contacts of alice: a stranger's group is a request, which hides the read marks.
+    server.contacts("alice", "bob").await;
+    server.contacts("alice", "carol").await;
     let alice = server.connect("alice", "phone").await;
     let id = alice
         .create_group("receipts", &["bob".into(), "carol".into()])

@@ -38,6 +38,7 @@ mod rate_limit;
 mod receipts;
 mod restart_keeps_acked_messages;
 mod retention;
+mod safety;
 mod server_lifecycle;
 mod server_list;
 mod session_harness;

@@ -17,10 +17,13 @@ fn now_ms() -> u64 {
 async fn befriend(server: &TestServer, a: &str, b: &str) {
     server.register(b).await;
     let conn = server.connect(a, "setup").await;
-    conn.open(Target::Direct(b.into()), true)
+    let conv = conn
+        .open(Target::Direct(b.into()), true)
         .await
         .expect("open");
     conn.close().await;
+    // b accepts: strangers see nothing of each other (`safety.rs`).
+    server.router.accept(b, conv.id()).await.expect("accept");
 }
 
 /// The next presence item for `user` within five seconds.

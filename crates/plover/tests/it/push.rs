@@ -312,15 +312,31 @@ async fn web_push_is_encrypted_per_rfc_8291_and_decrypts_with_the_device_keys() 
     assert_eq!(v["sender"], "alice");
     assert_eq!(v["unread"], 1);
     assert!(v.get("body").is_none(), "no body unless opted in");
+    // alice shares no other conversation with bob: her message is a request.
+    assert_eq!(v["type"], "message_request");
 
-    // Bob opts this conversation in: the body comes along (still encrypted in transit).
+    // Bob opts this conversation in: while it is a request, still no body.
     let bob = server.connect("bob", "phone").await;
     bob.push_content(conv.id(), true).await.expect("opt in");
     bob.close().await;
-    conv.send("with content").await.expect("send");
+    conv.send("still a stranger").await.expect("send");
     let got = receiver.wait_for(2).await;
     let plain = ece::decrypt(&components, &auth, &got[1].body).expect("decrypts");
     let v: serde_json::Value = serde_json::from_slice(&plain).expect("JSON");
+    assert_eq!(v["type"], "message_request");
+    assert!(
+        v.get("body").is_none(),
+        "a request's body in a notification: {v}"
+    );
+    // Once he accepts, the body comes along (still encrypted in transit).
+    let bob = server.connect("bob", "phone").await;
+    bob.accept(conv.id()).await.expect("accept");
+    bob.close().await;
+    conv.send("with content").await.expect("send");
+    let got = receiver.wait_for(3).await;
+    let plain = ece::decrypt(&components, &auth, &got[2].body).expect("decrypts");
+    let v: serde_json::Value = serde_json::from_slice(&plain).expect("JSON");
+    assert_eq!(v["type"], "message");
     assert_eq!(v["body"], STANDARD.encode("with content"));
 
     // A file notifies like any other message, but its body (which carries the file's key)
@@ -341,8 +357,8 @@ async fn web_push_is_encrypted_per_rfc_8291_and_decrypts_with_the_device_keys() 
     )
     .await
     .expect("send the file");
-    let got = receiver.wait_for(3).await;
-    let plain = ece::decrypt(&components, &auth, &got[2].body).expect("decrypts");
+    let got = receiver.wait_for(4).await;
+    let plain = ece::decrypt(&components, &auth, &got[3].body).expect("decrypts");
     let v: serde_json::Value = serde_json::from_slice(&plain).expect("JSON");
     assert_eq!(v["sender"], "alice");
     assert!(

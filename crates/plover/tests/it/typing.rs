@@ -86,6 +86,9 @@ async fn a_removed_member_neither_sends_nor_receives_typing() {
     let server = common::TestServer::start().await;
     server.register("bob").await;
     server.register("carol").await;
+    // alice's contacts: a stranger's group is a request, and its invitee types to nobody.
+    server.contacts("alice", "bob").await;
+    server.contacts("alice", "carol").await;
     let alice = server.connect("alice", "phone").await;
     let carol = server.connect("carol", "phone").await;
     let gid = alice
