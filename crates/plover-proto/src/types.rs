@@ -173,6 +173,12 @@ impl ErrorCode {
     /// No such object, or none this user may read (the two are one answer, so that an id
     /// says nothing to a stranger).
     pub const NOT_FOUND: Self = Self(21);
+    /// The token was revoked by the operator (`plover token revoke`): refused at `Hello`, and
+    /// the close code of the connections it had opened. Do not reconnect with the same token.
+    pub const TOKEN_REVOKED: Self = Self(22);
+    /// The operator closed this connection (`plover admin disconnect`, `remove-device`,
+    /// `delete-user`). A client may reconnect; a removed device starts over.
+    pub const DISCONNECTED: Self = Self(23);
 
     /// The constant's name, for logs and CLI messages.
     pub fn name(self) -> &'static str {
@@ -199,6 +205,8 @@ impl ErrorCode {
             Self::CONTROL_CLOSED => "control_closed",
             Self::MOVED => "moved",
             Self::NOT_FOUND => "not_found",
+            Self::TOKEN_REVOKED => "token_revoked",
+            Self::DISCONNECTED => "disconnected",
             _ => "unknown",
         }
     }

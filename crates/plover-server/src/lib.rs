@@ -10,7 +10,10 @@
 //!   idempotency keys, pushers. Blocking; used only from the router's threads and the
 //!   blocking pool.
 //! - [`push`]: notifications to offline users through push gateways and Web Push endpoints.
-//! - [`auth`]: the signing secret and the JWTs minted by `plover token`.
+//! - [`auth`]: the signing secret and the JWTs minted by `plover token`, and an identity
+//!   provider's tokens.
+//! - [`admin`]: the operator's channel (`plover admin`, `plover token revoke`), a Unix socket
+//!   in the data directory.
 //! - [`config`]: the one typed configuration, read from TOML and overridden by flags.
 //! - [`server`]: wires the pieces together and runs until shutdown.
 //! - [`clock`]: the server's wall clock (timestamps only, never order), with a test hook.
@@ -29,6 +32,7 @@
     clippy::arithmetic_side_effects,
     clippy::expect_used
 )]
+pub mod admin;
 pub mod auth;
 pub mod clock;
 pub mod cluster;

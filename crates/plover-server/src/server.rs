@@ -35,6 +35,9 @@ pub enum ServerError {
     /// The media store cannot be opened.
     #[error(transparent)]
     Media(#[from] crate::media::MediaError),
+    /// The admin socket cannot be set up.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// A server that is bound and ready to run.
@@ -50,6 +53,8 @@ pub struct Server {
     media: Arc<crate::media::Media>,
     /// A cluster node's appender and applier of the replicated log.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The operator's channel (`<data>/admin.sock`).
+    admin: Arc<crate::admin::Admin>,
 }
 
 impl std::fmt::Debug for Server {
@@ -126,6 +131,11 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
+        let admin = Arc::new(crate::admin::Admin::bind(
+            &config.data,
+            router.clone(),
+            listener.devices(),
+        )?);
         let metrics = match config.metrics.listen {
             Some(addr) => Some(
                 crate::metrics::bind(addr)
@@ -144,6 +154,7 @@ impl Server {
             cluster,
             media,
             tasks,
+            admin,
         })
     }
 
@@ -183,6 +194,7 @@ impl Server {
         drain: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
         info!("listening on {}", self.addr);
+        let admin = tokio::spawn(self.admin.clone().serve());
         let duty = self.cluster.as_ref().map(|c| c.ownership().clone());
         let sweeper = tokio::spawn(sweep(
             self.router.clone(),
@@ -219,6 +231,8 @@ impl Server {
             let _ = task.await;
         }
         sweeper.abort();
+        admin.abort();
+        self.admin.remove_socket();
         // Stopped (and dropped) before the router, so that a write made while it stops
         // fails at once instead of waiting for an append that will not come.
         for t in self.tasks {

@@ -5,7 +5,8 @@
 //! - `cmd/`: one module per command family, each with its arguments and its handler:
 //!   `serve`, `token`, `messages` (send, listen, history, conversations), `receipts` (read,
 //!   receipts, presence), `groups` (group, retention, delete, clear), `push`, `chat`,
-//!   `nodes` (a cluster's nodes), `safety` (block, unblock, blocked, requests, accept).
+//!   `nodes` (a cluster's nodes), `safety` (block, unblock, blocked, requests, accept),
+//!   `admin` (the operator's `admin` commands and `token revoke`).
 //! - `args.rs`: the arguments every client command shares (server, CA, token, device, which
 //!   conversation).
 //! - `render.rs`: how events and messages print, as lines or as JSON.
@@ -19,7 +20,7 @@ mod render;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cmd::{chat, files, groups, messages, nodes, push, receipts, safety, serve, token};
+use cmd::{admin, chat, files, groups, messages, nodes, push, receipts, safety, serve, token};
 
 #[derive(Parser)]
 #[command(
@@ -36,8 +37,11 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(serve::ServeArgs),
-    /// Mint a token for a user (prints only the token).
+    /// Mint a token for a user (prints only the token), or `token revoke` one.
     Token(token::TokenArgs),
+    /// An operator's actions on a running server: users, devices, disconnect,
+    /// remove-device, delete-user (through `<data>/admin.sock`).
+    Admin(admin::AdminArgs),
     /// Send a message and wait until it is stored.
     Send(messages::SendArgs),
     /// Print events as they arrive, starting with what this device missed.
@@ -121,7 +125,8 @@ fn main() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve::serve(args).await,
-        Command::Token(args) => token::token(args),
+        Command::Token(args) => token::token(args).await,
+        Command::Admin(args) => admin::admin(args).await,
         Command::Send(args) => messages::send(args).await,
         Command::Listen(args) => messages::listen(args).await,
         Command::History(args) => messages::history(args).await,

@@ -153,18 +153,33 @@ impl Store {
 
     // ----- retention -----
 
-    /// Every conversation whose retention is not `keep`, with its record.
+    /// Every conversation some of whose messages are under a policy other than `keep` (its
+    /// policy now, or an earlier one: a change is not retroactive), with its record and its
+    /// retention history.
     pub fn retained_conversations(
         &self,
-    ) -> Result<Vec<(ConversationId, ConversationRecord)>, StoreError> {
+    ) -> Result<Vec<(ConversationId, ConversationRecord, super::Policies)>, StoreError> {
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for guard in self.conversations.iter() {
             let (k, v) = guard.into_inner()?;
             let record: ConversationRecord = decode("conversations", &v)?;
             if record.retention != Retention::Keep
                 && let Some(conv) = keys::head_u64(&k)
             {
-                out.push((conv, record));
+                seen.insert(conv);
+                out.push((conv, record, self.policies(conv)?));
+            }
+        }
+        // Kept now, but not always.
+        for (conv, policies) in self.changed_policies()? {
+            let removes =
+                policies.any(Retention::Keep, Retention::UntilDelivered) || policies.has_ttl();
+            if seen.contains(&conv) || !removes {
+                continue;
+            }
+            if let Some(record) = self.conversation(conv)? {
+                out.push((conv, record, policies));
             }
         }
         Ok(out)

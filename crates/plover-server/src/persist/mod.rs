@@ -37,6 +37,7 @@
 //! - `keys.rs`: the key encodings; `reaper.rs`: frees fjall's retired memtables off the
 //!   writer's path.
 
+mod accounts;
 mod batch;
 mod conversations;
 #[cfg(test)]
@@ -45,6 +46,7 @@ mod keys;
 mod logs;
 mod media;
 mod messages;
+mod policies;
 pub(crate) mod priority;
 mod pushers;
 mod reaper;
@@ -54,8 +56,10 @@ mod snapshot;
 mod store;
 mod users;
 
+pub use accounts::Kick;
 pub use batch::{Ks, Op, Recorded, SideWrite, StoreBatch, Writer};
 pub use media::{MediaRefs, ObjectRecord, RefRecord};
+pub use policies::Policies;
 pub use records::{ConversationRecord, LogEntry, MemberRecord, PendingPush, has_body, tombstone};
 pub use store::{DEFAULT_JOURNAL_SIZE, MEMTABLE_SIZE};
 

@@ -14,7 +14,7 @@ use plover_proto::ConversationId;
 use super::batch::{Ks, StoreBatch};
 use super::{Store, StoreError};
 
-fn pair(letter: u8, a: &str, b: &str) -> Vec<u8> {
+pub(super) fn pair(letter: u8, a: &str, b: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + a.len() + b.len());
     k.push(letter);
     k.extend_from_slice(a.as_bytes());
@@ -31,7 +31,7 @@ fn prefix(letter: u8, a: &str) -> Vec<u8> {
     k
 }
 
-fn request_key(conv: ConversationId, user: &str) -> Vec<u8> {
+pub(super) fn request_key(conv: ConversationId, user: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + user.len());
     k.push(b'q');
     k.extend_from_slice(&conv.to_be_bytes());
@@ -39,7 +39,7 @@ fn request_key(conv: ConversationId, user: &str) -> Vec<u8> {
     k
 }
 
-fn requests_key(user: &str, conv: ConversationId) -> Vec<u8> {
+pub(super) fn requests_key(user: &str, conv: ConversationId) -> Vec<u8> {
     let mut k = prefix(b'p', user);
     k.extend_from_slice(&conv.to_be_bytes());
     k

@@ -202,6 +202,9 @@ impl CommitThread {
                             for (user, from) in &write.requests {
                                 batch.put_request(msg.conversation, user, from.as_deref());
                             }
+                            if let Some(policies) = &write.policies {
+                                batch.put_policies(msg.conversation, policies);
+                            }
                         }
                     }
                     let entry = LogEntry::Message {
@@ -562,16 +565,23 @@ fn erase_range(
     from: u64,
     to: u64,
 ) -> Result<(), RouterError> {
+    // Only the messages sent while the policy was `until_delivered` (a change is not
+    // retroactive): read the history, and the policy now, once.
+    let policies = store.policies(conv)?;
+    let now = store
+        .conversation(conv)?
+        .map_or(plover_proto::Retention::Keep, |r| r.retention);
     let mut next = from;
     while next <= to {
         let page = store.messages_from(conv, next, 256)?;
         let Some(last) = page.last().map(|m| m.seq) else {
             break;
         };
-        for msg in page
-            .iter()
-            .filter(|m| m.seq <= to && crate::persist::has_body(m))
-        {
+        for msg in page.iter().filter(|m| {
+            m.seq <= to
+                && crate::persist::has_body(m)
+                && policies.at(m.seq, now) == plover_proto::Retention::UntilDelivered
+        }) {
             batch.put_message(&crate::persist::tombstone(msg));
         }
         next = last + 1;

@@ -146,7 +146,8 @@ pub(super) fn read_events(
     let mut out = Vec::with_capacity(entries.len());
     // Each conversation's retention and how far the user cleared it, read once per batch:
     // sync never serves an expired body, nor one the user hid from their own history.
-    let mut views: HashMap<ConversationId, (Retention, u64)> = HashMap::new();
+    let mut views: HashMap<ConversationId, (Retention, crate::persist::Policies, u64)> =
+        HashMap::new();
     let now = super::shard::now_ms();
     for (pos, entry) in entries {
         let event = match entry {
@@ -156,15 +157,21 @@ pub(super) fn read_events(
                         "log of {user} at {pos} names message {conversation}/{seq}, which is missing"
                     ))
                 })?;
-                let (policy, cleared) = match views.get(&conversation) {
-                    Some(v) => *v,
-                    None => {
-                        let policy = store
+                let (policy, cleared) = match views.entry(conversation) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        let (now_policy, policies, cleared) = e.get();
+                        (policies.at(msg.seq, *now_policy), *cleared)
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let now_policy = store
                             .conversation(conversation)?
                             .map_or(Retention::Keep, |r| r.retention);
-                        let v = (policy, store.cleared(conversation, user)?);
-                        views.insert(conversation, v);
-                        v
+                        let policies = store.policies(conversation)?;
+                        let cleared = store.cleared(conversation, user)?;
+                        // The policy the message was sent under.
+                        let policy = policies.at(msg.seq, now_policy);
+                        e.insert((now_policy, policies, cleared));
+                        (policy, cleared)
                     }
                 };
                 // A message the user cleared keeps its place in the log (positions have no

@@ -234,6 +234,9 @@ struct Inner {
     /// this node's sends hold those while they wait for the applier, which must never wait
     /// for them in turn.
     applied_bodies: Arc<tokio::sync::Semaphore>,
+    /// Connections to close (revoked tokens, removed devices, an operator's disconnect):
+    /// the transport listens and closes this node's.
+    kicks: tokio::sync::broadcast::Sender<crate::persist::Kick>,
 }
 
 /// The router handle; cheap to clone.
@@ -396,6 +399,7 @@ impl Router {
                 bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
                 replicated,
                 applied_bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
+                kicks: tokio::sync::broadcast::channel(256).0,
             }),
         })
     }
@@ -547,6 +551,46 @@ impl Router {
         self.inner
             .gate
             .run(move || Ok(notifier.set_content(&user, conversation, include)?))
+            .await
+    }
+
+    /// Connections this node must close, as they are asked for (revocations, removed
+    /// devices, disconnects; in a cluster, from any node).
+    pub fn kicks(&self) -> tokio::sync::broadcast::Receiver<crate::persist::Kick> {
+        self.inner.kicks.subscribe()
+    }
+
+    /// Tells this node's transport to close connections.
+    pub(crate) fn kick(&self, kick: crate::persist::Kick) {
+        let _ = self.inner.kicks.send(kick);
+    }
+
+    /// An operator's account action: writes `write` (through the log in a cluster), then
+    /// closes the connections it names on this node (every other node closes its own as it
+    /// applies the write: `Recorded::kicks`).
+    pub async fn account_write(
+        &self,
+        kick: Option<crate::persist::Kick>,
+        write: crate::persist::SideWrite,
+    ) -> Result<(), RouterError> {
+        let writer = self.inner.writer.clone();
+        self.inner
+            .gate
+            .run(move || Ok(writer.write(write)?))
+            .await?;
+        if let Some(kick) = kick {
+            self.kick(kick);
+        }
+        Ok(())
+    }
+
+    /// Reads `user`'s pushers again (an operator removed some).
+    pub async fn refresh_pushers(&self, user: &str) -> Result<(), RouterError> {
+        let notifier = self.inner.notifier.clone();
+        let users = vec![user.to_owned()];
+        self.inner
+            .gate
+            .run(move || Ok(notifier.refresh(&users)?))
             .await
     }
 
@@ -915,9 +959,14 @@ impl Router {
                 let (page, more) =
                     store.history(conversation, before, after, limit as usize, from, max_bytes)?;
                 let now = now_ms();
+                // Each message under the policy it was sent under.
+                let policies = store.policies(conversation)?;
                 let page = page
                     .into_iter()
-                    .map(|m| expire(m, record.retention, now))
+                    .map(|m| {
+                        let policy = policies.at(m.seq, record.retention);
+                        expire(m, policy, now)
+                    })
                     .collect();
                 Ok((page, more))
             })
@@ -1041,6 +1090,7 @@ impl Router {
         retention: Retention,
     ) -> Result<ConversationId, RouterError> {
         self.charge(creator, "creating groups")?;
+        shard::check_retention(retention)?;
         if title.is_empty() || title.len() > 200 {
             return Err(RouterError::Invalid(
                 "a group title is 1 to 200 bytes".into(),

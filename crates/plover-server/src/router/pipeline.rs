@@ -41,6 +41,8 @@ pub(super) struct MembershipWrite {
     /// Message requests it opens (a user added by someone who shared no conversation with
     /// them: (user, who asked)) or ends (a removed member: (user, `None`)).
     pub(super) requests: Vec<(String, Option<String>)>,
+    /// The retention history after a policy change.
+    pub(super) policies: Option<crate::persist::Policies>,
 }
 
 /// Where an entry sits in the cluster's replicated log: the JetStream message (its stream

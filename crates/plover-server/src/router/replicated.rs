@@ -540,6 +540,25 @@ impl Router {
                         Some(Waiting::Done(reply)) => Some(reply),
                         _ => None,
                     };
+                    // An operator asked every node to close connections: this node closes
+                    // its own once the write (a revocation, say) is in its store.
+                    let kicks = recorded.kicks();
+                    if !kicks.is_empty() {
+                        let (done, written) = oneshot::channel();
+                        let (waiter, router) = (reply.take(), self.clone());
+                        tokio::spawn(async move {
+                            let result = written.await.unwrap_or(Err(StoreError::Stopped));
+                            if result.is_ok() {
+                                for kick in kicks {
+                                    router.kick(kick);
+                                }
+                            }
+                            if let Some(w) = waiter {
+                                let _ = w.send(result);
+                            }
+                        });
+                        reply = Some(done);
+                    }
                     // Pushers changed (on any node): this node's notifier reads them again
                     // once they are written, so that it can notify for what it takes.
                     let users = recorded.push_users();

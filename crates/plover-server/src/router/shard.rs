@@ -121,6 +121,8 @@ struct ConvState {
     marks: HashMap<String, (u64, u64)>,
     /// Under `until_delivered`: every body up to here has been removed.
     erased: u64,
+    /// Which policy held when (a change applies to the messages after it).
+    policies: crate::persist::Policies,
     /// The number of the last commit item queued for this conversation (see
     /// [`Owned::queued`]): until it is surely durable, the store cannot rebuild this state.
     queued: u64,
@@ -316,6 +318,7 @@ impl Shard {
             last_seq: self.store.last_seq(conv)?,
             names: record.names().into(),
             erased: self.store.watermark(ERASED, conv)?,
+            policies: self.store.policies(conv)?,
             record,
             marks,
             queued: 0,
@@ -719,6 +722,7 @@ impl Shard {
                 names: names.clone(),
                 marks: HashMap::new(),
                 erased: 0,
+                policies: crate::persist::Policies::default(),
                 queued: 0,
             };
             self.make_room(owned);
@@ -736,6 +740,7 @@ impl Shard {
                 added: record.names(),
                 removed: Vec::new(),
                 requests,
+                policies: None,
             };
             return Ok(Some((1, change, write, names)));
         }
@@ -765,13 +770,17 @@ impl Shard {
         let before: Arc<[String]> = state.names.clone();
         let mut record = state.record.clone();
         let mut requests = Vec::new();
+        let mut policies = None;
         let (change, added, removed) = match op {
             MemberOp::Create(_) | MemberOp::Delete(_) => unreachable_create()?,
             MemberOp::Retention(policy) => {
                 must_be_admin("change the retention policy")?;
+                check_retention(*policy)?;
                 if record.retention == *policy {
                     return Ok(None);
                 }
+                // Not retroactive: the new policy holds for the messages after this event.
+                policies = Some(state.policies.changed(seq + 1, record.retention, *policy));
                 record.retention = *policy;
                 let change = ConversationChange::Retention { policy: *policy };
                 (change, Vec::new(), Vec::new())
@@ -849,11 +858,15 @@ impl Shard {
         state.last_seq = seq;
         state.record = record.clone();
         state.names = after;
+        if let Some(p) = &policies {
+            state.policies = p.clone();
+        }
         let write = MembershipWrite {
             record,
             added,
             removed,
             requests,
+            policies,
         };
         Ok(Some((seq, change, write, recipients)))
     }
@@ -867,6 +880,18 @@ fn write_limit(writes: &super::limiter::SendLimiter, cost: usize) -> RouterError
          a message costs a log entry per member); slow down and retry (a send with the same id)",
         writes.rate()
     ))
+}
+
+/// Refuses a retention policy no conversation may have: a `ttl` of 0 would remove every
+/// message as it arrives.
+pub(crate) fn check_retention(policy: Retention) -> Result<(), RouterError> {
+    if policy == Retention::Ttl(0) {
+        return Err(RouterError::Invalid(
+            "a ttl of 0 seconds would remove every message as it arrives; the shortest is 1 s"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What a request refused because of a block answers, whichever side blocked: the same as
@@ -919,7 +944,11 @@ fn hidden_from(
 /// Under `until_delivered`, the range of seqs that every member has now received and whose
 /// bodies are not yet removed.
 fn erasable(state: &mut ConvState) -> Option<(u64, u64)> {
-    if state.record.retention != Retention::UntilDelivered {
+    // The commit thread erases only the messages whose own policy is `until_delivered`.
+    if !state
+        .policies
+        .any(state.record.retention, Retention::UntilDelivered)
+    {
         return None;
     }
     let everyone = state

@@ -87,6 +87,39 @@ impl Devices {
         (moved, held.saturating_sub(moved))
     }
 
+    /// Closes `user`'s connections on this node (or only `device`'s) with `code`; returns
+    /// how many it closed.
+    pub(crate) fn close(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        code: ErrorCode,
+        reason: &str,
+    ) -> usize {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0usize;
+        for h in users.get(user).into_iter().flatten() {
+            if device.is_some_and(|d| d != h.device) || h.conn.close_reason().is_some() {
+                continue;
+            }
+            h.conn.close(quinn::VarInt::from(code.0), reason.as_bytes());
+            closed = closed.saturating_add(1);
+        }
+        closed
+    }
+
+    /// The devices of `user` connected to this node.
+    pub(crate) fn connected(&self, user: &str) -> Vec<String> {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        users
+            .get(user)
+            .into_iter()
+            .flatten()
+            .filter(|h| h.conn.close_reason().is_none())
+            .map(|h| h.device.clone())
+            .collect()
+    }
+
     /// The device is alive (it sent a heartbeat).
     pub(crate) fn heartbeat(&self, user: &str, device: &str) {
         if let Some(registry) = &self.registry {

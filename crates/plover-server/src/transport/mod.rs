@@ -6,7 +6,7 @@
 //! `Hello` and everything after run.
 
 mod budget;
-mod devices;
+pub(crate) mod devices;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod media;
@@ -173,6 +173,12 @@ impl Listener {
     /// and then stops as on `shutdown`; a single node just stops.
     pub async fn run(self, shutdown: impl Future<Output = ()>, drain: impl Future<Output = ()>) {
         let next_id = AtomicU64::new(1);
+        // Connections an operator closes (revoked tokens, removed devices, disconnects),
+        // asked for on this node or, through the log, on another.
+        let _kicker = session::AbortOnDrop(tokio::spawn(close_kicked(
+            self.shared.router.kicks(),
+            self.shared.devices.clone(),
+        )));
         tokio::pin!(shutdown);
         let drained = async {
             drain.await;
@@ -252,7 +258,36 @@ impl Listener {
     }
 }
 
+/// Closes the connections each kick names, until the router stops.
+async fn close_kicked(
+    mut kicks: tokio::sync::broadcast::Receiver<crate::persist::Kick>,
+    devices: Arc<devices::Devices>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match kicks.recv().await {
+            Ok(kick) => {
+                let reason = match kick.code {
+                    ErrorCode::TOKEN_REVOKED => "this token was revoked",
+                    _ => "an operator closed this connection",
+                };
+                let closed = devices.close(&kick.user, kick.device.as_deref(), kick.code, reason);
+                info!(user = %kick.user, device = ?kick.device, code = kick.code.name(), closed, "connections closed");
+            }
+            Err(RecvError::Lagged(missed)) => {
+                warn!(missed, "connection closes were missed: too many at once");
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 impl Listener {
+    /// The devices connected to this node (the admin channel lists and closes them).
+    pub(crate) fn devices(&self) -> Arc<devices::Devices> {
+        self.shared.devices.clone()
+    }
+
     /// Drains this node: it gives back its shards and sends new clients elsewhere
     /// ([`crate::cluster::Cluster::drain`]), then closes its devices' connections with
     /// `moved`, `cluster.drain_rate` a second, spread over the other nodes least loaded

@@ -70,7 +70,7 @@ async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, refusal: Ref
 }
 
 /// Aborts a task when dropped, so a connection's helpers end with it.
-struct AbortOnDrop(JoinHandle<()>);
+pub(super) struct AbortOnDrop(pub(super) JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -178,7 +178,7 @@ async fn authenticate(
             // Within the handshake's time too: an identity provider's keys may be refreshed.
             let checked = check_hello(shared, version, token.as_str(), &device, zone.as_deref());
             match timeout_at(deadline, checked).await {
-                Ok(checked) => checked.map(|user| (user, device, version, zone)),
+                Ok(checked) => checked.map(|(user, issued)| (user, issued, device, version, zone)),
                 Err(_) => Err(timed_out()),
             }
         }
@@ -192,7 +192,7 @@ async fn authenticate(
             None => return None,
         },
     };
-    let (user, device, version, zone) = match hello {
+    let (user, issued, device, version, zone) = match hello {
         Ok(v) => v,
         Err(refusal) => {
             refuse(conn, &mut writer, refusal).await;
@@ -221,6 +221,28 @@ async fn authenticate(
             return None;
         }
     };
+    // Checked once the connection is claimed: a revocation written before this read is
+    // seen here, and one written after it closes the claimed connection (its kick).
+    match shared.router.store().revoked(&user, &device) {
+        Ok(Some(at)) if issued <= at => {
+            let refusal = Refusal::new(
+                ErrorCode::TOKEN_REVOKED,
+                "this token was revoked; get a new one",
+            );
+            refuse(conn, &mut writer, refusal).await;
+            return None;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            refuse(
+                conn,
+                &mut writer,
+                Refusal::new(ErrorCode::UNAVAILABLE, e.to_string()),
+            )
+            .await;
+            return None;
+        }
+    }
     let welcome = ServerFrame::Welcome {
         // The version the session speaks: the client's, when it is an older one.
         version: version.min(PROTOCOL_VERSION),
@@ -254,7 +276,7 @@ async fn check_hello(
     token: &str,
     device: &str,
     zone: Option<&str>,
-) -> Result<String, Refusal> {
+) -> Result<(String, u64), Refusal> {
     if !(OLDEST_CLIENT_VERSION..=PROTOCOL_VERSION).contains(&version) {
         return Err(Refusal::new(
             ErrorCode::UNSUPPORTED_VERSION,
@@ -276,7 +298,8 @@ async fn check_hello(
             "device name must be 1-64 characters of A-Z a-z 0-9 . _ -",
         ));
     }
-    Ok(shared.keys.verify(token, device).await?.user)
+    let verified = shared.keys.verify(token, device).await?;
+    Ok((verified.user, verified.issued))
 }
 
 impl Session {

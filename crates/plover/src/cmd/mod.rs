@@ -1,5 +1,6 @@
 //! One module per command family: its arguments and its handler.
 
+pub(crate) mod admin;
 pub(crate) mod chat;
 pub(crate) mod files;
 pub(crate) mod groups;

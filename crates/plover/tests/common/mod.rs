@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use plover_client::{ClientConfig, Connection, Conversation, EventStream, Incoming, LogEvent};
 use plover_proto::{Event, Target};
-use plover_server::auth::{TokenKeys, load_or_create_secret};
+use plover_server::auth::{TokenKeys, secret_for};
 use plover_server::config::Config;
 use plover_server::router::Router;
 use plover_server::server::Server;
@@ -109,7 +109,7 @@ impl TestServer {
     async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(dir.path());
         tweak(&mut config);
-        let keys = TokenKeys::new(&load_or_create_secret(&config.data).expect("secret"));
+        let keys = TokenKeys::new(&secret_for(&config).expect("secret"));
         let server = Server::bind(config).await.expect("bind");
         let addr = server.local_addr();
         let router = server.router().clone();

@@ -1209,3 +1209,47 @@ async fn a_file_sent_through_one_node_is_fetched_through_another() {
     n1.stop().await;
     n2.stop().await;
 }
+
+/// `plover token revoke`, run against one node's data directory, closes the user's
+/// connections on every node within a second, and every node refuses the old token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_node_closes_connections_on_every_node() {
+    use crate::common::{close_code, raw_device};
+    use plover_proto::ErrorCode;
+    let nats = Nats::start(3, JetStream::SyncAlways);
+    let n1 = node(&nats, "n1").await;
+    let n2 = node(&nats, "n2").await;
+    let old = n2.token("bob");
+    let (_e, on_n2, _s, _r) = raw_device(&n2, "bob", "phone").await;
+
+    let data = n1.dir.path().join("data");
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_plover"))
+            .args(["token", "revoke", "bob", "--data"])
+            .arg(&data)
+            .output()
+            .expect("plover token revoke")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(close_code(&on_n2).await, ErrorCode::TOKEN_REVOKED.0);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed on the other node after {:?}",
+        started.elapsed()
+    );
+    for node in [&n1, &n2] {
+        let config = ClientConfig::new(node.addr.to_string(), &node.ca(), old.clone(), "phone")
+            .expect("config");
+        let refused = Connection::connect(&config).await.expect_err("refused");
+        assert_eq!(refused.code(), Some(ErrorCode::TOKEN_REVOKED));
+    }
+    n1.stop().await;
+    n2.stop().await;
+}

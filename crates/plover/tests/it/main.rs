@@ -11,6 +11,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod admin;
 mod auth_refusals;
 mod bad_frames;
 mod bad_frames_memory;

@@ -262,3 +262,85 @@ async fn undelivered_bodies_go_after_the_maximum_age() {
     alice.close().await;
     server.stop().await;
 }
+
+/// A new policy holds for the messages sent after it, never for those before, in history, in
+/// sync and in the sweep; `Ttl(0)` is refused; and the change is an event, to both sides,
+/// that says who made it.
+#[tokio::test]
+async fn a_retention_change_is_not_retroactive() {
+    let server =
+        TestServer::start_with(|c| c.retention.sweep_interval = Duration::from_secs(3600)).await;
+    let id = server.contacts("alice", "bob").await;
+    let alice = server.connect("alice", "phone").await;
+    let conv = alice
+        .open(Target::Conversation(id), false)
+        .await
+        .expect("open");
+    let before = conv.send("sent under keep").await.expect("send").seq;
+
+    let err = conv
+        .set_retention(Retention::Ttl(0))
+        .await
+        .expect_err("ttl 0");
+    assert_eq!(err.code(), Some(ErrorCode::INVALID_REQUEST));
+    let change = conv.set_retention(Retention::Ttl(1)).await.expect("set");
+    let during = conv.send("sent under a 1 s ttl").await.expect("send").seq;
+    // And back: a message after that is kept again; the one in between still goes.
+    let bob = server.connect("bob", "phone").await;
+    let bob_conv = bob
+        .open(Target::Conversation(id), false)
+        .await
+        .expect("open");
+    let back = bob_conv.set_retention(Retention::Keep).await.expect("set");
+    let after = conv.send("sent under keep again").await.expect("send").seq;
+    assert!(before < change && change < during && during < back && back < after);
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (page, _) = bob_conv.history(None, None, 20).await.expect("history");
+    let by_seq = |seq: u64| page.iter().find(|m| m.seq == seq).expect("in the page");
+    assert_eq!(by_seq(before).body, "sent under keep", "not retroactive");
+    assert!(erased(by_seq(during)), "{:?}", by_seq(during));
+    assert_eq!(by_seq(after).body, "sent under keep again");
+    // Each change is an event naming who made it.
+    let made_by = |seq: u64| {
+        let m = by_seq(seq);
+        assert!(
+            matches!(m.change, Some(ConversationChange::Retention { .. })),
+            "{m:?}"
+        );
+        m.from.clone()
+    };
+    assert_eq!(made_by(change), "alice");
+    assert_eq!(made_by(back), "bob");
+    // Sync says the same.
+    let mut events = EventStream::start(server.config("bob", "tablet"), Some(0));
+    let mut seen = std::collections::HashMap::new();
+    while seen.len() < 5 {
+        if let Event::Message(m) = next_event(&mut events).await.event
+            && m.conversation == id
+        {
+            seen.insert(m.seq, m);
+        }
+    }
+    assert_eq!(seen[&before].body, "sent under keep");
+    assert!(erased(&seen[&during]));
+    events.close().await;
+
+    // The sweep removes only the body sent under the ttl.
+    let router = server.router.clone();
+    let removed =
+        tokio::task::spawn_blocking(move || router.sweep_blocking(Duration::from_secs(3600)))
+            .await
+            .expect("join")
+            .expect("sweep");
+    assert_eq!(removed, 1);
+    let store = server.router.store().clone();
+    for (seq, kept) in [(before, true), (during, false), (after, true)] {
+        let m = store.message(id, seq).expect("read").expect("message");
+        assert_eq!(!m.body.is_empty(), kept, "{m:?}");
+    }
+    drop((conv, bob_conv));
+    bob.close().await;
+    alice.close().await;
+    server.stop().await;
+}
