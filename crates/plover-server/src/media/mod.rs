@@ -189,23 +189,27 @@ impl Media {
             )));
         }
         self.count_start(user)?;
-        self.check_quota(user, size).await?;
+        // This user's other unfinished uploads on this node count too: staging is bounded
+        // by the same quota as storage.
+        let staged = self.staging.held_by(user, object).await;
+        self.check_quota(user, size, staged).await?;
         self.staging.upload(user, object, size).await
     }
 
-    /// Refuses `size` more bytes for `user` past `media.quota` (at an upload's start, and
-    /// again at its commit, since other uploads may have been stored meanwhile).
-    async fn check_quota(&self, user: &str, size: u64) -> Result<(), MediaError> {
+    /// Refuses `size` more bytes for `user` past `media.quota`, counting what they store and
+    /// `staged` bytes of their other unfinished uploads (at an upload's start; again at its
+    /// commit, with `staged` 0, since other uploads may have been stored meanwhile).
+    async fn check_quota(&self, user: &str, size: u64, staged: u64) -> Result<(), MediaError> {
         let usage = {
             let user = user.to_owned();
             self.router
                 .with_store(move |store, _| Ok(store.media_usage(&user)?))
                 .await?
         };
-        if usage.saturating_add(size) > self.config.quota {
+        if usage.saturating_add(staged).saturating_add(size) > self.config.quota {
             return Err(MediaError::Limit(format!(
-                "{user} keeps {usage} bytes of objects; {size} more is over the quota of {} \
-                 (media.quota)",
+                "{user} keeps {usage} bytes of objects and {staged} in unfinished uploads; \
+                 {size} more is over the quota of {} (media.quota)",
                 self.config.quota
             )));
         }
@@ -254,7 +258,7 @@ impl Media {
     /// staged bytes go.
     pub async fn commit(&self, user: &str, staged: Staged) -> Result<ObjectId, MediaError> {
         let (object, size) = (staged.object(), staged.size());
-        self.check_quota(user, size).await?;
+        self.check_quota(user, size, 0).await?;
         // The same bytes may be stored already, or be on their way out: parts the collector
         // is deleting must not count as written (`AlreadyExists` below).
         let before = self.stored_state(object).await?;

@@ -20,6 +20,16 @@ const READ: usize = 256 * 1024;
 /// one hop off the runtime per MiB, not per QUIC read.
 const WRITE: usize = 1024 * 1024;
 
+/// The part of a staged file's name that names its uploader: the name hashed (a user name
+/// may hold anything a file name may not).
+fn uploader(user: &str) -> String {
+    Sha256::digest(user.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The staging directory.
 #[derive(Debug)]
 pub(super) struct Staging {
@@ -122,10 +132,9 @@ impl Staging {
         object: ObjectId,
         size: u64,
     ) -> Result<Staged, MediaError> {
-        // The user's name hashed: a name may hold anything, a file name may not.
-        let who = Sha256::digest(user.as_bytes());
-        let who: String = who.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        let path = self.dir.join(format!("{}-{who}", object.hex()));
+        let path = self
+            .dir
+            .join(format!("{}-{}", object.hex(), uploader(user)));
         let held = self.hold(&path).await?;
         let opened = path.clone();
         // Opening, and hashing what an earlier attempt left, off the runtime.
@@ -179,6 +188,28 @@ impl Staging {
             size,
             have,
         })
+    }
+
+    /// Bytes `user`'s unfinished uploads hold on this node, but for `object`'s own (the
+    /// upload that is starting or resuming).
+    pub(super) async fn held_by(&self, user: &str, object: ObjectId) -> u64 {
+        let suffix = format!("-{}", uploader(user));
+        let own = format!("{}{suffix}", object.hex());
+        let Ok(mut entries) = tokio::fs::read_dir(&self.dir).await else {
+            return 0;
+        };
+        let mut held = 0u64;
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !name.ends_with(&suffix) || name == own {
+                continue;
+            }
+            if let Ok(meta) = entry.metadata().await {
+                held = held.saturating_add(meta.len());
+            }
+        }
+        held
     }
 
     /// Removes staged files untouched for longer than `after` (uploads nobody resumed).

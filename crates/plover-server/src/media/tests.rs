@@ -20,12 +20,17 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|_| {}).await
+}
+
+async fn setup_with(tweak: impl FnOnce(&mut Config)) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(Store::open(dir.path(), Durability::Buffered).expect("open"));
-    let config = Config {
+    let mut config = Config {
         data: dir.path().join("data"),
         ..Config::default()
     };
+    tweak(&mut config);
     let router = Router::start(store.clone(), &config).expect("router");
     for user in ["alice", "bob"] {
         store.ensure_user(&*store, user, 1).expect("user");
@@ -191,5 +196,44 @@ async fn an_upload_of_a_doomed_object_waits_for_its_removal() {
     assert_eq!(upload(&s.media, bytes).await.expect("upload again"), object);
     assert_eq!(parts(&s, &object), 1, "written anew");
     send_with(&s, object).await.expect("sent");
+    stop(s).await;
+}
+
+/// The quota counts the bytes a user's unfinished uploads hold on this node, not only what
+/// they store: many half-finished uploads cannot fill the staging disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_uploads_count_against_the_quota() {
+    let s = setup_with(|c| c.media.quota = 10_000).await;
+    // 6,000 bytes of an 8,000-byte upload arrive, then the connection is cut.
+    let big = vec![7u8; 8_000];
+    let object = ObjectId(sha2::Sha256::digest(&big).into());
+    let mut staged = s.media.begin("alice", 8_000, object).await.expect("begin");
+    staged.append(&big[..6_000]).await.expect("append");
+    staged.flush().await.expect("flush");
+    drop(staged);
+    // Another of 5,000 would make 11,000: refused, and the message says why.
+    let other = vec![9u8; 5_000];
+    let refused = upload(&s.media, &other).await.expect_err("over the quota");
+    assert!(matches!(refused, MediaError::Limit(_)), "{refused:?}");
+    assert!(
+        refused.to_string().contains("6000 in unfinished uploads"),
+        "{refused}"
+    );
+    // Resuming the first is not counted against itself, and completes.
+    let mut staged = s.media.begin("alice", 8_000, object).await.expect("resume");
+    assert_eq!(staged.offset(), 6_000);
+    staged.append(&big[6_000..]).await.expect("append");
+    let staged = staged.finish().await.expect("finish");
+    s.media.commit("alice", staged).await.expect("commit");
+    // Someone else's unfinished uploads are theirs.
+    let mut bobs = s
+        .media
+        .begin("bob", 8_000, object)
+        .await
+        .expect("bob begins");
+    bobs.append(&big[..4_000]).await.expect("append");
+    bobs.flush().await.expect("flush");
+    drop(bobs);
+    assert!(upload(&s.media, &vec![1u8; 1_000]).await.is_ok());
     stop(s).await;
 }
