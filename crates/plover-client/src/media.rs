@@ -158,19 +158,44 @@ pub async fn prepare(path: &Path) -> Result<Prepared, ClientError> {
     let mut key = [0u8; 32];
     getrandom::fill(&mut key)
         .map_err(|e| ClientError::Protocol(format!("no randomness for a file key: {e}")))?;
-    let plain_size = tokio::fs::metadata(path).await.map_err(io)?.len();
-    let mut sealer = Sealer::open(path, &key, CHUNK, plain_size, 0).await?;
-    let mut hash = Sha256::new();
-    while let Some(sealed) = sealer.next().await? {
-        hash.update(&sealed);
-    }
-    Ok(Prepared {
-        path: path.to_owned(),
-        plain_size,
-        key,
-        object: ObjectId(hash.finalize().into()),
-        size: ciphertext_size(plain_size, CHUNK),
+    let path = path.to_owned();
+    // A pass over the whole file, CPU-bound: on a blocking thread, never the caller's
+    // runtime (an app's, whose other tasks would wait behind it).
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let file = std::fs::File::open(&path).map_err(io)?;
+        let plain_size = file.metadata().map_err(io)?.len();
+        let mut file = std::io::BufReader::with_capacity(IO_BUFFER, file);
+        let cipher = ChaCha20Poly1305::new(&Key::from(key));
+        let mut hash = Sha256::new();
+        let total = chunks(plain_size, CHUNK);
+        let mut buf = vec![0u8; CHUNK as usize];
+        for index in 0..total {
+            let last = index + 1 == total;
+            let want = if last {
+                plain_size - (total - 1) * u64::from(CHUNK)
+            } else {
+                u64::from(CHUNK)
+            };
+            let chunk = buf.get_mut(..want as usize).unwrap_or_default();
+            file.read_exact(chunk).map_err(|e| {
+                ClientError::Protocol(format!("the file changed while it was read: {e}"))
+            })?;
+            let sealed = cipher
+                .encrypt(&nonce(index, last), &*chunk)
+                .map_err(|_| ClientError::Protocol("cannot encrypt a chunk".into()))?;
+            hash.update(&sealed);
+        }
+        Ok(Prepared {
+            path,
+            plain_size,
+            key,
+            object: ObjectId(hash.finalize().into()),
+            size: ciphertext_size(plain_size, CHUNK),
+        })
     })
+    .await
+    .map_err(|e| ClientError::Protocol(format!("preparing the file: {e}")))?
 }
 
 /// Uploads a prepared file on a new stream of `conn`, from the offset the server already
@@ -328,22 +353,31 @@ pub fn partial_path(out: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Checks the ciphertext in `from` against the attachment's id and decrypts it into `out`.
+/// Checks the ciphertext in `from` against the attachment's id and decrypts it into `out`:
+/// two passes over the file, CPU-bound, on a blocking thread.
 async fn decrypt(from: &Path, attachment: &Attachment, out: &Path) -> Result<(), ClientError> {
+    let (from, attachment, out) = (from.to_owned(), attachment.clone(), out.to_owned());
+    tokio::task::spawn_blocking(move || decrypt_blocking(&from, &attachment, &out))
+        .await
+        .map_err(|e| ClientError::Protocol(format!("decrypting the file: {e}")))?
+}
+
+fn decrypt_blocking(from: &Path, attachment: &Attachment, out: &Path) -> Result<(), ClientError> {
+    use std::io::{Read, Write};
     let bad = |what: &str| ClientError::Protocol(format!("the downloaded file {what}"));
-    let mut source = tokio::fs::File::open(from).await.map_err(io)?;
+    let mut source = std::fs::File::open(from).map_err(io)?;
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; IO_BUFFER];
     loop {
-        let n = source.read(&mut buf).await.map_err(io)?;
+        let n = source.read(&mut buf).map_err(io)?;
         if n == 0 {
             break;
         }
-        hash.update(&buf[..n]);
+        hash.update(buf.get(..n).unwrap_or_default());
     }
     if ObjectId(hash.finalize().into()) != attachment.object {
         // Start again next time rather than resume onto bytes that are wrong.
-        let _ = tokio::fs::remove_file(from).await;
+        let _ = std::fs::remove_file(from);
         return Err(bad(
             "does not match its id (it was removed; fetch it again)",
         ));
@@ -354,19 +388,15 @@ async fn decrypt(from: &Path, attachment: &Attachment, out: &Path) -> Result<(),
         return Err(bad("has sizes that do not agree"));
     }
     let cipher = ChaCha20Poly1305::new(&Key::from(attachment.key));
-    let mut source = tokio::io::BufReader::with_capacity(
-        IO_BUFFER,
-        tokio::fs::File::open(from).await.map_err(io)?,
-    );
+    let mut source =
+        std::io::BufReader::with_capacity(IO_BUFFER, std::fs::File::open(from).map_err(io)?);
     let temp = {
         let mut name = out.as_os_str().to_owned();
         name.push(".plover-tmp");
         PathBuf::from(name)
     };
-    let mut sink = tokio::io::BufWriter::with_capacity(
-        IO_BUFFER,
-        tokio::fs::File::create(&temp).await.map_err(io)?,
-    );
+    let mut sink =
+        std::io::BufWriter::with_capacity(IO_BUFFER, std::fs::File::create(&temp).map_err(io)?);
     let total = chunks(attachment.plain_size, attachment.chunk);
     let sealed_chunk = u64::from(attachment.chunk) + TAG;
     for index in 0..total {
@@ -377,16 +407,16 @@ async fn decrypt(from: &Path, attachment: &Attachment, out: &Path) -> Result<(),
             sealed_chunk
         };
         let mut sealed = vec![0u8; len as usize];
-        source.read_exact(&mut sealed).await.map_err(io)?;
+        source.read_exact(&mut sealed).map_err(io)?;
         let plain = cipher
             .decrypt(&nonce(index, last), sealed.as_slice())
             .map_err(|_| bad("does not decrypt with its key"))?;
-        sink.write_all(&plain).await.map_err(io)?;
+        sink.write_all(&plain).map_err(io)?;
     }
-    sink.flush().await.map_err(io)?;
-    sink.get_ref().sync_all().await.map_err(io)?;
+    sink.flush().map_err(io)?;
+    sink.get_ref().sync_all().map_err(io)?;
     drop(sink);
-    tokio::fs::rename(&temp, out).await.map_err(io)?;
+    std::fs::rename(&temp, out).map_err(io)?;
     Ok(())
 }
 

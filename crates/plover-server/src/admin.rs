@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::auth::valid_name;
 use crate::persist::SideWrite;
-use crate::router::{MemberOp, Router, RouterError};
+use crate::router::{Router, RouterError};
 use crate::transport::devices::Devices;
 use plover_proto::{ConversationKind, ErrorCode};
 
@@ -453,9 +453,7 @@ impl Admin {
         let mut left = 0usize;
         for (conv, kind) in &conversations {
             if *kind == ConversationKind::Group {
-                self.router
-                    .membership(*conv, user, "admin", MemberOp::Leave)
-                    .await?;
+                self.router.leave_for_operator(*conv, user).await?;
                 left = left.saturating_add(1);
             }
         }

@@ -116,6 +116,10 @@ pub struct MediaConfig {
     /// and what keeps one fast client from taking the server's CPU and disk from everyone's
     /// messages (BENCHMARKS.md, "Media").
     pub upload_rate: u64,
+    /// Bytes a second one user's downloads may take, together. 20 MiB/s: a 100 MiB video
+    /// in five seconds, while a download at full speed would take the server's CPU from
+    /// everyone's messages (BENCHMARKS.md, "Media").
+    pub download_rate: u64,
     /// An unfinished upload, or a stored object no message references, is removed after
     /// this. 24 h: time to resume across a night without a connection.
     #[serde(with = "humantime_serde")]
@@ -132,6 +136,7 @@ impl Default for MediaConfig {
             quota: 10 * 1024 * 1024 * 1024,
             uploads_per_hour: 600,
             upload_rate: 10 * 1024 * 1024,
+            download_rate: 20 * 1024 * 1024,
             expire_after: Duration::from_secs(24 * 3600),
         }
     }
@@ -711,11 +716,12 @@ impl Config {
         }
         if self.media.uploads_per_hour == 0
             || self.media.upload_rate == 0
+            || self.media.download_rate == 0
             || self.media.expire_after < Duration::from_secs(60)
         {
             return invalid(
-                "media.uploads_per_hour and media.upload_rate must be positive and \
-                 media.expire_after at least 1m",
+                "media.uploads_per_hour, media.upload_rate and media.download_rate must be \
+                 positive and media.expire_after at least 1m",
             );
         }
         if self.media.store == MediaStore::S3 && self.media.s3.is_none() {

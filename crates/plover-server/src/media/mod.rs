@@ -80,8 +80,10 @@ pub struct Media {
     router: Router,
     /// Uploads started per user in the current hour: (hour start, count).
     started: Mutex<HashMap<String, (Instant, u32)>>,
-    /// When each user's uploads may next read, at `media.upload_rate`.
-    paced: Mutex<HashMap<String, Instant>>,
+    /// One user's uploads together, at `media.upload_rate`.
+    uploads: Pacer,
+    /// One user's downloads together, at `media.download_rate`.
+    downloads: Pacer,
 }
 
 /// The burst an upload may send at once before the rate applies: a quarter of a second's
@@ -97,6 +99,40 @@ impl std::fmt::Debug for Media {
         f.debug_struct("Media")
             .field("objects", &self.objects.to_string())
             .finish()
+    }
+}
+
+/// Holds each user's transfers of one direction, together, to a rate: a token bucket a
+/// quarter of a second deep ([`PACE_BURST`]).
+#[derive(Debug)]
+struct Pacer {
+    rate: u64,
+    /// When each user may next move bytes.
+    next: Mutex<HashMap<String, Instant>>,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            next: Mutex::default(),
+        }
+    }
+
+    /// `user` moved `bytes` more: when they may move more (`None`: at once).
+    fn pace(&self, user: &str, bytes: usize) -> Option<Instant> {
+        let rate = self.rate.max(1) as f64;
+        let cost = Duration::from_secs_f64(bytes as f64 / rate);
+        let now = Instant::now();
+        let mut paced = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if paced.len() > 10_000 {
+            paced.retain(|_, next| *next > now);
+        }
+        let next = paced.entry(user.to_owned()).or_insert(now);
+        // Idle time earns at most a burst.
+        let start = (*next).max(now.checked_sub(PACE_BURST).unwrap_or(now));
+        *next = start.checked_add(cost).unwrap_or(start);
+        (*next > now).then_some(*next)
     }
 }
 
@@ -163,7 +199,8 @@ impl Media {
             config: media.clone(),
             router,
             started: Mutex::default(),
-            paced: Mutex::default(),
+            uploads: Pacer::new(media.upload_rate),
+            downloads: Pacer::new(media.download_rate),
         })
     }
 
@@ -239,19 +276,14 @@ impl Media {
 
     /// `user`'s uploads took `bytes` more: when they may read again (`None`: at once), so
     /// that together they go no faster than `media.upload_rate`.
-    pub fn pace(&self, user: &str, bytes: usize) -> Option<Instant> {
-        let rate = self.config.upload_rate.max(1) as f64;
-        let cost = Duration::from_secs_f64(bytes as f64 / rate);
-        let now = Instant::now();
-        let mut paced = self.paced.lock().unwrap_or_else(|p| p.into_inner());
-        if paced.len() > 10_000 {
-            paced.retain(|_, next| *next > now);
-        }
-        let next = paced.entry(user.to_owned()).or_insert(now);
-        // Idle time earns at most a burst.
-        let start = (*next).max(now.checked_sub(PACE_BURST).unwrap_or(now));
-        *next = start.checked_add(cost).unwrap_or(start);
-        (*next > now).then_some(*next)
+    pub fn pace_upload(&self, user: &str, bytes: usize) -> Option<Instant> {
+        self.uploads.pace(user, bytes)
+    }
+
+    /// `user`'s downloads sent `bytes` more: when they may send again (`None`: at once), so
+    /// that together they go no faster than `media.download_rate`.
+    pub fn pace_download(&self, user: &str, bytes: usize) -> Option<Instant> {
+        self.downloads.pace(user, bytes)
     }
 
     /// Stores a complete, checked upload: its parts (create-only), then its record; the

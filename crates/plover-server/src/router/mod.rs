@@ -834,9 +834,15 @@ impl Router {
             objects,
         };
         if let Some(replicated) = self.replicated() {
-            // The block check the shard makes on one node, made here before the log.
+            // The block check the shard makes on one node, made here before the log (not for
+            // the retry of a message already stored: it gets its answer, as on one node).
             if let Some(record) = self.inner.store.conversation(conversation)?
                 && record.kind == ConversationKind::Direct
+                && self
+                    .inner
+                    .store
+                    .idempotent(conversation, from, &id)?
+                    .is_none()
             {
                 shard::direct_allowed(&self.inner.store, from, &record.names())?;
             }
@@ -1161,6 +1167,17 @@ impl Router {
     ) -> Result<u64, RouterError> {
         self.charge(by, "changing the conversation")?;
         self.change(conversation, by, device, op).await
+    }
+
+    /// `user` leaves a group on an operator's behalf (`admin delete-user`): as `Leave`, not
+    /// charged to the user's budget (an account in many groups would run out of it).
+    pub async fn leave_for_operator(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+    ) -> Result<u64, RouterError> {
+        self.change(conversation, user, "operator", MemberOp::Leave)
+            .await
     }
 
     /// A membership change through the conversation's shard, already charged for.

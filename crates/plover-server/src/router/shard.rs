@@ -351,15 +351,6 @@ impl Shard {
                 .send(Err(RouterError::NotMember(req.conversation)));
             return None;
         }
-        // Nobody writes across a block in a direct conversation. (In a cluster the node that
-        // takes the message checks, before the log: every node must apply it alike.)
-        if !self.replicated
-            && state.record.kind == ConversationKind::Direct
-            && let Err(e) = direct_allowed(&self.store, &key.1, &state.names)
-        {
-            let _ = req.reply.send(Err(e));
-            return None;
-        }
         match self.store.idempotent(key.0, &key.1, &key.2) {
             Ok(Some((seq, ts))) => {
                 let _ = req.reply.send(Ok(Sent {
@@ -375,6 +366,17 @@ impl Shard {
                 let _ = req.reply.send(Err(e.into()));
                 return None;
             }
+        }
+
+        // Nobody writes across a block in a direct conversation (a retry of a message sent
+        // before the block was answered above, as it was then). (In a cluster the node that
+        // takes the message checks, before the log: every node must apply it alike.)
+        if !self.replicated
+            && state.record.kind == ConversationKind::Direct
+            && let Err(e) = direct_allowed(&self.store, &key.1, &state.names)
+        {
+            let _ = req.reply.send(Err(e));
+            return None;
         }
 
         // On one node, the objects it references must still be stored when it takes a seq:

@@ -9,8 +9,10 @@ use tracing::debug;
 
 use crate::media::{Media, MediaError};
 
-/// Bytes a download writes at a time (one object store read).
-const DOWNLOAD_PIECE: u64 = 1024 * 1024;
+/// Bytes a download writes at a time (one object store read): small enough that the paced
+/// stream goes out smoothly, not as a megabyte's burst of packets ahead of everyone's
+/// messages on the endpoint's socket.
+const DOWNLOAD_PIECE: u64 = 64 * 1024;
 
 /// Bytes asked of quinn per read of an upload.
 const UPLOAD_READ: usize = 64 * 1024;
@@ -60,7 +62,7 @@ pub(super) async fn upload(
                     return fail(&mut writer, &e).await;
                 }
                 // `media.upload_rate`: not reading holds the client back (flow control).
-                if let Some(until) = media.pace(user, chunk.bytes.len()) {
+                if let Some(until) = media.pace_upload(user, chunk.bytes.len()) {
                     tokio::time::sleep_until(until.into()).await;
                 }
             }
@@ -137,6 +139,10 @@ pub(super) async fn download(
             }
         };
         at = at.saturating_add(bytes.len() as u64);
+        // `media.download_rate`: one user's downloads together take no more of the server.
+        if let Some(until) = media.pace_download(user, bytes.len()) {
+            tokio::time::sleep_until(until.into()).await;
+        }
         if let Err(e) = writer.send_raw(bytes).await {
             debug!(%object, error = %e, "download cut off");
             return;

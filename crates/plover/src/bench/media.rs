@@ -63,6 +63,13 @@ fn watch_rss(target: &Server, stop: Arc<AtomicBool>) -> Option<tokio::task::Join
     }))
 }
 
+/// Flushes every dirty page to disk (`sync`) and lets the machine be for a moment: what the
+/// phases before left to write back must not fall into the next measurement.
+async fn settle() {
+    let _ = tokio::task::spawn_blocking(|| std::process::Command::new("sync").status()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
 pub(crate) async fn media(target: &Server, args: &BenchArgs, floor: &Hist) -> Result<Value> {
     let size = args.size;
     if size == 0 {
@@ -160,6 +167,9 @@ pub(crate) async fn media(target: &Server, args: &BenchArgs, floor: &Hist) -> Re
     let (resume, offset) = resumed.unwrap_or_default();
 
     // Another conversation's latency, quiet and then beside uploads on the same server.
+    // The files written so far (staged uploads are not fsynced) are flushed first: the
+    // kernel's writeback of a few hundred MB would otherwise land in the quiet run.
+    settle().await;
     progress("media: a direct conversation, quiet...");
     let users = 20;
     let rate = 200;
@@ -191,14 +201,63 @@ pub(crate) async fn media(target: &Server, args: &BenchArgs, floor: &Hist) -> Re
     let (loaded, _) = direct::direct(target, users, rate, args.duration, floor).await?;
     busy.store(false, Ordering::Relaxed);
     let uploads_done = uploads.await.unwrap_or(0);
+
+    // And beside downloads: another device fetches the first file back to back.
+    settle().await;
+    progress("media: the same beside downloads...");
+    let busy = Arc::new(AtomicBool::new(true));
+    let downloads = {
+        let busy = busy.clone();
+        let mut config = target.config(&user, "fetcher")?;
+        config.endpoint = None;
+        let fetcher = plover_client::Connection::connect(&config).await?;
+        let pointer = attachment(&prepared);
+        // On a tmpfs when there is one: the fetched file's writes and fsync would otherwise
+        // queue on the disk beside the server's commits, which on separate machines they
+        // never do.
+        let shm = tempfile::tempdir_in("/dev/shm").ok();
+        let out = shm
+            .as_ref()
+            .map_or_else(|| dir.path().join("fetched"), |d| d.path().join("fetched"));
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while busy.load(Ordering::Relaxed) {
+                let through = Through {
+                    conversation: 0,
+                    seq: 0,
+                };
+                if fetcher
+                    .download(&pointer, through, &out, &mut |_| {})
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                let _ = tokio::fs::remove_file(&out).await;
+                n += 1;
+            }
+            fetcher.close().await;
+            drop(shm);
+            n
+        })
+    };
+    let (fetching, _) = direct::direct(target, users, rate, args.duration, floor).await?;
+    busy.store(false, Ordering::Relaxed);
+    let downloads_done = downloads.await.unwrap_or(0);
     conn.close().await;
 
     let p99 = |v: &Value| v["e2e"]["p99_us"].as_f64().unwrap_or(0.0);
-    let ratio = if p99(&quiet) > 0.0 {
-        ((p99(&loaded) / p99(&quiet)) * 100.0).round() / 100.0
-    } else {
-        0.0
+    let ratio_to_quiet = |v: &Value| {
+        if p99(&quiet) > 0.0 {
+            ((p99(v) / p99(&quiet)) * 100.0).round() / 100.0
+        } else {
+            0.0
+        }
     };
+    let ratio = ratio_to_quiet(&loaded);
+    let runs = [&quiet, &loaded, &fetching];
+    let count = |key: &str| -> u64 { runs.iter().map(|v| v[key].as_u64().unwrap_or(0)).sum() };
+    let (lost, duplicated) = (count("lost"), count("duplicated"));
     Ok(json!({
         "scenario": "media",
         "size": size,
@@ -220,8 +279,10 @@ pub(crate) async fn media(target: &Server, args: &BenchArgs, floor: &Hist) -> Re
         "direct_beside_uploads_e2e": loaded["e2e"],
         "uploads_during": uploads_done,
         "p99_ratio": ratio,
-        "lost": quiet["lost"].as_u64().unwrap_or(0) + loaded["lost"].as_u64().unwrap_or(0),
-        "duplicated": quiet["duplicated"].as_u64().unwrap_or(0)
-            + loaded["duplicated"].as_u64().unwrap_or(0),
+        "direct_beside_downloads_e2e": fetching["e2e"],
+        "downloads_during": downloads_done,
+        "download_p99_ratio": ratio_to_quiet(&fetching),
+        "lost": lost,
+        "duplicated": duplicated,
     }))
 }

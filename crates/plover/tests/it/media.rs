@@ -649,6 +649,39 @@ async fn a_users_uploads_go_no_faster_than_media_upload_rate() {
 }
 
 #[tokio::test]
+async fn a_users_downloads_go_no_faster_than_media_download_rate() {
+    // The same for downloads, at 400 kB a second; the upload itself is not limited here.
+    let server = TestServer::start_with(|c| {
+        c.media.download_rate = 400_000;
+        c.media.upload_rate = 100_000_000;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, data) = sample(dir.path(), "f", 1_200_000);
+    let prepared = prepare(&path).await.expect("prepare");
+    let alice = server.connect("alice", "phone").await;
+    alice.upload(&prepared, &mut |_| {}).await.expect("upload");
+    let out = dir.path().join("back");
+    let started = Instant::now();
+    let through = Through {
+        conversation: 0,
+        seq: 0,
+    };
+    alice
+        .download(&attachment(&prepared, "f"), through, &out, &mut |_| {})
+        .await
+        .expect("download");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "downloaded in {took:?}"
+    );
+    assert_eq!(std::fs::read(&out).expect("read"), data);
+    alice.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn an_image_carries_its_dimensions_and_a_thumbnail_made_on_the_device() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_owned();
