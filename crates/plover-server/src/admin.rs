@@ -368,7 +368,10 @@ impl Admin {
             }
             b.put_kick(&u, d.as_deref(), code, now_ms);
         });
-        self.router.account_write(None, kick).await?;
+        // Through the log in a cluster: every other node closes its own as it applies it.
+        self.router
+            .with_store(move |_, writer| Ok(writer.write(kick)?))
+            .await?;
         let reason = match code {
             ErrorCode::TOKEN_REVOKED => "this token was revoked",
             _ => "an operator closed this connection",

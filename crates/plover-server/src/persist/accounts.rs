@@ -26,15 +26,12 @@ pub struct Kick {
     pub code: ErrorCode,
 }
 
+/// `letter` user, or with a device, `letter` user 0 device (as [`super::relations`]'s pairs).
 fn named(letter: u8, user: &str, device: Option<&str>) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + user.len() + device.map_or(0, str::len));
-    k.push(letter);
-    k.extend_from_slice(user.as_bytes());
-    if let Some(device) = device {
-        k.push(0);
-        k.extend_from_slice(device.as_bytes());
+    match device {
+        Some(device) => super::relations::pair(letter, user, device),
+        None => [&[letter][..], user.as_bytes()].concat(),
     }
-    k
 }
 
 /// Always with the 0 (an empty device: all of them), so that the key parses one way.

@@ -102,6 +102,18 @@ impl Store {
         Ok(false)
     }
 
+    /// Everyone `user` blocked or who blocked `user`: between them, no presence or typing
+    /// goes either way.
+    pub fn blocked_either_way(
+        &self,
+        user: &str,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut out: std::collections::HashSet<String> =
+            self.blocked_by(user)?.into_iter().collect();
+        out.extend(self.blockers_of(user)?);
+        Ok(out)
+    }
+
     /// The conversations `user` has not accepted yet, with who asked.
     pub fn requests_of(&self, user: &str) -> Result<Vec<(ConversationId, String)>, StoreError> {
         let start = prefix(b'p', user);

@@ -124,18 +124,6 @@ impl RouterError {
     }
 }
 
-/// Whether `viewer` may not see `member`'s read mark in `conv`: `member` has not accepted
-/// the conversation (a message request), or blocked `viewer`. (Delivered marks are shown.)
-fn read_hidden(
-    store: &Store,
-    conv: ConversationId,
-    viewer: &str,
-    member: &str,
-) -> Result<bool, StoreError> {
-    Ok(viewer != member
-        && (store.request(conv, member)?.is_some() || store.blocks(member, viewer)?))
-}
-
 /// A conversation a stream is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
@@ -565,25 +553,6 @@ impl Router {
         let _ = self.inner.kicks.send(kick);
     }
 
-    /// An operator's account action: writes `write` (through the log in a cluster), then
-    /// closes the connections it names on this node (every other node closes its own as it
-    /// applies the write: `Recorded::kicks`).
-    pub async fn account_write(
-        &self,
-        kick: Option<crate::persist::Kick>,
-        write: crate::persist::SideWrite,
-    ) -> Result<(), RouterError> {
-        let writer = self.inner.writer.clone();
-        self.inner
-            .gate
-            .run(move || Ok(writer.write(write)?))
-            .await?;
-        if let Some(kick) = kick {
-            self.kick(kick);
-        }
-        Ok(())
-    }
-
     /// Reads `user`'s pushers again (an operator removed some).
     pub async fn refresh_pushers(&self, user: &str) -> Result<(), RouterError> {
         let notifier = self.inner.notifier.clone();
@@ -623,11 +592,8 @@ impl Router {
 
     /// The users `user` blocked, in name order.
     pub async fn blocked(&self, user: &str) -> Result<Vec<String>, RouterError> {
-        let store = self.inner.store.clone();
         let user = user.to_owned();
-        self.inner
-            .gate
-            .run(move || Ok(store.blocked_by(&user)?))
+        self.with_store(move |store, _| Ok(store.blocked_by(&user)?))
             .await
     }
 
@@ -655,11 +621,8 @@ impl Router {
 
     /// The conversations `user` has not accepted yet, with who asked.
     pub async fn requests(&self, user: &str) -> Result<Vec<(ConversationId, String)>, RouterError> {
-        let store = self.inner.store.clone();
         let user = user.to_owned();
-        self.inner
-            .gate
-            .run(move || Ok(store.requests_of(&user)?))
+        self.with_store(move |store, _| Ok(store.requests_of(&user)?))
             .await
     }
 
@@ -1010,7 +973,7 @@ impl Router {
                         if !record.is_member(&member) || !(inline || member == user) {
                             continue;
                         }
-                        let read = if read_hidden(&store, conversation, &user, &member)? {
+                        let read = if shard::read_hidden(&store, conversation, &user, &member)? {
                             0
                         } else {
                             read
@@ -1068,7 +1031,7 @@ impl Router {
                 let mut page = Vec::new();
                 for m in rest.into_iter().take(limit) {
                     let (delivered, read) = marks.remove(&m.user).unwrap_or((0, 0));
-                    let read = if read_hidden(&store, conversation, &user, &m.user)? {
+                    let read = if shard::read_hidden(&store, conversation, &user, &m.user)? {
                         0
                     } else {
                         read

@@ -452,11 +452,7 @@ fn peers_of(store: &Store, user: &str) -> Result<Vec<String>, RouterError> {
             peers.extend(record.names().into_iter().filter(|m| m != user));
         }
     }
-    for other in store
-        .blocked_by(user)?
-        .into_iter()
-        .chain(store.blockers_of(user)?)
-    {
+    for other in store.blocked_either_way(user)? {
         peers.remove(&other);
     }
     Ok(peers.into_iter().collect())

@@ -921,6 +921,18 @@ pub(crate) fn direct_allowed(
     Ok(())
 }
 
+/// Whether `viewer` may not see `member`'s read mark in `conv` (listings): the rule of
+/// [`hidden_from`], for one viewer. (Delivered marks are shown.)
+pub(super) fn read_hidden(
+    store: &Store,
+    conv: ConversationId,
+    viewer: &str,
+    member: &str,
+) -> Result<bool, crate::persist::StoreError> {
+    Ok(viewer != member
+        && (store.request(conv, member)?.is_some() || store.blocks(member, viewer)?))
+}
+
 /// The recipients of `user`'s marks in `conv` who may not see their read mark: all but
 /// `user` while `user` has not accepted the conversation, else those `user` blocked.
 fn hidden_from(

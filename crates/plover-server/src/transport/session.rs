@@ -451,20 +451,15 @@ impl Session {
             let store = router.store();
             let list: Arc<[String]> = match (
                 store.request(conversation, &self.actor.user),
-                store.blocked_by(&self.actor.user),
-                store.blockers_of(&self.actor.user),
+                store.blocked_either_way(&self.actor.user),
             ) {
-                (Ok(Some(_)), _, _) => continue,
-                (Ok(None), Ok(blocked), Ok(blockers))
-                    if blocked.is_empty() && blockers.is_empty() =>
-                {
-                    list
-                }
-                (Ok(None), Ok(blocked), Ok(blockers)) => list
+                (Ok(None), Ok(apart)) if apart.is_empty() => list,
+                (Ok(None), Ok(apart)) => list
                     .iter()
-                    .filter(|m| !blocked.contains(m) && !blockers.contains(m))
+                    .filter(|m| !apart.contains(*m))
                     .cloned()
                     .collect(),
+                // A request, or relations that cannot be read: no indicator.
                 _ => continue,
             };
             let push = Push::Typing {

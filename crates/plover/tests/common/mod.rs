@@ -512,3 +512,33 @@ pub async fn close_code(conn: &quinn::Connection) -> u16 {
         other => panic!("expected an application close, got {other}"),
     }
 }
+
+/// The typing indicators `events` gets within `wait`, as (conversation, user).
+pub async fn typing_within(events: &mut EventStream, wait: Duration) -> Vec<(u64, String)> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(item)) = tokio::time::timeout_at(deadline, events.next()).await {
+        if let Ok(Incoming::Typing { conversation, user }) = item {
+            seen.push((conversation, user));
+        }
+    }
+    seen
+}
+
+/// Runs the CLI off the runtime's thread (an in-process server runs on it, and would not
+/// answer while the test waits for the command).
+pub async fn run_cli(mut cmd: std::process::Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("run plover"))
+        .await
+        .expect("join")
+}
+
+/// A successful command's standard output (else the test fails with its error).
+pub fn cli_stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "plover failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

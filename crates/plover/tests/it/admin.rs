@@ -2,31 +2,19 @@
 //! closes a user's connections and refuses their tokens; `plover admin` lists users and
 //! devices, disconnects, removes a device, and deletes an account's traces.
 
-use crate::common::{TestServer, close_code, raw_device};
+use crate::common::{TestServer, cli_stdout, close_code, raw_device, run_cli};
 use plover_client::{ClientConfig, Connection};
 use plover_proto::{ErrorCode, Target};
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-/// Runs the CLI against the server's data directory (off the runtime's thread: the server
-/// runs on it).
+/// Runs the CLI against the server's data directory.
 async fn plover(server: &TestServer, args: &[&str]) -> Output {
     let data: PathBuf = server.dir.path().join("data");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_plover"));
     cmd.args(args).arg("--data").arg(&data);
-    tokio::task::spawn_blocking(move || cmd.output().expect("run plover"))
-        .await
-        .expect("join")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "plover failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_cli(cmd).await
 }
 
 async fn refused_code(server: &TestServer, token: String, device: &str) -> Option<ErrorCode> {
@@ -65,7 +53,7 @@ async fn a_revoked_token_is_refused_and_its_live_connections_close_within_a_seco
 
     // Only the phone's tokens first: the laptop stays.
     let started = Instant::now();
-    let out = stdout(&plover(&server, &["token", "revoke", "bob", "--device", "phone"]).await);
+    let out = cli_stdout(&plover(&server, &["token", "revoke", "bob", "--device", "phone"]).await);
     assert!(out.starts_with("revoked bob/phone at="), "{out}");
     assert!(out.trim_end().ends_with("closed=1"), "{out}");
     assert_eq!(close_code(&phone).await, ErrorCode::TOKEN_REVOKED.0);
@@ -85,7 +73,7 @@ async fn a_revoked_token_is_refused_and_its_live_connections_close_within_a_seco
     assert_eq!(refused_code(&server, old.clone(), "tablet").await, None);
 
     // Then every token of bob's.
-    let out = stdout(&plover(&server, &["token", "revoke", "bob"]).await);
+    let out = cli_stdout(&plover(&server, &["token", "revoke", "bob"]).await);
     assert!(out.trim_end().ends_with("closed=1"), "{out}");
     assert_eq!(close_code(&laptop).await, ErrorCode::TOKEN_REVOKED.0);
     assert_eq!(
@@ -125,7 +113,7 @@ async fn admin_lists_users_and_devices_disconnects_and_removes_a_device() {
         .await
         .expect("pusher");
 
-    let users = stdout(&plover(&server, &["admin", "users"]).await);
+    let users = cli_stdout(&plover(&server, &["admin", "users"]).await);
     let alice_line = users
         .lines()
         .find(|l| l.starts_with("alice "))
@@ -137,12 +125,12 @@ async fn admin_lists_users_and_devices_disconnects_and_removes_a_device() {
             .any(|l| l.starts_with("bob ") && l.contains("online=false")),
         "{users}"
     );
-    let json = stdout(&plover(&server, &["admin", "users", "--json"]).await);
+    let json = cli_stdout(&plover(&server, &["admin", "users", "--json"]).await);
     let first: serde_json::Value =
         serde_json::from_str(json.lines().next().expect("a line")).expect("json");
     assert_eq!(first["user"], "alice");
 
-    let devices = stdout(&plover(&server, &["admin", "devices", "alice"]).await);
+    let devices = cli_stdout(&plover(&server, &["admin", "devices", "alice"]).await);
     assert!(
         devices.contains("phone cursor=") && devices.contains("laptop cursor="),
         "{devices}"
@@ -153,7 +141,7 @@ async fn admin_lists_users_and_devices_disconnects_and_removes_a_device() {
     );
 
     // Disconnect one device: it may reconnect.
-    let out = stdout(
+    let out = cli_stdout(
         &plover(
             &server,
             &["admin", "disconnect", "alice", "--device", "laptop"],
@@ -168,7 +156,7 @@ async fn admin_lists_users_and_devices_disconnects_and_removes_a_device() {
     );
 
     // Remove the phone: its connection closes and its pusher goes.
-    let out = stdout(&plover(&server, &["admin", "remove-device", "alice", "phone"]).await);
+    let out = cli_stdout(&plover(&server, &["admin", "remove-device", "alice", "phone"]).await);
     assert_eq!(out.trim(), "removed alice/phone closed=1 pushers_removed=1");
     let again = server.connect("alice", "tablet").await;
     assert!(again.pushers().await.expect("pushers").is_empty());
@@ -225,7 +213,7 @@ async fn deleting_a_user_leaves_no_body_of_theirs_in_any_history() {
     drop((direct, in_group));
     let old = server.token("alice");
 
-    let out = stdout(&plover(&server, &["admin", "delete-user", "alice"]).await);
+    let out = cli_stdout(&plover(&server, &["admin", "delete-user", "alice"]).await);
     assert!(
         out.starts_with("deleted alice closed=1 groups_left=1 bodies_erased=3"),
         "{out}"
@@ -255,7 +243,7 @@ async fn deleting_a_user_leaves_no_body_of_theirs_in_any_history() {
     assert!(!store.user_exists("alice").expect("read"));
     assert!(store.devices_of("alice").expect("read").is_empty());
     assert_eq!(store.log_head("alice").expect("head"), 0);
-    let users = stdout(&plover(&server, &["admin", "users"]).await);
+    let users = cli_stdout(&plover(&server, &["admin", "users"]).await);
     assert!(!users.contains("alice"), "{users}");
     assert_eq!(
         refused_code(&server, old, "phone").await,

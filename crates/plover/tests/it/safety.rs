@@ -1,8 +1,10 @@
 //! People's safety: a stranger's message is a request until answered, and a block keeps a
 //! user out, seen from both sides over real QUIC, with the real CLI where a user would use it.
 
-use crate::common::{self, TestServer, next_event, next_receipt};
-use plover_client::{ClientError, Connection, EventStream, Incoming};
+use crate::common::{
+    self, TestServer, cli_stdout, next_event, next_receipt, run_cli, typing_within,
+};
+use plover_client::{ClientError, Connection, EventStream};
 use plover_proto::{ErrorCode, Event, Target};
 use std::path::Path;
 use std::process::Output;
@@ -13,18 +15,6 @@ fn code(e: &ClientError) -> Option<ErrorCode> {
         ClientError::Refused { code, .. } => Some(*code),
         _ => None,
     }
-}
-
-/// Typing indicators `events` gets within `wait`.
-async fn typing_within(events: &mut EventStream, wait: Duration) -> Vec<(u64, String)> {
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + wait;
-    while let Ok(Some(item)) = tokio::time::timeout_at(deadline, events.next()).await {
-        if let Ok(Incoming::Typing { conversation, user }) = item {
-            seen.push((conversation, user));
-        }
-    }
-    seen
 }
 
 /// Sends typing from `who` in `conversation` a few times (datagrams may be lost).
@@ -48,7 +38,7 @@ async fn read_mark(viewer: &Connection, conversation: u64, member: &str) -> u64 
         .map_or(0, |m| m.read)
 }
 
-/// Runs the CLI as `user` (off the runtime's thread: the server runs on it).
+/// Runs the CLI as `user`.
 async fn plover(dir: &Path, server: &TestServer, user: &str, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_plover"));
     cmd.current_dir(dir)
@@ -57,18 +47,7 @@ async fn plover(dir: &Path, server: &TestServer, user: &str, args: &[&str]) -> O
         .env("PLOVER_TOKEN", server.token(user))
         .env("PLOVER_CA", server.ca())
         .env("PLOVER_DEVICE", "cli");
-    tokio::task::spawn_blocking(move || cmd.output().expect("run plover"))
-        .await
-        .expect("join")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "plover failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_cli(cmd).await
 }
 
 #[tokio::test]
@@ -93,7 +72,7 @@ async fn a_strangers_message_is_a_request_until_it_is_answered() {
     );
     assert!(carol.requests().await.expect("requests").is_empty());
     let dir = tempfile::tempdir().expect("tempdir");
-    let listed = stdout(&plover(dir.path(), &server, "bob", &["requests"]).await);
+    let listed = cli_stdout(&plover(dir.path(), &server, "bob", &["requests"]).await);
     assert_eq!(
         listed.trim(),
         format!("request conversation={id} from=carol")
@@ -178,7 +157,7 @@ async fn a_group_invitation_from_a_stranger_is_a_request_until_accepted() {
 
     // Accepting from the CLI ends it.
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = stdout(
+    let out = cli_stdout(
         &plover(
             dir.path(),
             &server,
@@ -216,11 +195,11 @@ async fn a_blocked_user_cannot_reach_the_blocker_and_is_only_told_not_allowed() 
     // bob blocks carol from the CLI.
     let dir = tempfile::tempdir().expect("tempdir");
     assert_eq!(
-        stdout(&plover(dir.path(), &server, "bob", &["block", "carol"]).await).trim(),
+        cli_stdout(&plover(dir.path(), &server, "bob", &["block", "carol"]).await).trim(),
         "blocked carol"
     );
     assert_eq!(
-        stdout(&plover(dir.path(), &server, "bob", &["blocked"]).await).trim(),
+        cli_stdout(&plover(dir.path(), &server, "bob", &["blocked"]).await).trim(),
         "carol"
     );
 
@@ -254,14 +233,14 @@ async fn a_blocked_user_cannot_reach_the_blocker_and_is_only_told_not_allowed() 
     assert!(own.to_string().contains("you blocked carol"), "{own}");
     // Unblocked, she can write again.
     assert_eq!(
-        stdout(&plover(dir.path(), &server, "bob", &["unblock", "carol"]).await).trim(),
+        cli_stdout(&plover(dir.path(), &server, "bob", &["unblock", "carol"]).await).trim(),
         "unblocked carol"
     );
     conv.send("hello again")
         .await
         .expect("sent after the unblock");
     assert!(
-        stdout(&plover(dir.path(), &server, "bob", &["blocked"]).await)
+        cli_stdout(&plover(dir.path(), &server, "bob", &["blocked"]).await)
             .trim()
             .is_empty()
     );

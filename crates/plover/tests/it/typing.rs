@@ -2,20 +2,9 @@
 //! members only, never stored.
 use crate::common;
 
-use crate::common::next_incoming;
+use crate::common::{next_incoming, typing_within};
 use plover_client::{EventStream, Incoming};
 use std::time::Duration;
-
-async fn typing_within(events: &mut EventStream, wait: Duration) -> Vec<(u64, String)> {
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + wait;
-    while let Ok(Some(item)) = tokio::time::timeout_at(deadline, events.next()).await {
-        if let Ok(Incoming::Typing { conversation, user }) = item {
-            seen.push((conversation, user));
-        }
-    }
-    seen
-}
 
 #[tokio::test]
 async fn typing_reaches_the_peer_only_and_is_not_stored() {
